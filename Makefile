@@ -1,0 +1,42 @@
+# deer-serve: two set-up commands, `make serve` and `make test`; both create or reuse .venv.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+
+.PHONY: install serve test test-fast protos bench-quick train-default clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is installed first, pinned to the CPU build (the local wheel directory is searched
+# through pip's find-links); then the project with every extra its tests need.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+	$(BIN)/pip install -q -e ".[serve,bench,test]"
+	@$(BIN)/python -c "import importlib.util as u, sys; bad=[m for m in ('torchvision','torchaudio','torchcodec') if u.find_spec(m)]; sys.exit('remove ' + ','.join(bad) + ': they break transformers' if bad else 0)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/deer-serve serve
+
+test: install
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -x -m "not slow and not service" tests
+
+protos: install
+	$(BIN)/python -m deer_serve.protos.gen
+
+bench-quick: install
+	$(BIN)/deer-serve bench --suite humaneval --limit 20 --methods ar,deer,hf-assisted,pld --temperature 0 --out bench-out/quick
+
+train-default: install
+	$(BIN)/deer-serve train --preset tiny-code --out runs/tiny-code
+
+clean:
+	rm -rf $(VENV) build *.egg-info

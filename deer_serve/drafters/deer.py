@@ -1,0 +1,86 @@
+"""The DEER drafter backend: a DeerDrafter plus per-sequence prefix caches.
+
+Implements the `Drafter` protocol of `deer_serve.types`. Every call carries the full verified
+context; the backend runs only the positions its cache for `seq_id` lacks (a cache miss, or a
+mismatch after a replica change, recomputes instead of failing).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+
+from deer_serve.models import DeerDrafter, DrafterCache
+from deer_serve.types import DraftResult, SamplingParams
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case: one extends the other
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DeerDrafterBackend:
+    def __init__(self, model: DeerDrafter, max_sequences: int = 64, use_cache: bool = True):
+        self.model = model.eval()
+        self.context_mode = model.config.context_mode
+        self.feature_layers = list(model.config.target_feature_layers)
+        self.vocab_size = model.config.vocab_size
+        self.max_sequences = max_sequences
+        self.use_cache = use_cache  # off = re-encode the whole prefix every cycle (as the paper)
+        self._caches: "OrderedDict[str, DrafterCache]" = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: Optional[str] = None, **kw) -> "DeerDrafterBackend":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = DeerDrafter.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, **kw)
+
+    def _cache_for(self, seq_id: str, context_ids: Sequence[int]) -> tuple[DrafterCache, int]:
+        cache = self._caches.pop(seq_id, None) if self.use_cache else None
+        if cache is None:
+            cache = self.model.new_cache(max(512, 2 * len(context_ids)))
+        c = common_prefix_len(cache.token_ids, context_ids) if cache.length else 0
+        c = min(c, cache.length)
+        cache.length = c  # roll back to what still matches
+        del cache.token_ids[c:]
+        self._caches[seq_id] = cache
+        while len(self._caches) > self.max_sequences:
+            self._caches.popitem(last=False)
+        return cache, c
+
+    def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
+              sampling: SamplingParams, generator: Optional[torch.Generator] = None,
+              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
+        cache, c = self._cache_for(seq_id, context_ids)
+        new = list(context_ids[c:])
+        new_ids = torch.tensor(new, dtype=torch.long) if (new and self.context_mode == "tokens") else None
+        new_feats = None
+        if new and self.context_mode == "target-features":
+            if context_hidden is None or context_hidden.shape[0] < len(context_ids):
+                raise ValueError("target-features drafter needs context_hidden for every context position")
+            new_feats = context_hidden[c:len(context_ids)]
+        logits = self.model.draft_logits(cache, new_ids, new_feats, int(anchor), int(k))  # (k, V)
+        cache.token_ids.extend(new)
+        return draft_from_logits(logits, sampling, generator)
+
+    def release(self, seq_id: str) -> None:
+        self._caches.pop(seq_id, None)
+
+
+def draft_from_logits(logits: torch.Tensor, sampling: SamplingParams,
+                      generator: Optional[torch.Generator]) -> DraftResult:
+    """logits (k, V) -> draft tokens y_i = argmax q_i (T=0) or y_i ~ q_i, drawn independently."""
+    if sampling.greedy:
+        return DraftResult(tokens=logits.argmax(-1).cpu())
+    from deer_serve.sampling import process_logits, sample
+
+    q = process_logits(logits.float().cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
+    return DraftResult(tokens=sample(q, generator), probs=q)
