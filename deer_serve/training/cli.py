@@ -1,0 +1,125 @@
+"""`deer-serve train`: the whole pipeline of the embedded default, or any one stage.
+
+  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~75 min, 2 cores)
+  deer-serve train --preset smoke --out /tmp/smoke                    # end to end in < 2 min
+  deer-serve train --preset tiny-code --out runs/tiny-code --stages drafter --context-mode tokens
+  deer-serve train ... --export deer_serve/assets                     # ship the final weights
+
+Stages, in order (each resumes or is skipped when its output exists):
+  tokenizer -> target -> teacher -> drafter (D2A Stage I + II) -> ar-draft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+STAGES = ("tokenizer", "target", "teacher", "drafter", "ar-draft")
+
+
+def _configs(preset: str):
+    from deer_serve.training.ar_draft import ARDraftConfig
+    from deer_serve.training.d2a import D2AConfig
+    from deer_serve.training.teacher import TeacherConfig
+    from deer_serve.training.train_target import TargetTrainConfig
+
+    if preset == "smoke":
+        return dict(vocab=512, limit_files=30, target=TargetTrainConfig.smoke(),
+                    teacher=TeacherConfig.smoke(), d2a=D2AConfig.smoke(), ar=ARDraftConfig.smoke())
+    if preset == "tiny-code":
+        return dict(vocab=4096, limit_files=None, target=TargetTrainConfig(), teacher=TeacherConfig(),
+                    d2a=D2AConfig(), ar=ARDraftConfig())
+    raise SystemExit(f"unknown preset {preset!r} (smoke, tiny-code)")
+
+
+def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
+        drafter_name: str = "drafter", overrides: dict | None = None) -> dict:
+    from deer_serve.training import corpus
+    from deer_serve.training.ar_draft import train_ar_draft
+    from deer_serve.training.d2a import train_drafter
+    from deer_serve.training.teacher import generate_teacher
+    from deer_serve.training.tokenizer import train_tokenizer
+    from deer_serve.training.train_target import train_target
+
+    c = _configs(preset)
+    if context_mode:
+        c["d2a"].context_mode = context_mode
+    for key, val in (overrides or {}).items():
+        setattr(c["d2a"], key, val)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir, target_dir = out / "tokenizer", out / "target" / "final"
+    results = {}
+    if "tokenizer" in stages and not (tok_dir / "tokenizer.json").exists():
+        files = corpus.list_files("train")
+        train_tokenizer(tok_dir, vocab_size=c["vocab"],
+                        files=files[:c["limit_files"]] if c["limit_files"] else None)
+    if "target" in stages and not (target_dir / "metrics.json").exists():
+        c["target"].train_limit_files = c["limit_files"]
+        results["target"] = train_target(c["target"], tok_dir, out / "target")
+    teacher_path = out / "teacher.pt"
+    if "teacher" in stages:
+        generate_teacher(target_dir, teacher_path, c["teacher"], out / "target" / "data_cache",
+                         limit_files=c["limit_files"])
+    if "drafter" in stages:
+        results["drafter"] = train_drafter(c["d2a"], target_dir, teacher_path, out / drafter_name)
+    if "ar-draft" in stages and not (out / "ar-draft" / "final" / "metrics.json").exists():
+        results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")
+    return results
+
+
+def export(out: Path, assets: Path, drafter_name: str = "drafter") -> None:
+    """Copy the final weights into the package: target in float32 (it defines the output),
+    drafters in float16 (half the bytes; loaded back as float32)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    import deer_serve.models  # noqa: F401  (registers DeerDrafter)
+
+    for name, src, loader, dtype in [("target", out / "target" / "final", AutoModelForCausalLM, torch.float32),
+                                     ("drafter", out / drafter_name / "final", AutoModel, torch.float16),
+                                     ("ar-draft", out / "ar-draft" / "final", AutoModelForCausalLM, torch.float16)]:
+        if not src.exists():
+            print(f"skip {name}: {src} missing", file=sys.stderr)
+            continue
+        dst = assets / name
+        if dst.exists():
+            shutil.rmtree(dst)
+        model = loader.from_pretrained(src)
+        model.to(dtype).save_pretrained(dst, safe_serialization=True)
+        for f in src.iterdir():
+            if f.suffix in (".json", ".txt") and not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+        print(f"exported {name} -> {dst}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="deer-serve train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny-code", choices=["tiny-code", "smoke"])
+    ap.add_argument("--out", type=Path, default=Path("runs/tiny-code"))
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
+    ap.add_argument("--context-mode", choices=["tokens", "target-features"], default=None)
+    ap.add_argument("--drafter-name", default="drafter", help="sub-directory of the drafter run")
+    ap.add_argument("--alpha", type=float, default=None, help="Stage II weight base")
+    ap.add_argument("--stage1-steps", type=int, default=None)
+    ap.add_argument("--stage2-steps", type=int, default=None)
+    ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
+    a = ap.parse_args(argv)
+    stages = tuple(s for s in a.stages.split(",") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stages {bad}")
+    ov = {k: v for k, v in [("alpha", a.alpha), ("stage1_steps", a.stage1_steps),
+                            ("stage2_steps", a.stage2_steps)] if v is not None}
+    res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},
+                     indent=1, default=str))
+    if a.export:
+        export(a.out, a.export, a.drafter_name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""D2A alignment: train a DeerDrafter on its target's own continuations (DESIGN.md section 3).
+
+Every step trains many blocks of each teacher sequence in ONE forward (BD3-LM layout: the
+sequence's causal context stream, then the blocks; block b sees the context before its anchor
+and itself). A block is [anchor x_s, m_1..m_k] and learns x_{s+1..s+k}.
+
+  Stage I  (AR-style distillation): each block position is masked with probability t ~ U(0,1],
+           unmasked ones show the true token; loss = (1/t) * CE summed over masked positions.
+  Stage II (refinement): the whole block is masked (the single-step regime of inference);
+           position i of the first R positions (R ~ U(1,k)) weighs alpha^(R-i).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deer_serve.models import DeerDrafter, DeerDrafterConfig
+from deer_serve.targets.features import default_feature_layers, select_features
+
+
+@dataclass
+class D2AConfig:
+    context_mode: str = "target-features"  # FINDINGS.md: tokens-only drafters stay near tau 1
+    num_layers: int = 2                    # drafter depth; width/heads follow the target
+    init_layers: str = "last"              # copy the target's "last" or "first" layers, or "none"
+    freeze_embeddings: bool = True         # the tied head = the target's; the mask row stays as is
+    feature_layers: Optional[list] = None  # target hidden_states indices; None = middle + last
+    block_sizes: tuple = (8, 16, 32)       # k is drawn from these each step
+    block_tokens: int = 160                # blocks per sequence = block_tokens // (k+1)
+    batch_size: int = 16                   # teacher sequences per step
+    stage1_steps: int = 400
+    stage2_steps: int = 1200
+    lr1: float = 1e-3
+    lr2: float = 5e-4
+    warmup_steps: int = 30
+    alpha: float = 1.01                    # Stage II weight base (paper: 1.01 stable, 1.02 noisy)
+    eval_every: int = 200
+    eval_blocks: int = 256                 # validation blocks per k
+    ckpt_every: int = 100
+    num_threads: int = 2
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls, **kw) -> "D2AConfig":
+        base = dict(block_sizes=(4, 8), block_tokens=40, batch_size=4, stage1_steps=6,
+                    stage2_steps=6, eval_every=6, eval_blocks=16, ckpt_every=4)
+        base.update(kw)
+        return cls(**base)
+
+
+def drafter_from_target(target, cfg: D2AConfig, mask_token_id: int) -> DeerDrafter:
+    """A drafter shaped like the target's layers, initialised from it (embeddings = tied head,
+    final norm, and `num_layers` of its decoder layers)."""
+    tc = target.config
+    layers = cfg.feature_layers or default_feature_layers(tc.num_hidden_layers)
+    rope = getattr(tc, "rope_parameters", None) or {}
+    dcfg = DeerDrafterConfig(
+        vocab_size=tc.vocab_size, hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+        head_dim=getattr(tc, "head_dim", tc.hidden_size // tc.num_attention_heads),
+        rms_norm_eps=tc.rms_norm_eps, rope_theta=rope.get("rope_theta", getattr(tc, "rope_theta", 1e4)),
+        mask_token_id=mask_token_id, context_mode=cfg.context_mode,
+        target_feature_layers=layers if cfg.context_mode == "target-features" else None,
+        target_feature_dim=len(layers) * tc.hidden_size if cfg.context_mode == "target-features" else 0,
+    )
+    d = DeerDrafter(dcfg)
+    base = target.model
+    with torch.no_grad():
+        d.embed_tokens.weight.copy_(base.embed_tokens.weight)
+        d.norm.load_state_dict(base.norm.state_dict())
+        n = tc.num_hidden_layers
+        src = {"last": list(range(n - cfg.num_layers, n)), "first": list(range(cfg.num_layers)),
+               "none": []}[cfg.init_layers]
+        for dst, s in zip(d.layers, src):
+            dst.load_state_dict(base.layers[max(0, s)].state_dict())
+        if cfg.context_mode == "target-features":
+            # start as "the last layer's (normed) features", the slice nearest the next token
+            w = torch.zeros_like(d.feature_proj.weight)
+            w[:, -tc.hidden_size:] = torch.eye(tc.hidden_size)
+            d.feature_proj.weight.copy_(w)
+    d.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
+    return d
+
+
+@torch.inference_mode()
+def target_features(target, ids: torch.Tensor, layers: list, batch: int = 64) -> torch.Tensor:
+    """(n, N) teacher ids -> (n, N, F) float16 features, by teacher forcing."""
+    out = []
+    for i in tqdm(range(0, len(ids), batch), desc="target features", unit="batch"):
+        o = target(ids[i:i + batch].long(), output_hidden_states=True)
+        out.append(select_features(o.hidden_states, layers).half())
+    return torch.cat(out)
+
+
+def make_blocks(ids: torch.Tensor, prompt_len: int, k: int, nb: int, mask_id: int,
+                rng: np.random.Generator, stage: int, alpha: float = 1.01):
+    """ids (B, N) -> block_ids (B, nb, k+1), anchor_pos (B, nb), labels (B, nb, k),
+    weights (B, nb, k) and masked (B, nb, k) bool. Anchors lie where the next k tokens are the
+    target's own continuation."""
+    B, N = ids.shape
+    lo, hi = prompt_len - 1, N - k - 1                                # anchor s in [lo, hi]
+    nb = max(1, min(nb, hi - lo + 1))
+    anchors = np.stack([np.sort(rng.choice(np.arange(lo, hi + 1), nb, replace=False)) for _ in range(B)])
+    anchor_pos = torch.from_numpy(anchors)
+    idx = anchor_pos[:, :, None] + torch.arange(k + 1)                # (B, nb, k+1)
+    toks = torch.gather(ids.long(), 1, idx.view(B, -1)).view(B, nb, k + 1)
+    labels = toks[:, :, 1:]
+    if stage == 1:
+        t = torch.from_numpy(rng.uniform(1e-3, 1.0, size=(B, nb, 1))).float()
+        masked = torch.from_numpy(rng.uniform(size=(B, nb, k))).float() < t
+        weights = masked.float() / t
+    else:
+        masked = torch.ones(B, nb, k, dtype=torch.bool)
+        R = torch.from_numpy(rng.integers(1, k + 1, size=(B, nb, 1)))
+        i = torch.arange(1, k + 1)
+        weights = torch.where(i <= R, alpha ** (R - i).float(),
+                              torch.zeros(()))
+    block = toks.clone()
+    block[:, :, 1:][masked] = mask_id
+    return block, anchor_pos, labels, weights, masked
+
+
+def block_loss(model, ids, feats, prompt_len, k, nb, mask_id, rng, stage, alpha=1.01):
+    block, anchor_pos, labels, weights, _ = make_blocks(ids, prompt_len, k, nb, mask_id, rng,
+                                                        stage, alpha)
+    logits = model(context_ids=ids.long(), context_features=None if feats is None else feats.float(),
+                   block_ids=block, anchor_pos=anchor_pos)            # (B, nb, k, V)
+    ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(weights)
+    if stage == 1:
+        return (ce * weights).sum() / weights.numel()
+    return (ce * weights).sum() / weights.sum()
+
+
+@torch.no_grad()
+def evaluate(model, val_ids, val_feats, prompt_len, mask_id, ks, n_blocks, seed=123) -> dict:
+    """Whole-block-masked greedy accuracy by position and the mean number of leading correct
+    positions (= tau a greedy cycle would get from this context), per k."""
+    model.eval()
+    out = {}
+    for k in ks:
+        rng = np.random.default_rng(seed)
+        nb = max(1, n_blocks // len(val_ids))
+        block, anchor_pos, labels, _, _ = make_blocks(val_ids, prompt_len, k, nb, mask_id, rng, 2)
+        hits = []
+        for i in range(0, len(val_ids), 32):
+            lg = model(context_ids=val_ids[i:i + 32].long(),
+                       context_features=None if val_feats is None else val_feats[i:i + 32].float(),
+                       block_ids=block[i:i + 32], anchor_pos=anchor_pos[i:i + 32])
+            hits.append((lg.argmax(-1) == labels[i:i + 32]).flatten(0, 1))
+        hits = torch.cat(hits).float()                                 # (blocks, k)
+        out[str(k)] = {"acc_by_pos": [round(a, 4) for a in hits.mean(0).tolist()],
+                       "tau": round(hits.cumprod(1).sum(1).mean().item(), 3)}
+    model.train()
+    return out
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Path,
+                  out_dir: str | Path) -> dict:
+    """Stage I then Stage II; resumable from out_dir/ckpt.pt; final weights in out_dir/final."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(cfg.num_threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    mask_id = tok.convert_tokens_to_ids("<|mask|>")
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    teacher = torch.load(teacher_path)
+    ids, val_ids, P = teacher["ids"], teacher["val_ids"], teacher["prompt_len"]
+    torch.manual_seed(cfg.seed)
+    model = drafter_from_target(target, cfg, mask_id).train()
+    feats = val_feats = None
+    if cfg.context_mode == "target-features":
+        layers = model.config.target_feature_layers
+        feats, val_feats = target_features(target, ids, layers), target_features(target, val_ids, layers)
+    del target
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    total = cfg.stage1_steps + cfg.stage2_steps
+    opt = torch.optim.AdamW(params, lr=cfg.lr1, betas=(0.9, 0.95), weight_decay=0.01)
+    step, elapsed = 0, 0.0
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        s = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        step, elapsed = s["step"], s["elapsed"]
+    log = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=total, initial=step, desc=f"d2a {cfg.context_mode}", unit="step")
+    t0 = time.time() - elapsed
+    result = {}
+    while step < total:
+        stage = 1 if step < cfg.stage1_steps else 2
+        s0 = step if stage == 1 else step - cfg.stage1_steps
+        n_stage = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+        lr = lr_at(s0, n_stage, cfg.lr1 if stage == 1 else cfg.lr2, cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([cfg.seed, step])                  # batches are f(seed, step)
+        rows = torch.from_numpy(rng.integers(0, len(ids), cfg.batch_size))
+        k = int(rng.choice(cfg.block_sizes))
+        nb = max(1, cfg.block_tokens // (k + 1))
+        loss = block_loss(model, ids[rows], None if feats is None else feats[rows], P, k, nb,
+                          mask_id, rng, stage, cfg.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(stage=stage, k=k, loss=f"{loss.item():.3f}")
+        rec = {"step": step, "stage": stage, "k": k, "loss": round(loss.item(), 4), "lr": lr,
+               "elapsed_s": round(time.time() - t0, 1)}
+        if step % cfg.eval_every == 0 or step == total or step == cfg.stage1_steps:
+            rec["val"] = evaluate(model, val_ids, val_feats, P, mask_id, cfg.block_sizes, cfg.eval_blocks)
+            bar.write(f"step {step} stage {stage}: " +
+                      ", ".join(f"k={k}: tau~{v['tau']}" for k, v in rec["val"].items()))
+            if step == cfg.stage1_steps:
+                result["after_stage1"] = rec["val"]
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if step % cfg.ckpt_every == 0 or step == total:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)
+    bar.close()
+    final = evaluate(model, val_ids, val_feats, P, mask_id, cfg.block_sizes, cfg.eval_blocks)
+    result.update({"final": final, "trainable_params": n_params, "steps": total,
+                   "train_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
+    model.eval().save_pretrained(out / "final", safe_serialization=True)
+    tok.save_pretrained(out / "final")
+    (out / "final" / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
