@@ -1,0 +1,246 @@
+"""THE decode loop: prefill, then {draft, verify, accept, commit} until a stop, then stats.
+
+Words as in `deer_serve.types`: p is the target, q the drafter, k the block size, the anchor the
+last sampled token (the target has not run it yet). One cycle:
+
+    context x_1..x_j | anchor a | drafts y_1..y_k          (the drafter proposes y from (x, a))
+    target scores [x.., a, y_1..y_k] with n_query = k+1  -> p_1..p_{k+1}  (p_1 is after a)
+    accept n drafts; next = correction or bonus           -> emitted: y_1..y_n, next
+    commit a, y_1..y_n to the context; next is the new anchor
+
+Rolling back needs no call: every call carries the full ids, and both caches keep only the
+prefix that matches (see `TargetBackend`). `generate` returns the `GenerationResult`;
+`iter_generate` yields a `StepOutput` per target forward and RETURNS the same result (the value
+of its `StopIteration`), for streaming.
+
+Randomness: one CPU `torch.Generator`, seeded from `sampling.seed`, drives the first token, the
+draft samples and the acceptance, so a seeded run repeats exactly. Sampling runs on the CPU
+(the drafter hands q over on the CPU); greedy argmax runs where the logits are.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Collection, Generator, Optional, Sequence, Union
+
+import torch
+
+from deer_serve.acceptance import accept_greedy, accept_speculative
+from deer_serve.sampling import greedy, process_logits, sample
+from deer_serve.types import Drafter, GenerationResult, SamplingParams, TargetBackend
+
+MODES = ("deer", "ar")
+MAX_BLOCK_SIZE = 64
+
+
+@dataclass
+class StepOutput:
+    new_token_ids: list[int]             # tokens emitted by this forward (EOS never included)
+    accepted: Optional[int]              # drafts accepted this cycle; None at prefill / AR steps
+    finish_reason: Optional[str] = None  # "length" | "stop" on the last step, else None
+
+
+def generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids: Sequence[int],
+             sampling: SamplingParams, **kw) -> GenerationResult:
+    """Run `iter_generate` to the end and return its `GenerationResult`."""
+    it = iter_generate(target, drafter, prompt_ids, sampling, **kw)
+    while True:
+        try:
+            next(it)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids: Sequence[int],
+                  sampling: SamplingParams, *, mode: str = "deer", block_size: int = 16,
+                  detokenize: Optional[Callable[[list[int]], str]] = None,
+                  seq_id: Optional[str] = None,
+                  eos_token_id: Union[int, Collection[int], None] = None,
+                  ) -> Generator[StepOutput, None, GenerationResult]:
+    """Validate now (ValueError), then return the decode generator.
+
+    mode: "deer" (draft k tokens per cycle with `drafter`) or "ar" (plain decoding of `target`).
+    detokenize: ids -> text; needed for `sampling.stop` and for `GenerationResult.text`.
+    eos_token_id: None = `target.eos_token_id`; ignored with `sampling.ignore_eos`.
+    """
+    prompt = _validate(target, drafter, prompt_ids, sampling, mode, block_size)
+    if sampling.stop and detokenize is None:
+        raise ValueError("stop strings need a detokenize function")
+    if eos_token_id is None:
+        eos_token_id = getattr(target, "eos_token_id", None)
+    eos = set() if sampling.ignore_eos or eos_token_id is None else (
+        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    return _decode(target, drafter, prompt, sampling, mode, block_size, detokenize,
+                   seq_id or f"gen-{uuid.uuid4().hex}", eos)
+
+
+def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos):
+    gen = torch.Generator()  # CPU: see the module docstring
+    if sampling.seed is not None:
+        gen.manual_seed(sampling.seed)
+    else:
+        gen.seed()
+    use_drafter = mode == "deer"
+    use_features = use_drafter and drafter.context_mode == "target-features"
+    sync = _syncer(getattr(target, "device", None))
+    T = {"prefill": 0.0, "draft": 0.0, "verify": 0.0}
+    busy, t_mark = 0.0, time.perf_counter()  # engine time only: paused while the caller holds a step
+    ctx = list(prompt)        # verified tokens before the anchor (the target has run them all)
+    feats = None              # (len(ctx), F) target features of ctx, in target-features mode
+    out: list[int] = []       # emitted tokens, EOS excluded
+    accept_lengths: list[int] = []
+    cycles, finish = 0, None
+
+    def pick(logits: torch.Tensor) -> list[int]:  # logits (n, V) -> n tokens, from p alone
+        if sampling.greedy:
+            return greedy(logits).tolist()
+        p = process_logits(logits.cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
+        return sample(p, gen).tolist()
+
+    def commit(new: list[int]) -> tuple[list[int], Optional[str]]:
+        """Cut `new` at EOS, max_new_tokens and stop strings; return (kept, finish_reason)."""
+        reason = None
+        for i, t in enumerate(new):
+            if t in eos:
+                new, reason = new[:i], "stop"
+                break
+        room = sampling.max_new_tokens - len(out)
+        if len(new) >= room:
+            new, reason = new[:room], reason or "length"
+        if sampling.stop and new:
+            n = _stop_cut(out, new, sampling.stop, detokenize)
+            if n is not None:
+                new, reason = new[:n], "stop"
+        out.extend(new)
+        return new, reason
+
+    try:
+        # 1. Prefill: the prompt through the target; its last row gives the first token, the
+        #    anchor of the first cycle. In target-features mode keep every prompt position's
+        #    features: the drafter's context is all of ctx.
+        t0 = time.perf_counter()
+        if use_features:
+            res = target.score(seq_id, ctx, 1, return_hidden=True, n_hidden=len(ctx))
+            feats = res.hidden                                              # (len(ctx), F)
+        else:
+            res = target.score(seq_id, ctx, 1)
+        anchor = pick(res.logits[-1:])[0]
+        sync()
+        T["prefill"] += time.perf_counter() - t0
+        new, finish = commit([anchor])
+        busy += time.perf_counter() - t_mark
+        yield StepOutput(new, None, finish)
+        t_mark = time.perf_counter()
+
+        while finish is None:
+            # Never draft past the budget: a cycle emits at most k+1 tokens.
+            k = min(block_size, sampling.max_new_tokens - len(out) - 1) if use_drafter else 0
+            cycles += 1
+            if k == 0:
+                # 2a. Plain AR step: the anchor alone, its row is the next token's p.
+                t0 = time.perf_counter()
+                res = target.score(seq_id, ctx + [anchor], 1, return_hidden=use_features)
+                nxt = pick(res.logits)[0]
+                sync()
+                T["verify"] += time.perf_counter() - t0
+                n_acc, drafts = None, []
+            else:
+                # 2b. Draft y_1..y_k after the anchor, in one drafter forward.
+                t0 = time.perf_counter()
+                d = drafter.draft(seq_id, ctx, anchor, k, sampling, gen, feats)
+                drafts = d.tokens.tolist()
+                if len(drafts) != k:
+                    raise RuntimeError(f"drafter returned {len(drafts)} tokens, asked for {k}")
+                t1 = time.perf_counter()
+                T["draft"] += t1 - t0
+                # 3. Verify: one target forward over anchor + drafts -> p_1..p_{k+1}.
+                res = target.score(seq_id, ctx + [anchor] + drafts, k + 1,
+                                   return_hidden=use_features)
+                sync()
+                t2 = time.perf_counter()
+                T["verify"] += t2 - t1
+                # 4. Accept (pure functions, batch of one).
+                y = torch.tensor([drafts], dtype=torch.long)                    # (1, k)
+                lens = torch.tensor([k], dtype=torch.long)                      # (1,)
+                if sampling.greedy:
+                    n, nx = accept_greedy(y, lens, greedy(res.logits).cpu()[None])  # (1,k+1) argmax
+                else:
+                    p = process_logits(res.logits.cpu(), sampling.temperature,
+                                       sampling.top_k, sampling.top_p)          # (k+1, V)
+                    q = None if d.probs is None else d.probs.cpu()[None]        # (1, k, V)
+                    n, nx = accept_speculative(y, lens, q, p[None], gen)
+                n_acc, nxt = int(n), int(nx)
+                accept_lengths.append(n_acc)
+            # 5. Commit the anchor and the accepted drafts; `nxt` is the new anchor.
+            if use_features:
+                feats = torch.cat([feats, res.hidden[: (n_acc or 0) + 1]])       # (len(ctx), F)
+            ctx += [anchor] + drafts[: n_acc or 0]
+            anchor = nxt
+            new, finish = commit(drafts[: n_acc or 0] + [nxt])
+            busy += time.perf_counter() - t_mark
+            yield StepOutput(new, n_acc, finish)
+            t_mark = time.perf_counter()
+    finally:
+        target.release(seq_id)
+        if use_drafter:
+            drafter.release(seq_id)
+
+    busy += time.perf_counter() - t_mark
+    text = ""
+    if detokenize is not None:
+        text = detokenize(out)
+        if finish == "stop" and sampling.stop:
+            text = text[:_first_stop(text, sampling.stop)]
+    T["other"] = max(0.0, busy - sum(T.values()))
+    return GenerationResult(token_ids=out, text=text, accept_lengths=accept_lengths,
+                            finish_reason=finish, elapsed_s=busy, cycles=cycles, timings=T)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_cut(out: list[int], new: list[int], stops, detokenize) -> Optional[int]:
+    """How many of `new` to keep so the output ends with the token that completes the first
+    stop string (as vLLM; the text is cut before the stop string), or None when none occurs.
+    The text of `out` alone is known to hold no stop string."""
+    if _first_stop(detokenize(out + new), stops) is None:
+        return None
+    for n in range(1, len(new) + 1):
+        if _first_stop(detokenize(out + new[:n]), stops) is not None:
+            return n
+    return len(new)
+
+
+def _validate(target, drafter, prompt_ids, sampling, mode, block_size) -> list[int]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    sampling.validate()
+    if isinstance(block_size, bool) or not isinstance(block_size, int) \
+            or not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
+    if mode == "deer" and drafter is None:
+        raise ValueError("mode 'deer' needs a drafter (use mode 'ar' for plain decoding)")
+    if mode == "deer" and drafter.context_mode == "target-features" \
+            and not getattr(target, "feature_dim", 0):
+        raise ValueError("this drafter reads target features, and the target returns none")
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt must contain at least one token")
+    V = getattr(target, "vocab_size", None)
+    bad = [t for t in prompt if t < 0 or (V is not None and t >= V)]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {V}), got {bad[:5]}")
+    return prompt
+
+
+def _syncer(device) -> Callable[[], None]:
+    """Timings need the device to finish its queued work (a no-op on the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None

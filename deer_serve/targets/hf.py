@@ -1,0 +1,153 @@
+"""The `torch` target backend: any Hugging Face `AutoModelForCausalLM` as the verifier.
+
+Per `seq_id` it keeps a transformers `DynamicCache` and the token ids that cache stands for.
+Every `score` call carries the full ids; the backend keeps the KV of the longest common prefix
+(rolled back with `crop`), runs the remaining tokens in ONE forward, and returns the logits (and,
+when asked, the target features) of the last `n_query` positions. A cache miss (new replica,
+eviction, release, divergent ids) therefore recomputes instead of failing.
+
+Target features (for `target-features` drafters, as DFlash / EAGLE): the concatenation of
+`hidden_states[l]` for l in `feature_layers`, where hidden_states[0] is the embedding output and
+hidden_states[L] the last layer's output AFTER the final norm (transformers ties the last entry
+to `last_hidden_state`; tests check `lm_head(hidden_states[L]) == logits`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from deer_serve.targets.features import default_feature_layers
+from deer_serve.types import ScoreResult
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case: one extends the other
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _SeqState:
+    cache: object                                   # transformers DynamicCache
+    token_ids: list[int] = field(default_factory=list)  # ids the cached KV stands for
+
+
+class HFTarget:
+    """`TargetBackend` over a Hugging Face causal LM, with a per-sequence KV cache (LRU bound)."""
+
+    def __init__(self, model, *, feature_layers: Optional[Sequence[int]] = None,
+                 max_sequences: int = 64, eos_token_id: Optional[int] = None):
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+        self.model = model.eval()
+        self.config = model.config.get_text_config()
+        self.device = next(model.parameters()).device
+        self.num_layers = int(self.config.num_hidden_layers)
+        layers = default_feature_layers(self.num_layers) if feature_layers is None else feature_layers
+        self.feature_layers = tuple(int(l) for l in layers)
+        if not self.feature_layers or any(not 0 <= l <= self.num_layers for l in self.feature_layers):
+            raise ValueError(f"feature_layers must be indices in [0, {self.num_layers}], "
+                             f"got {list(self.feature_layers)}")
+        self.feature_dim = len(self.feature_layers) * int(self.config.hidden_size)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.eos_token_id = eos_token_id if eos_token_id is not None else _eos_of(model)
+        self.max_sequences = max_sequences
+        self._seqs: "OrderedDict[str, _SeqState]" = OrderedDict()
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = None, **kw) -> "HFTarget":
+        """CUDA + bf16 when available, else CPU float32 (CPU bf16 matmuls are slow here)."""
+        from transformers import AutoModelForCausalLM
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, **kw)
+
+    # ---- TargetBackend -------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, seq_id: str, token_ids: Sequence[int], n_query: int,
+              return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
+        """Logits (n_query, V) float32 of the last n_query positions; with return_hidden, the
+        features (n_hidden, F) float32 of the last n_hidden positions (default n_query; the
+        engine asks for the whole prompt at prefill in target-features mode)."""
+        ids = [int(t) for t in token_ids]
+        T = len(ids)
+        if not 1 <= n_query <= T:
+            raise ValueError(f"n_query must be in [1, {T}], got {n_query}")
+        n_hidden = n_query if n_hidden is None else int(n_hidden)
+        if return_hidden and not 1 <= n_hidden <= T:
+            raise ValueError(f"n_hidden must be in [1, {T}], got {n_hidden}")
+        n_new_min = max(n_query, n_hidden if return_hidden else 0)  # positions that must run
+
+        state = self._seqs.pop(seq_id, None)
+        keep = 0
+        if state is not None:
+            keep = min(common_prefix_len(state.token_ids, ids), T - n_new_min)
+            if keep <= 0:
+                state = None  # nothing reusable: start over
+            else:
+                cur = state.cache.get_seq_length()
+                if keep < cur:
+                    state.cache.crop(keep - cur)  # negative = tokens to drop from the end
+                del state.token_ids[keep:]
+        if state is None:
+            from transformers import DynamicCache
+
+            state, keep = _SeqState(DynamicCache(config=self.model.config)), 0
+        # store before the forward so an exception leaves no half-filled entry behind
+        self._seqs[seq_id] = state
+        while len(self._seqs) > self.max_sequences:
+            self._seqs.popitem(last=False)
+
+        try:
+            input_ids = torch.tensor([ids[keep:]], dtype=torch.long, device=self.device)  # (1, T-keep)
+            position_ids = torch.arange(keep, T, device=self.device)[None]             # (1, T-keep)
+            out = self.model(input_ids=input_ids, position_ids=position_ids,
+                             past_key_values=state.cache, use_cache=True,
+                             output_hidden_states=return_hidden, logits_to_keep=n_query)
+        except BaseException:
+            self._seqs.pop(seq_id, None)  # the cache may hold part of this forward
+            raise
+        state.token_ids = ids
+        logits = out.logits[0, -n_query:].float()                                      # (n_query, V)
+        hidden = None
+        if return_hidden:
+            hs = out.hidden_states  # L+1 tensors of (1, T-keep, H)
+            hidden = torch.cat([hs[l][0, -n_hidden:] for l in self.feature_layers], -1).float()
+        return ScoreResult(logits=logits, hidden=hidden)                               # hidden (n_hidden, F)
+
+    def score_batch(self, seq_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
+                    n_query: Sequence[int], return_hidden: bool = False) -> list[ScoreResult]:
+        # TODO(ragged): one padded forward over all sequences; a loop is correct, not fast.
+        if not len(seq_ids) == len(token_ids) == len(n_query):
+            raise ValueError("seq_ids, token_ids and n_query must have the same length")
+        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
+
+    def release(self, seq_id: str) -> None:
+        self._seqs.pop(seq_id, None)
+
+    def cached_length(self, seq_id: str) -> int:
+        """Positions of KV held for `seq_id` (0 when none): for tests and stats."""
+        state = self._seqs.get(seq_id)
+        return 0 if state is None else state.cache.get_seq_length()
+
+
+def _eos_of(model) -> Optional[int]:
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is not None:
+            return int(eos)
+    return None
