@@ -1,0 +1,232 @@
+"""The methods `deer-serve bench` compares: one class per way of generating, one `Sample` each.
+
+  ar               deer_serve engine, mode "ar" (plain decoding of the HFTarget)
+  deer             deer_serve engine, mode "deer" with the DeerDrafterBackend (one per block size)
+  hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
+  hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
+  pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
+  deer-ray         DEER through the Ray Serve app (HTTP), pipelining as the service has it
+  deer-ray-nopipe  the same with pipelining switched off per request
+
+Every method gets the same prompt ids, max_new_tokens, sampling and EOS id, and returns the new
+token ids cut before the first EOS (HF `generate` includes EOS and may pad: both are cut here),
+so `ar` and every greedy method can be compared token for token.
+
+For the HF methods the number of target forwards and the tokens each forward emitted are read
+with a forward pre-hook on the target: before forward i the target's cache holds v_i = cur_len - 1
+positions (assisted decoding crops it to that), so forward i emitted v_{i+1} - v_i tokens, i.e.
+accepted = emitted - 1. Time inside target forwards is "verify", inside the assistant's forwards
+"draft", the rest "other".
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from deer_serve.types import SamplingParams
+
+ENGINE_METHODS = ("ar", "deer")
+HF_METHODS = ("hf-ar", "hf-assisted", "pld")
+SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
+ALL_METHODS = ENGINE_METHODS + HF_METHODS + SERVICE_METHODS
+PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in FINDINGS.md
+
+
+@dataclass
+class Sample:
+    """One generation of one prompt by one method."""
+
+    token_ids: list[int]                          # new tokens, cut before the first EOS
+    wall_s: float                                 # measured by the bench around the call
+    accept_lengths: Optional[list[int]] = None    # accepted drafts per cycle; None: no drafting
+    timings: dict = field(default_factory=dict)   # seconds: prefill / draft / verify / other
+    cycles: int = 0                               # target forwards after the prefill
+    target_forwards: Optional[int] = None         # all target forwards (prefill included)
+    extra: dict = field(default_factory=dict)     # e.g. pipeline hits / misses of the service
+
+
+def cut_at_eos(ids: Sequence[int], eos: Optional[int]) -> list[int]:
+    ids = [int(t) for t in ids]
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return ids
+
+
+class Models:
+    """The models every method shares, loaded once: target (HF model + HFTarget), tokenizer,
+    and lazily the DEER drafter and the AR draft model."""
+
+    def __init__(self, target_path: str, drafter_path: Optional[str], ar_draft_path: Optional[str]):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.target_path, self.drafter_path, self.ar_draft_path = target_path, drafter_path, ar_draft_path
+        self.tokenizer = AutoTokenizer.from_pretrained(target_path)
+        self.model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+        self._drafter = None
+        self._hf_target = None
+        self._ar_draft = None
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_id = int(eos[0] if isinstance(eos, (list, tuple)) else eos) \
+            if eos is not None else None
+
+    @property
+    def drafter(self):
+        if self._drafter is None:
+            if not self.drafter_path:
+                raise ValueError("method deer needs --drafter")
+            import deer_serve.models  # noqa: F401  (registers DeerDrafter with the Auto classes)
+            from deer_serve.drafters.deer import DeerDrafterBackend
+
+            self._drafter = DeerDrafterBackend.from_pretrained(self.drafter_path, device="cpu")
+        return self._drafter
+
+    @property
+    def hf_target(self):
+        """The HFTarget; its feature layers follow the drafter's when there is one."""
+        if self._hf_target is None:
+            from deer_serve.targets.hf import HFTarget
+
+            layers = None
+            if self.drafter_path:
+                d = self.drafter
+                if d.context_mode == "target-features":
+                    layers = d.feature_layers
+            self._hf_target = HFTarget(self.model, feature_layers=layers,
+                                       eos_token_id=self.eos_token_id)
+        return self._hf_target
+
+    @property
+    def ar_draft(self):
+        if self._ar_draft is None:
+            if not self.ar_draft_path:
+                raise ValueError("method hf-assisted needs --ar-draft")
+            from transformers import AutoModelForCausalLM
+
+            self._ar_draft = AutoModelForCausalLM.from_pretrained(
+                self.ar_draft_path, dtype=torch.float32).eval()
+        return self._ar_draft
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class EngineMethod:
+    """`ar` or `deer`: the deer_serve decode loop in this process."""
+
+    def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None):
+        self.name, self.models, self.mode = name, models, mode
+        self.block_size = block_size if mode == "deer" else None
+        self.target = models.hf_target
+        self.drafter = models.drafter if mode == "deer" else None
+
+    def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
+        from deer_serve.engine import generate
+
+        t0 = time.perf_counter()
+        r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
+                     block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
+                     seq_id=f"bench-{uuid.uuid4().hex}")
+        wall = time.perf_counter() - t0
+        return Sample(token_ids=list(r.token_ids), wall_s=wall,
+                      accept_lengths=list(r.accept_lengths) if self.mode == "deer" else None,
+                      timings=dict(r.timings), cycles=r.cycles, target_forwards=r.cycles + 1)
+
+
+class _ForwardProbe:
+    """Forward hooks that count a module's calls, their time and the cache length before each."""
+
+    def __init__(self, module: torch.nn.Module, record_cache: bool):
+        self.module, self.record_cache = module, record_cache
+        self.cache_lens: list[int] = []
+        self.durations: list[float] = []  # seconds of each forward
+        self._t0 = 0.0
+        self._handles = []
+
+    def __enter__(self):
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.module.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, module, args, kwargs):
+        if self.record_cache:
+            pkv = kwargs.get("past_key_values")
+            self.cache_lens.append(int(pkv.get_seq_length()) if pkv is not None else 0)
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.durations.append(time.perf_counter() - self._t0)
+
+
+class HFGenerateMethod:
+    """`hf-ar`, `hf-assisted`, `pld`: Hugging Face `generate` on the same target model."""
+
+    def __init__(self, name: str, models: Models):
+        if name not in HF_METHODS:
+            raise ValueError(name)
+        self.name, self.models, self.block_size = name, models, None
+        self.assistant = models.ar_draft if name == "hf-assisted" else None
+
+    def _config(self, sampling: SamplingParams):
+        from transformers import GenerationConfig
+
+        eos = self.models.eos_token_id
+        kw = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, num_beams=1,
+                  eos_token_id=eos, pad_token_id=eos, do_sample=not sampling.greedy)
+        if not sampling.greedy:
+            kw.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k)  # top_k 0 = off in HF too (its default would be 50)
+        if self.name == "pld":
+            kw["prompt_lookup_num_tokens"] = PLD_TOKENS
+        return GenerationConfig(**kw)
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
+        model = self.models.model
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)                    # (1, P)
+        kw = {"generation_config": self._config(sampling), "attention_mask": torch.ones_like(ids)}
+        if self.assistant is not None:
+            kw["assistant_model"] = self.assistant
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        P = ids.shape[1]
+        probe = _ForwardProbe(model, record_cache=True)
+        draft_probe = _ForwardProbe(self.assistant, False) if self.assistant is not None else None
+        with probe:
+            if draft_probe is not None:
+                draft_probe.__enter__()
+            try:
+                t0 = time.perf_counter()
+                out = model.generate(ids, **kw)                                      # (1, P+n)
+                wall = time.perf_counter() - t0
+            finally:
+                if draft_probe is not None:
+                    draft_probe.__exit__(None, None, None)
+        gen = out[0, P:].tolist()
+        # Emitted per forward from the cache lengths (see the module docstring); the first
+        # forward starts at v_0 = P - 1 (no cache yet), the end is the full generated length.
+        v = [max(c, P - 1) for c in probe.cache_lens] + [P + len(gen) - 1]
+        emitted = [b - a for a, b in zip(v, v[1:])]
+        accept = None
+        if self.name != "hf-ar":
+            accept = [max(0, e - 1) for e in emitted]
+        # As in the engine, the first target forward counts as the prefill, not as a cycle.
+        draft_s = sum(draft_probe.durations) if draft_probe is not None else 0.0
+        n_fwd = len(probe.durations)
+        fwd = probe.durations
+        timings = {"prefill": fwd[0] if fwd else 0.0, "draft": draft_s, "verify": sum(fwd[1:]),
+                   "other": max(0.0, wall - sum(fwd) - draft_s)}
+        return Sample(token_ids=cut_at_eos(gen, self.models.eos_token_id), wall_s=wall,
+                      accept_lengths=accept, timings=timings, cycles=max(0, n_fwd - 1),
+                      target_forwards=n_fwd)
