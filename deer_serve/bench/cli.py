@@ -73,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(ValueError):
+    """A mistake in the command line: one line on stderr, exit code 2."""
+
+
 def _list(s: str, cast, flag: str) -> list:
     try:
         vals = [cast(x) for x in str(s).split(",") if x.strip() != ""]
     except ValueError:
-        raise SystemExit(f"deer-serve bench: error: {flag} takes a comma list, got {s!r}")
+        raise UsageError(f"{flag} takes a comma list, got {s!r}") from None
     if not vals:
-        raise SystemExit(f"deer-serve bench: error: {flag} is empty")
+        raise UsageError(f"{flag} is empty")
     return vals
 
 
@@ -90,7 +94,7 @@ def resolve(args: argparse.Namespace) -> dict:
     methods = _list(get("methods"), str, "--methods")
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        raise SystemExit(f"deer-serve bench: error: unknown method(s) {bad}; choose from {ALL_METHODS}")
+        raise UsageError(f"unknown method(s) {bad}; choose from {','.join(ALL_METHODS)}")
     methods = list(dict.fromkeys(methods))
     temps = _list(get("temperature"), float, "--temperature")
     ks = list(dict.fromkeys(_list(get("block_size"), int, "--block-size")))
@@ -98,12 +102,12 @@ def resolve(args: argparse.Namespace) -> dict:
     for name, vals, lo in (("--temperature", temps, 0), ("--block-size", ks, 1),
                            ("--concurrency", conc, 1)):
         if any(v < lo for v in vals):
-            raise SystemExit(f"deer-serve bench: error: {name} values must be >= {lo}")
+            raise UsageError(f"{name} values must be >= {lo}")
     if any(k > 64 for k in ks):
-        raise SystemExit("deer-serve bench: error: --block-size values must be <= 64")
+        raise UsageError("--block-size values must be <= 64")
     n, reps = get("max_new_tokens"), get("repeats")
     if n < 1 or reps < 1:
-        raise SystemExit("deer-serve bench: error: --max-new-tokens and --repeats must be >= 1")
+        raise UsageError("--max-new-tokens and --repeats must be >= 1")
     paths = default_paths()
     return {"suite": get("suite"), "limit": get("limit"), "methods": methods,
             "temperatures": temps, "block_sizes": ks, "max_new_tokens": n, "repeats": reps,
@@ -188,7 +192,15 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse exits 2 on unknown flags
+    try:
+        return bench(args, argv)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"deer-serve bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
     s = resolve(args)
     t_start = time.perf_counter()
     import torch
@@ -200,15 +212,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if s["threads"]:
         torch.set_num_threads(s["threads"])
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prompts = load_suite(s["suite"], s["limit"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for k in ("target", "drafter", "ar_draft"):
         needed = {"drafter": "deer" in s["methods"] or any(m in SERVICE_METHODS for m in s["methods"]),
                   "ar_draft": "hf-assisted" in s["methods"], "target": True}[k]
         if needed and not Path(s[k]).is_dir():
-            raise SystemExit(f"deer-serve bench: error: {k.replace('_', '-')} model not found at "
-                             f"{s[k]} (pass --{k.replace('_', '-')} PATH)")
-    prompts = load_suite(s["suite"], s["limit"])
+            raise UsageError(f"{k.replace('_', '-')} model not found at {s[k]} "
+                             f"(pass --{k.replace('_', '-')} PATH)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     models = Models(s["target"], s["drafter"], s["ar_draft"])
     max_pos = int(getattr(models.model.config, "max_position_embeddings", 1 << 30))
     keep = max(1, max_pos - s["max_new_tokens"] - 64)  # room for the output and a last block
