@@ -20,6 +20,7 @@ draft samples and the acceptance, so a seeded run repeats exactly. Sampling runs
 
 from __future__ import annotations
 
+import numbers
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
         eos_token_id = getattr(target, "eos_token_id", None)
     eos = set() if sampling.ignore_eos or eos_token_id is None else (
         {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
-    return _decode(target, drafter, prompt, sampling, mode, block_size, detokenize,
+    return _decode(target, drafter, prompt, sampling, mode, int(block_size), detokenize,
                    seq_id or f"gen-{uuid.uuid4().hex}", eos)
 
 
@@ -221,7 +222,7 @@ def _validate(target, drafter, prompt_ids, sampling, mode, block_size) -> list[i
     if not isinstance(sampling, SamplingParams):
         raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     sampling.validate()
-    if isinstance(block_size, bool) or not isinstance(block_size, int) \
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) \
             or not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
     if mode == "deer" and drafter is None:

@@ -16,7 +16,7 @@ import torch
 from deer_serve.drafters.deer import DeerDrafterBackend
 from deer_serve.engine import StepOutput, generate, iter_generate
 from deer_serve.models import make_tiny_drafter
-from deer_serve.sampling import process_logits
+from deer_serve.sampling import process_logits, sample
 from deer_serve.targets.hf import HFTarget
 from deer_serve.types import DraftResult, SamplingParams, ScoreResult
 
@@ -302,6 +302,28 @@ class MemoTarget:
         pass
 
 
+class MemoDrafter:
+    """Wraps a DeerDrafterBackend: memoises q by (context, anchor, k) and draws y_i ~ q_i with the
+    engine's generator, exactly as the backend does (`draft_from_logits`), so the statistics
+    cost no drafter forwards after the first few hundred."""
+
+    def __init__(self, inner):
+        self.inner, self.memo = inner, {}
+        self.context_mode = inner.context_mode
+
+    def draft(self, seq_id, context_ids, anchor, k, sampling, generator=None, context_hidden=None):
+        key = (tuple(context_ids), anchor, k)
+        if key not in self.memo:
+            r = self.inner.draft("memo", context_ids, anchor, k, sampling, generator, context_hidden)
+            self.inner.release("memo")
+            self.memo[key] = r.probs
+            return r
+        return DraftResult(tokens=sample(self.memo[key], generator), probs=self.memo[key])
+
+    def release(self, seq_id):
+        pass
+
+
 def tv(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p.get(x, 0.0) - q.get(x, 0.0)) for x in set(p) | set(q))
 
@@ -324,6 +346,7 @@ def test_sampled_distribution_matches_target(temperature, top_p):
         dmodel.embed_tokens.weight.mul_(60.0)  # a peaked q, unlike p: many rejections
     drafter = DeerDrafterBackend(dmodel)
     prompt = [3, 9, 4]
+    memo_drafter = MemoDrafter(drafter)
     proc = lambda logits: process_logits(logits, temperature, 0, top_p)  # noqa: E731
 
     # exact law of the first two tokens: p(t1) p(t2 | t1), and the drafter's law for t2
@@ -345,7 +368,7 @@ def test_sampled_distribution_matches_target(temperature, top_p):
         counts = Counter()
         for seed in range(N):
             # max_new_tokens 3: the cycle after the first token drafts k = 2
-            r = generate(target, drafter if mode == "deer" else None, prompt,
+            r = generate(target, memo_drafter if mode == "deer" else None, prompt,
                          SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=3,
                                         seed=seed, ignore_eos=True), mode=mode, block_size=4)
             counts[tuple(r.token_ids[:2])] += 1
