@@ -1,0 +1,155 @@
+"""`deer-serve serve`: start (or join) Ray, start Serve's HTTP and gRPC proxies, run the app,
+print the URLs, block; Ctrl-C (SIGINT) or SIGTERM shuts Serve and Ray down cleanly.
+
+The only module of `deer_serve` that imports Ray (lazily, inside `main`): the core stays free
+of Ray and pydantic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "cluster/serve_config.yaml"
+DEFAULT_SERVICERS = ["deer_serve.protos.deer_pb2_grpc.add_DeerServiceServicer_to_server",
+                     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="deer-serve serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None,
+                    help=f"Serve config YAML (default: {DEFAULT_CONFIG} when it exists)")
+    ap.add_argument("--host", default=None, help="HTTP host (default from the config: 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    ap.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
+    ap.add_argument("--address", default=None,
+                    help="join this Ray cluster (e.g. auto, or host:6379) instead of starting one")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default all)")
+    ap.add_argument("--num-gpus", type=int, default=None, help="GPUs of a local Ray (default all)")
+    ap.add_argument("--target", default=None, help="override args.target_path")
+    ap.add_argument("--drafter", default=None, help="override args.drafter_path")
+    return ap.parse_args(argv)
+
+
+class UsageError(Exception):
+    """Reported on stderr with exit code 2."""
+
+
+def find_config(path: Optional[str]) -> Optional[Path]:
+    if path is not None:
+        if not Path(path).is_file():
+            raise UsageError(f"no such config file: {path}")
+        return Path(path)
+    for p in (Path(DEFAULT_CONFIG), REPO / DEFAULT_CONFIG):
+        if p.is_file():
+            return p
+    return None  # built-in defaults: the embedded model pair, one replica each
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = prepare(args)
+    except UsageError as e:
+        print(f"deer-serve serve: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        print(f"deer-serve serve: not available: {e} (pip install 'deer-serve[serve]')",
+              file=sys.stderr)
+        return 2
+    return run(args, *plan)
+
+
+def prepare(args: argparse.Namespace):
+    """Read the config and build the applications (this checks the model files) before any
+    Ray process starts: (http_options, grpc port, servicer functions, [(name, prefix, app)])."""
+    import yaml
+
+    cfg_path = find_config(args.config)
+    serve_cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path else {}
+    if not isinstance(serve_cfg, dict):
+        raise UsageError(f"{cfg_path}: expected a Serve config mapping")
+    http = {"host": "127.0.0.1", "port": 8000, **(serve_cfg.get("http_options") or {})}
+    if args.host is not None:
+        http["host"] = args.host
+    if args.port is not None:
+        http["port"] = args.port
+    grpc_cfg = serve_cfg.get("grpc_options") or {}
+    grpc_port = args.grpc_port or grpc_cfg.get("port", 9000)
+    servicers = grpc_cfg.get("grpc_servicer_functions") or DEFAULT_SERVICERS
+
+    if (REPO / "deployments").is_dir() and str(REPO) not in sys.path:
+        sys.path.append(str(REPO))  # a checkout that is not pip-installed
+    apps = []
+    for app in serve_cfg.get("applications") or [{"name": "deer", "args": {}}]:
+        module, _, attr = app.get("import_path", "deployments.app:build_app").partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        app_args = dict(app.get("args") or {})
+        if args.target:
+            app_args["target_path"] = args.target
+        if args.drafter:
+            app_args["drafter_path"] = args.drafter
+        try:
+            built = builder(app_args)
+        except ValueError as e:  # pydantic's ValidationError is one too
+            raise UsageError(f"application {app.get('name', 'deer')!r}: {e}") from None
+        apps.append((app.get("name", "deer"), app.get("route_prefix", "/"), built))
+    return http, grpc_port, servicers, apps
+
+
+def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[str],
+        apps: list) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    joined = args.address is not None
+    # replicas import `deployments` from this checkout even when it is not pip-installed
+    pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
+                                                if os.environ.get("PYTHONPATH") else []))
+    init_kw = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+    if joined:
+        ray.init(address=args.address, **init_kw)
+    else:
+        ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False,
+                 **init_kw)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    names = []
+    try:
+        serve.start(http_options=http,
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=servicers))
+        for name, prefix, app in apps:
+            serve.run(app, name=name, route_prefix=prefix)
+            names.append(name)
+        print(f"deer-serve: HTTP  http://{http['host']}:{http['port']}/v1 (OpenAI-compatible; "
+              "also /v1/models, /healthz)", flush=True)
+        print(f"deer-serve: gRPC  {http['host']}:{grpc_port} (deer.v1.DeerService)", flush=True)
+        print("deer-serve: Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("deer-serve: stopping", flush=True)
+    finally:
+        try:
+            if joined:
+                for name in names:  # leave the cluster's other applications alone
+                    serve.delete(name)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

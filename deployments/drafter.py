@@ -1,0 +1,115 @@
+"""The Drafter deployment: a `DeerDrafterBackend` behind plain, picklable calls.
+
+A plain class: only `deployments.app.build_app` wraps it with `serve.deployment`. It holds no
+algorithm: `draft` is `Drafter.draft` with numpy in and out (ids int32, features float16, q
+float32) and the sampling seed as an int instead of a `torch.Generator` (the router draws it
+from the request's generator), so a remote call never carries a generator object.
+
+Target features travel incrementally. The router sends only rows [start, len(context)) of the
+context's features (the ones it has not sent for this sequence yet). When this replica's cache
+for the sequence is shorter than `start` (another replica served it before, an eviction, a
+restart), the backend would need rows it was not sent; the reply then says `need_rows_from=c`
+and the router resends from row c. Correctness never depends on routing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from deer_serve.types import SamplingParams
+from deployments.verifier import replica_info
+
+
+@dataclass
+class DraftReply:
+    tokens: Optional[np.ndarray] = None   # (k,) int32 draft tokens y_1..y_k
+    probs: Optional[np.ndarray] = None    # (k, V) float32 q_i; None at temperature 0
+    need_rows_from: Optional[int] = None  # set (and nothing else) when feature rows are missing
+
+
+class _MissingRows(Exception):
+    def __init__(self, start: int):
+        self.start = start
+
+
+class _RowsFrom:
+    """Stands for the (n, F) features of the whole context when only rows [start, n) are here.
+
+    The backend reads `shape` and slices the rows its cache lacks; a slice that reaches before
+    `start` raises `_MissingRows` with the first row it wanted, which becomes `need_rows_from`.
+    """
+
+    def __init__(self, rows: torch.Tensor, start: int):
+        self.rows, self.start = rows, start                                     # rows (n-start, F)
+        self.shape = torch.Size((start + rows.shape[0], rows.shape[1]))
+
+    def __getitem__(self, idx):
+        if not isinstance(idx, slice) or idx.step not in (None, 1):
+            raise TypeError("only row slices are supported")
+        lo = 0 if idx.start is None else idx.start
+        hi = self.shape[0] if idx.stop is None else idx.stop
+        if lo < self.start and hi > lo:
+            raise _MissingRows(lo)
+        return self.rows[lo - self.start: hi - self.start]
+
+
+class Drafter:
+    def __init__(self, drafter_path: str, *, device: Optional[str] = None,
+                 max_sequences: int = 64, use_cache: bool = True,
+                 torch_threads: Optional[int] = None):
+        from deer_serve.drafters.deer import DeerDrafterBackend
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.drafter_path = str(drafter_path)
+        self.backend = DeerDrafterBackend.from_pretrained(self.drafter_path, device=device,
+                                                          max_sequences=max_sequences,
+                                                          use_cache=use_cache)
+        p = next(self.backend.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
+        # TODO(issue 6): batch concurrent calls into one ragged forward instead.
+        self._lock = threading.Lock()
+
+    def meta(self) -> dict:
+        return {"context_mode": self.backend.context_mode,
+                "feature_layers": list(self.backend.feature_layers),
+                "vocab_size": self.backend.vocab_size,
+                "caches_prefix": bool(self.backend.use_cache)}
+
+    def draft(self, seq_id: str, context_ids: np.ndarray, anchor: int, k: int,
+              sampling: SamplingParams, seed: Optional[int] = None,
+              hidden: Optional[np.ndarray] = None, hidden_start: int = 0) -> DraftReply:
+        """context_ids: (n,) int32 verified tokens before the anchor.
+        hidden: (n - hidden_start, F) float16 features of context rows [hidden_start, n), in
+        target-features mode. seed: draws y ~ q when sampling (ignored at temperature 0)."""
+        ids = np.asarray(context_ids).tolist()
+        gen = None
+        if seed is not None and not sampling.greedy:
+            gen = torch.Generator().manual_seed(int(seed))
+        ctx_hidden = None
+        if hidden is not None:
+            rows = torch.from_numpy(np.asarray(hidden)).to(self.device, self.dtype)
+            ctx_hidden = _RowsFrom(rows, int(hidden_start))
+        with self._lock:
+            try:
+                d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden)
+            except _MissingRows as miss:
+                return DraftReply(need_rows_from=miss.start)
+        probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
+        return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs)
+
+    def release(self, seq_id: str) -> None:
+        with self._lock:
+            self.backend.release(seq_id)
+
+    def health(self) -> dict:
+        return {"ok": True, "cached_sequences": len(getattr(self.backend, "_caches", ()))}
+
+    def info(self) -> dict:
+        return replica_info("drafter", self.drafter_path, str(self.device))

@@ -1,0 +1,85 @@
+"""The Verifier deployment: a target backend (`HFTarget`) behind plain, picklable calls.
+
+A plain class: only `deployments.app.build_app` wraps it with `serve.deployment`, so tests and
+tools can run it in-process. It holds no algorithm: `score` is `TargetBackend.score` with the
+tensors turned into numpy arrays (token ids int32 in, logits float32 and target features
+float16 out). The per-sequence KV cache lives in the backend, keyed by `seq_id`; every call
+carries the full ids, so a cache miss (another replica, a restart) recomputes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ScoreReply:
+    logits: np.ndarray                   # (n_query, V) float32 raw logits
+    hidden: Optional[np.ndarray] = None  # (n_hidden, F) float16 target features, when asked
+
+
+class Verifier:
+    def __init__(self, target_path: str, *, device: Optional[str] = None,
+                 max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
+                 torch_threads: Optional[int] = None):
+        from deer_serve.targets.hf import HFTarget
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.target_path = str(target_path)
+        self.backend = HFTarget.from_pretrained(self.target_path, device=device,
+                                                max_sequences=max_sequences,
+                                                feature_layers=feature_layers)
+        # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
+        # TODO(issue 6): batch concurrent calls into one ragged forward instead.
+        self._lock = threading.Lock()
+
+    def meta(self) -> dict:
+        """What a remote `TargetBackend` proxy needs to know about this target."""
+        b = self.backend
+        return {"vocab_size": b.vocab_size, "eos_token_id": b.eos_token_id,
+                "feature_dim": b.feature_dim, "feature_layers": list(b.feature_layers)}
+
+    def score(self, seq_id: str, token_ids: np.ndarray, n_query: int, return_hidden: bool = False,
+              n_hidden: Optional[int] = None) -> ScoreReply:
+        """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`."""
+        ids = np.asarray(token_ids).tolist()
+        with self._lock:
+            res = self.backend.score(seq_id, ids, int(n_query), return_hidden=bool(return_hidden),
+                                     n_hidden=n_hidden)
+        hidden = None
+        if res.hidden is not None:
+            hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
+        return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden)  # (n_query, V)
+
+    def release(self, seq_id: str) -> None:
+        with self._lock:
+            self.backend.release(seq_id)
+
+    def health(self) -> dict:
+        return {"ok": True, "cached_sequences": len(getattr(self.backend, "_seqs", ()))}
+
+    def info(self) -> dict:
+        return replica_info("verifier", self.target_path, str(self.backend.device))
+
+
+def replica_info(role: str, path: str, device: str) -> dict:
+    """Where this replica runs: process, Ray node and actor, GPU ids Ray gave it."""
+    info = {"role": role, "pid": os.getpid(), "model_path": path, "device": device,
+            "node_id": None, "actor_id": None, "gpu_ids": []}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info.update(node_id=ctx.get_node_id(), actor_id=ctx.get_actor_id(),
+                        gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    except Exception:  # in-process use without Ray
+        pass
+    return info
