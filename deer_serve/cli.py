@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", metavar="PATH", help="DEER drafter checkpoint (default: embedded)")
     g.add_argument("--target-backend", choices=tuple(TARGET_BACKENDS), default="torch")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    g.add_argument("--lookup", choices=("off", "merge", "only"), default="off",
+                   help="prompt-lookup drafting: merge = lookup continuation when the context "
+                        "repeats, else the diffusion block; only = lookup alone (no drafter)")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, one a line")
     g.set_defaults(func=cmd_generate)
 
@@ -168,7 +171,8 @@ def load_models(args: argparse.Namespace):
     target_dir = Path(args.target) if args.target else default_target
     drafter_dir = Path(args.drafter) if args.drafter else default_drafter
     needed = [("target", target_dir, args.target)]
-    if args.mode == "deer":
+    use_drafter = args.mode == "deer" and getattr(args, "lookup", "off") != "only"
+    if use_drafter:
         needed.append(("drafter", drafter_dir, args.drafter))
     for what, path, given in needed:
         if not is_checkpoint(path):
@@ -186,7 +190,7 @@ def load_models(args: argparse.Namespace):
         raise UsageError(f"no tokenizer in {target_dir}: {e}") from None
 
     drafter = None
-    if args.mode == "deer":
+    if use_drafter:
         from deer_serve.drafters.deer import DeerDrafterBackend
 
         drafter = DeerDrafterBackend.from_pretrained(str(drafter_dir), device=args.device)
@@ -202,6 +206,11 @@ def load_models(args: argparse.Namespace):
         if drafter.context_mode == "target-features" and want != target.feature_dim:
             raise UsageError(f"the drafter reads {want} target features, the target gives "
                              f"{target.feature_dim}")
+    lookup = getattr(args, "lookup", "off")
+    if args.mode == "deer" and lookup != "off":
+        from deer_serve.drafters.lookup import LookupDrafter
+
+        drafter = LookupDrafter(drafter if lookup == "merge" else None, vocab_size=target.vocab_size)
     return target, drafter, tokenizer
 
 
