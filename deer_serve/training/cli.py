@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     ap.add_argument("--context-mode", choices=["tokens", "target-features"], default=None)
     ap.add_argument("--drafter-name", default="drafter", help="sub-directory of the drafter run")
     ap.add_argument("--alpha", type=float, default=None, help="Stage II weight base")
+    ap.add_argument("--init-layers", choices=["first", "last", "none"], default=None,
+                    help="which target layers initialise the drafter's")
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stages {bad}")
-    ov = {k: v for k, v in [("alpha", a.alpha), ("stage1_steps", a.stage1_steps),
+    ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers), ("stage1_steps", a.stage1_steps),
                             ("stage2_steps", a.stage2_steps)] if v is not None}
     res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},

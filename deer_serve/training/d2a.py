@@ -46,6 +46,7 @@ class D2AConfig:
     warmup_steps: int = 30
     alpha: float = 1.01                    # Stage II weight base (paper: 1.01 stable, 1.02 noisy)
     eval_every: int = 200
+    eval_block_sizes: tuple = (4, 8, 16, 32)
     eval_blocks: int = 256                 # validation blocks per k
     ckpt_every: int = 100
     num_threads: int = 2
@@ -53,7 +54,7 @@ class D2AConfig:
 
     @classmethod
     def smoke(cls, **kw) -> "D2AConfig":
-        base = dict(block_sizes=(4, 8), block_tokens=40, batch_size=4, stage1_steps=6,
+        base = dict(block_sizes=(4, 8), eval_block_sizes=(4, 8), block_tokens=40, batch_size=4, stage1_steps=6,
                     stage2_steps=6, eval_every=6, eval_blocks=16, ckpt_every=4)
         base.update(kw)
         return cls(**base)
@@ -231,11 +232,13 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         rec = {"step": step, "stage": stage, "k": k, "loss": round(loss.item(), 4), "lr": lr,
                "elapsed_s": round(time.time() - t0, 1)}
         if step % cfg.eval_every == 0 or step == total or step == cfg.stage1_steps:
-            rec["val"] = evaluate(model, val_ids, val_feats, P, mask_id, cfg.block_sizes, cfg.eval_blocks)
+            rec["val"] = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes,
+                                  cfg.eval_blocks)
             bar.write(f"step {step} stage {stage}: " +
                       ", ".join(f"k={k}: tau~{v['tau']}" for k, v in rec["val"].items()))
-            if step == cfg.stage1_steps:
+            if step == cfg.stage1_steps:  # the "Stage I only" row of the ablation
                 result["after_stage1"] = rec["val"]
+                model.save_pretrained(out / "stage1", safe_serialization=True)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % cfg.ckpt_every == 0 or step == total:
@@ -243,7 +246,7 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
                         "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     bar.close()
-    final = evaluate(model, val_ids, val_feats, P, mask_id, cfg.block_sizes, cfg.eval_blocks)
+    final = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes, cfg.eval_blocks)
     result.update({"final": final, "trainable_params": n_params, "steps": total,
                    "train_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
     model.eval().save_pretrained(out / "final", safe_serialization=True)

@@ -1,0 +1,43 @@
+"""`deer-serve train --preset smoke`: the whole pipeline end to end, then the pair decodes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
+                           "--out", str(out), "--export", str(tmp_path / "assets")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for d in ("target", "drafter", "ar-draft"):
+        assert (tmp_path / "assets" / d / "model.safetensors").is_file()
+    metrics = json.loads((out / "drafter" / "final" / "metrics.json").read_text())
+    assert set(metrics["final"]) == {"4", "8"} and "after_stage1" in metrics
+    assert (out / "drafter" / "stage1" / "model.safetensors").is_file()
+    lines = (out / "drafter" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and all("loss" in json.loads(l) for l in lines)
+
+    from transformers import AutoTokenizer
+
+    from deer_serve.drafters.deer import DeerDrafterBackend
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+
+    drafter = DeerDrafterBackend.from_pretrained(str(tmp_path / "assets" / "drafter"), device="cpu")
+    assert drafter.context_mode == "target-features"
+    assert next(drafter.model.parameters()).dtype == torch.float32  # shipped fp16, computed fp32
+    target = HFTarget.from_pretrained(str(tmp_path / "assets" / "target"), device="cpu",
+                                      feature_layers=drafter.feature_layers)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "assets" / "target"))
+    ids = tok("def fibonacci(n):")["input_ids"]
+    sp = SamplingParams(max_new_tokens=24)
+    ar = generate(target, None, ids, sp, mode="ar")
+    deer = generate(target, drafter, ids, sp, mode="deer", block_size=8)
+    assert deer.token_ids == ar.token_ids and len(ar.token_ids) > 0
