@@ -10,7 +10,8 @@ machine hits all methods alike. Each method gets one untimed warm-up call first.
 
 Block sizes: `deer` runs once per `--block-size` entry; the FIRST is the main one, reported as
 `methods.deer`, the others as `methods["deer@k8"]` etc. (each entry carries its `block_size`).
-Service methods use the first block size.
+`deer-pld` (DEER drafter with prompt-lookup candidates merged in) and the service methods use
+the first block size.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
 temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`.
@@ -182,6 +183,8 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
         elif name == "deer":
             for k in s["block_sizes"]:
                 out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k))
+        elif name == "deer-pld":
+            out.append(EngineMethod("deer-pld", models, "deer", k0, lookup=True))
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))
@@ -217,7 +220,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     for k in ("target", "drafter", "ar_draft"):
-        needed = {"drafter": "deer" in s["methods"] or any(m in SERVICE_METHODS for m in s["methods"]),
+        needed = {"drafter": any(m.startswith("deer") for m in s["methods"]),
                   "ar_draft": "hf-assisted" in s["methods"], "target": True}[k]
         if needed and not Path(s[k]).is_dir():
             raise UsageError(f"{k.replace('_', '-')} model not found at {s[k]} "

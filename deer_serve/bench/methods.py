@@ -2,6 +2,8 @@
 
   ar               deer_serve engine, mode "ar" (plain decoding of the HFTarget)
   deer             deer_serve engine, mode "deer" with the DeerDrafterBackend (one per block size)
+  deer-pld         the same, with prompt-lookup candidates merged in (`LookupDrafter` around the
+                   DEER drafter: a lookup hit is proposed instead of the diffusion block); main k
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
@@ -30,7 +32,7 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer")
+ENGINE_METHODS = ("ar", "deer", "deer-pld")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 ALL_METHODS = ENGINE_METHODS + HF_METHODS + SERVICE_METHODS
@@ -118,25 +120,36 @@ class Models:
 
 
 class EngineMethod:
-    """`ar` or `deer`: the deer_serve decode loop in this process."""
+    """`ar`, `deer` or `deer-pld`: the deer_serve decode loop in this process."""
 
-    def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None):
+    def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
+                 lookup: bool = False):
         self.name, self.models, self.mode = name, models, mode
         self.block_size = block_size if mode == "deer" else None
         self.target = models.hf_target
         self.drafter = models.drafter if mode == "deer" else None
+        if lookup:
+            from deer_serve.drafters.lookup import LookupDrafter
+
+            self.drafter = LookupDrafter(self.drafter, vocab_size=self.target.vocab_size)
 
     def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
         from deer_serve.engine import generate
 
+        hits0, calls0 = getattr(self.drafter, "hits", 0), getattr(self.drafter, "calls", 0)
         t0 = time.perf_counter()
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
                      seq_id=f"bench-{uuid.uuid4().hex}")
         wall = time.perf_counter() - t0
+        extra = {}
+        if hasattr(self.drafter, "hits"):  # LookupDrafter: cycles that took a lookup proposal
+            extra = {"lookup_hits": self.drafter.hits - hits0,
+                     "lookup_calls": self.drafter.calls - calls0}
         return Sample(token_ids=list(r.token_ids), wall_s=wall,
                       accept_lengths=list(r.accept_lengths) if self.mode == "deer" else None,
-                      timings=dict(r.timings), cycles=r.cycles, target_forwards=r.cycles + 1)
+                      timings=dict(r.timings), cycles=r.cycles, target_forwards=r.cycles + 1,
+                      extra=extra)
 
 
 class _ForwardProbe:

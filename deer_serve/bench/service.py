@@ -154,8 +154,17 @@ class LocalService:
         if not ray.is_initialized():
             pp = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
             # Logical CPUs, not cores: the app reserves one per deployment replica.
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pp}})
+            # address="local": a fresh instance, never someone else's cluster (we shut it down)
+            for attempt in (0, 1):  # a loaded machine can miss Ray's fixed 30 s node start-up
+                try:
+                    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
+                             include_dashboard=False, log_to_driver=False,
+                             runtime_env={"env_vars": {"PYTHONPATH": pp}})
+                    break
+                except Exception:
+                    ray.shutdown()
+                    if attempt:
+                        raise
             self._started_ray = True
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -112,6 +112,10 @@ def _sum_extra(samples: Sequence[Sample]) -> dict:
     if any("pipeline_hits" in s.extra for s in samples):
         out["pipeline_hits"], out["pipeline_misses"] = hits, misses
         out["pipeline_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None
+    if any("lookup_calls" in s.extra for s in samples):
+        calls = sum(int(s.extra.get("lookup_calls", 0)) for s in samples)
+        out["lookup_hit_rate"] = round(sum(int(s.extra.get("lookup_hits", 0))
+                                           for s in samples) / calls, 4) if calls else None
     if any(s.extra.get("fallback") for s in samples):
         out["fallbacks"] = sum(bool(s.extra.get("fallback")) for s in samples)
     return out
