@@ -119,8 +119,9 @@ def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[st
     if joined:
         ray.init(address=args.address, **init_kw)
     else:
-        ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, include_dashboard=False,
-                 **init_kw)
+        # address="local": always a fresh Ray, never a cluster found on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                 include_dashboard=False, **init_kw)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

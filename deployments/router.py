@@ -158,11 +158,13 @@ class Outcome:
     cycles: int
     finish_reason: str
     fallback: bool
+    timings: dict = field(default_factory=dict)
 
     def stats(self) -> DeerStats:
         a = self.accept_lengths
         return DeerStats(accept_lengths=a, mean_accepted=sum(a) / len(a) if a else 0.0,
-                         cycles=self.cycles, fallback=self.fallback)
+                         cycles=self.cycles, fallback=self.fallback,
+                         timings={k: round(v, 6) for k, v in self.timings.items()})
 
 
 class TextStream:
@@ -288,7 +290,8 @@ class Router:
                 step = next(it)
             except StopIteration as stop:
                 r = stop.value
-                return Outcome(r.token_ids, r.accept_lengths, r.cycles, r.finish_reason, fallback)
+                return Outcome(r.token_ids, r.accept_lengths, r.cycles, r.finish_reason, fallback,
+                               r.timings)
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; finishing with plain AR", p.id, e)
                 break
@@ -297,7 +300,8 @@ class Router:
             if step.accepted is not None:
                 accepts.append(step.accepted)
             yield step
-        # AR fallback from what was emitted: the target's distribution, conditioned on it
+        # AR fallback from what was emitted: the target's distribution, conditioned on it.
+        # (The deer part's timings are lost with its generator; the AR part's are reported.)
         prev = list(out)
         rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
         it = iter_generate(target, None, p.prompt_ids + prev, rest, mode="ar",
@@ -309,7 +313,7 @@ class Router:
             except StopIteration as stop:
                 r = stop.value
                 return Outcome(prev + r.token_ids, accepts, max(0, steps - 1) + r.cycles,
-                               r.finish_reason, True)
+                               r.finish_reason, True, r.timings)
             yield step
 
     async def events(self, p: Prepared) -> AsyncIterator[tuple[str, Any]]:

@@ -211,6 +211,8 @@ class DeerStats(BaseModel):
     mean_accepted: float = Field(0.0, description="tau: mean of accept_lengths")
     cycles: int = Field(0, description="target forwards after the prefill")
     fallback: bool = Field(False, description="the drafter failed; plain AR finished the request")
+    timings: dict[str, float] = Field(default_factory=dict,
+                                      description="seconds in prefill / draft / verify / other")
 
 
 class Usage(BaseModel):

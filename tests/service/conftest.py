@@ -61,7 +61,7 @@ def service(tiny_checkpoints):
     # replicas import `deployments` and `deer_serve` from this checkout, installed or not
     pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
                                                 if os.environ.get("PYTHONPATH") else []))
-    start_ray(ray, num_cpus=4, num_gpus=2, include_dashboard=False,
+    start_ray(ray, address="local", num_cpus=4, num_gpus=2, include_dashboard=False,
               object_store_memory=256 << 20, log_to_driver=False,
               runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}})
     try:
