@@ -23,7 +23,8 @@ from deployments.schemas import MAX_BLOCK_SIZE, Limits
 class RayActorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica (torch threads follow it)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica; torch threads = "
+                                                    "max(1, int(num_cpus))")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; 1 puts each on its own GPU")
     accelerator_type: Optional[str] = Field(None, description="e.g. H100, A10G, L4")
     resources: dict[str, float] = Field(default_factory=dict,
@@ -86,12 +87,13 @@ class AppConfig(BaseModel):
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
     max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
+    # Defaults fit a 2-core laptop (2 CPUs in all); on a cluster give each its own pool.
     drafter: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(
-        max_ongoing_requests=16))
+        max_ongoing_requests=16, ray_actor_options=RayActorOptions(num_cpus=0.5)))
     verifier: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(
-        max_ongoing_requests=16))
+        max_ongoing_requests=16, ray_actor_options=RayActorOptions(num_cpus=1)))
     router: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(
-        max_ongoing_requests=64))
+        max_ongoing_requests=64, ray_actor_options=RayActorOptions(num_cpus=0.5)))
 
     @classmethod
     def from_file(cls, path: Union[str, Path], app_name: Optional[str] = None) -> "AppConfig":

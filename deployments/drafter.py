@@ -94,7 +94,7 @@ class Drafter:
             gen = torch.Generator().manual_seed(int(seed))
         ctx_hidden = None
         if hidden is not None:
-            rows = torch.from_numpy(np.asarray(hidden)).to(self.device, self.dtype)
+            rows = torch.tensor(np.asarray(hidden), device=self.device, dtype=self.dtype)
             ctx_hidden = _RowsFrom(rows, int(hidden_start))
         with self._lock:
             try:

@@ -55,6 +55,12 @@ class VerifierUnavailable(Exception):
     """The verifier failed: nothing can answer the request (503)."""
 
 
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Ray hands numpy results over read-only (zero-copy from the object store); torch must
+    not share memory it may not write."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 class RemoteTarget:
     """`TargetBackend` over the Verifier deployment. Token ids go as int32 arrays."""
 
@@ -74,8 +80,8 @@ class RemoteTarget:
                 .result(timeout_s=self.timeout_s)
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
-        hidden = None if r.hidden is None else torch.from_numpy(r.hidden)          # (n, F) fp16
-        return ScoreResult(logits=torch.from_numpy(r.logits), hidden=hidden)        # (n_query, V)
+        hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
+        return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
 
     def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
         return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
@@ -120,8 +126,8 @@ class RemoteDrafter:
         else:
             raise DrafterUnavailable("the drafter kept asking for feature rows")
         self._sent[seq_id] = n
-        probs = None if r.probs is None else torch.from_numpy(r.probs)             # (k, V)
-        return DraftResult(tokens=torch.from_numpy(r.tokens).long(), probs=probs)   # (k,)
+        probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
+        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs)          # (k,)
 
     def release(self, seq_id: str) -> None:
         self._sent.pop(seq_id, None)

@@ -141,6 +141,22 @@ def test_drafter_and_verifier_are_separate_actors_on_separate_gpus(service):
     assert d["gpu_ids"] != v["gpu_ids"]
 
 
+def test_sse_wire_format(service):
+    body = json.dumps({"prompt": PROMPTS[1], "max_tokens": 5, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    req = urllib.request.Request(service.http + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    n = sum(len(c["choices"][0].get("token_ids", [])) for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == n
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert "deer" in chunks[-2]
+
+
 def test_models_and_health(service):
     status, body = get(service, "/v1/models")
     assert status == 200 and [m["id"] for m in body["data"]] == [service.model]
