@@ -10,6 +10,9 @@ context's features (the ones it has not sent for this sequence yet). When this r
 for the sequence is shorter than `start` (another replica served it before, an eviction, a
 restart), the backend would need rows it was not sent; the reply then says `need_rows_from=c`
 and the router resends from row c. Correctness never depends on routing.
+
+`RemoteDrafter` is the router's side: the core's `Drafter` protocol over a Serve handle to this
+deployment (it keeps the per-sequence count of rows sent).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from deer_serve.types import SamplingParams
-from deployments.verifier import replica_info
+from deer_serve.types import DraftResult, SamplingParams
+from deployments.verifier import as_tensor, replica_info
 
 
 @dataclass
@@ -113,3 +116,52 @@ class Drafter:
 
     def info(self) -> dict:
         return replica_info("drafter", self.drafter_path, str(self.device))
+
+
+# ---- the router's side ------------------------------------------------------------------------
+class DrafterUnavailable(Exception):
+    """The drafter failed or timed out: the request falls back to plain AR decoding."""
+
+
+class RemoteDrafter:
+    """`Drafter` over the Drafter deployment; one per request (it remembers, for its sequence,
+    how many target-feature rows the drafter was sent, and sends only the rest)."""
+
+    def __init__(self, handle, meta: dict, timeout_s: float):
+        self.handle, self.timeout_s = handle, timeout_s
+        self.context_mode = meta["context_mode"]
+        self.caches_prefix = bool(meta.get("caches_prefix", True))
+        self._sent: dict[str, int] = {}  # seq_id -> feature rows the drafter has been sent
+
+    def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
+              sampling: SamplingParams, generator: Optional[torch.Generator] = None,
+              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
+        # the remote drafter gets a seed drawn from the request's generator, not the generator
+        seed = None if sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=generator))
+        ids = np.asarray(context_ids, dtype=np.int32)                               # (n,)
+        n = len(ids)
+        start = self._sent.get(seq_id, 0) if self.caches_prefix else 0
+        for _ in range(3):  # normally one call; a replica that lacks rows asks once for them
+            rows = None
+            if context_hidden is not None:
+                rows = context_hidden[start:n].to(torch.float16).numpy()           # (n-start, F)
+            try:
+                r = self.handle.draft.remote(seq_id, ids, int(anchor), int(k), sampling, seed,
+                                             rows, start).result(timeout_s=self.timeout_s)
+            except Exception as e:
+                raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
+            if r.need_rows_from is None:
+                break
+            start = min(int(r.need_rows_from), start)
+        else:
+            raise DrafterUnavailable("the drafter kept asking for feature rows")
+        self._sent[seq_id] = n
+        probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
+        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs)          # (k,)
+
+    def release(self, seq_id: str) -> None:
+        self._sent.pop(seq_id, None)
+        try:
+            self.handle.release.remote(seq_id)
+        except Exception:
+            pass

@@ -1,9 +1,10 @@
 """The Router: the ingress (OpenAI-compatible HTTP via FastAPI, and the gRPC `DeerService`).
 
 It owns each request's decode loop, and the loop is `deer_serve.engine.iter_generate` itself:
-run in a worker thread over two proxies, `RemoteTarget` and `RemoteDrafter`, that implement
-the core's `TargetBackend` / `Drafter` protocols with calls to the Verifier and Drafter
-deployments (`handle.method.remote(...).result()`). No acceptance, sampling or caching here.
+run in a worker thread over two proxies, `RemoteTarget` (deployments.verifier) and
+`RemoteDrafter` (deployments.drafter), that implement the core's `TargetBackend` / `Drafter`
+protocols with calls to the Verifier and Drafter deployments
+(`handle.method.remote(...).result()`). No acceptance, sampling or caching here.
 
 Per request:  parse (schemas.parse_request, shared by HTTP and gRPC) -> tokenize -> decode
 thread --StepOutput--> asyncio queue -> JSON / SSE chunks / gRPC messages.
@@ -29,113 +30,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Generator, Optional, Sequence
 
-import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deer_serve.engine import StepOutput, iter_generate
-from deer_serve.types import DraftResult, SamplingParams, ScoreResult
+from deer_serve.types import SamplingParams
+from deployments.drafter import DrafterUnavailable, RemoteDrafter
 from deployments.schemas import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, CompletionChoice, CompletionChunk, CompletionResponse, DeerStats,
     GenerationRequest, Limits, ModelCard, ModelList, RequestError, Usage, _id, _now,
     check_prompt, parse_request)
+from deployments.verifier import RemoteTarget, VerifierUnavailable
 
 log = logging.getLogger("deer_serve.router")
-
-# ---- proxies: the core protocols over Serve handles --------------------------------------------
-class DrafterUnavailable(Exception):
-    """The drafter failed or timed out: the request falls back to plain AR decoding."""
-
-
-class VerifierUnavailable(Exception):
-    """The verifier failed: nothing can answer the request (503)."""
-
-
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    """Ray hands numpy results over read-only (zero-copy from the object store); torch must
-    not share memory it may not write."""
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
-
-
-class RemoteTarget:
-    """`TargetBackend` over the Verifier deployment. Token ids go as int32 arrays."""
-
-    device = None  # timings need no device sync here
-
-    def __init__(self, handle, meta: dict, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
-        self.vocab_size = int(meta["vocab_size"])
-        self.eos_token_id = meta["eos_token_id"]
-        self.feature_dim = int(meta["feature_dim"])
-
-    def score(self, seq_id: str, token_ids: Sequence[int], n_query: int,
-              return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
-        ids = np.asarray(token_ids, dtype=np.int32)                                 # (T,)
-        try:
-            r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden) \
-                .result(timeout_s=self.timeout_s)
-        except Exception as e:
-            raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
-        hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
-        return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
-
-    def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
-        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
-
-    def release(self, seq_id: str) -> None:
-        try:
-            self.handle.release.remote(seq_id)  # fire and forget: the ids are never reused
-        except Exception:  # a dead verifier holds no cache
-            pass
-
-
-class RemoteDrafter:
-    """`Drafter` over the Drafter deployment; one per request (it remembers, for its sequence,
-    how many target-feature rows the drafter was sent, and sends only the rest)."""
-
-    def __init__(self, handle, meta: dict, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
-        self.context_mode = meta["context_mode"]
-        self.caches_prefix = bool(meta.get("caches_prefix", True))
-        self._sent: dict[str, int] = {}  # seq_id -> feature rows the drafter has been sent
-
-    def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
-              sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
-        # the remote drafter gets a seed drawn from the request's generator, not the generator
-        seed = None if sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=generator))
-        ids = np.asarray(context_ids, dtype=np.int32)                               # (n,)
-        n = len(ids)
-        start = self._sent.get(seq_id, 0) if self.caches_prefix else 0
-        for _ in range(3):  # normally one call; a replica that lacks rows asks once for them
-            rows = None
-            if context_hidden is not None:
-                rows = context_hidden[start:n].to(torch.float16).numpy()           # (n-start, F)
-            try:
-                r = self.handle.draft.remote(seq_id, ids, int(anchor), int(k), sampling, seed,
-                                             rows, start).result(timeout_s=self.timeout_s)
-            except Exception as e:
-                raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
-            if r.need_rows_from is None:
-                break
-            start = min(int(r.need_rows_from), start)
-        else:
-            raise DrafterUnavailable("the drafter kept asking for feature rows")
-        self._sent[seq_id] = n
-        probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
-        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs)          # (k,)
-
-    def release(self, seq_id: str) -> None:
-        self._sent.pop(seq_id, None)
-        try:
-            self.handle.release.remote(seq_id)
-        except Exception:
-            pass
-
 
 # ---- per-request state -------------------------------------------------------------------------
 class RouterSettings(BaseModel):
@@ -269,7 +179,8 @@ class Router:
     def render_chat(self, req: GenerationRequest) -> str:
         msgs = [{"role": m.role, "content": m.text} for m in req.messages]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                      add_generation_prompt=True)
         # no template (e.g. a base code model): a plain transcript ending in the assistant's turn
         return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
@@ -291,36 +202,42 @@ class Router:
         it = iter_generate(target, drafter, p.prompt_ids, p.sampling, mode=mode,
                            block_size=p.block_size, detokenize=self.detokenize,
                            seq_id=f"{p.id}-0")
-        while True:
-            try:
-                step = next(it)
-            except StopIteration as stop:
-                r = stop.value
-                return Outcome(r.token_ids, r.accept_lengths, r.cycles, r.finish_reason, fallback,
-                               r.timings)
-            except DrafterUnavailable as e:
-                log.warning("request %s: %s; finishing with plain AR", p.id, e)
-                break
-            steps += 1
-            out += step.new_token_ids
-            if step.accepted is not None:
-                accepts.append(step.accepted)
-            yield step
+        try:
+            while True:
+                try:
+                    step = next(it)
+                except StopIteration as stop:
+                    r = stop.value
+                    return Outcome(r.token_ids, r.accept_lengths, r.cycles, r.finish_reason,
+                                   fallback, r.timings)
+                except DrafterUnavailable as e:
+                    log.warning("request %s: %s; finishing with plain AR", p.id, e)
+                    break
+                steps += 1
+                out += step.new_token_ids
+                if step.accepted is not None:
+                    accepts.append(step.accepted)
+                yield step
+        finally:
+            it.close()  # releases both caches when the client went away
         # AR fallback from what was emitted: the target's distribution, conditioned on it.
         # (The deer part's timings are lost with its generator; the AR part's are reported.)
         prev = list(out)
         rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
         it = iter_generate(target, None, p.prompt_ids + prev, rest, mode="ar",
-                           block_size=p.block_size, detokenize=lambda ids: self.detokenize(prev + ids),
-                           seq_id=f"{p.id}-ar")
-        while True:
-            try:
-                step = next(it)
-            except StopIteration as stop:
-                r = stop.value
-                return Outcome(prev + r.token_ids, accepts, max(0, steps - 1) + r.cycles,
-                               r.finish_reason, True, r.timings)
-            yield step
+                           block_size=p.block_size, seq_id=f"{p.id}-ar",
+                           detokenize=lambda ids: self.detokenize(prev + ids))
+        try:
+            while True:
+                try:
+                    step = next(it)
+                except StopIteration as stop:
+                    r = stop.value
+                    return Outcome(prev + r.token_ids, accepts, max(0, steps - 1) + r.cycles,
+                                   r.finish_reason, True, r.timings)
+                yield step
+        finally:
+            it.close()
 
     async def events(self, p: Prepared) -> AsyncIterator[tuple[str, Any]]:
         """("step", StepOutput)... then ("done", Outcome); raises what the decode raised."""
@@ -376,7 +293,8 @@ class Router:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON: {e}", 400, code="invalid_json") from None
+            raise RequestError(f"the body is not valid JSON: {e}", 400,
+                               code="invalid_json") from None
         return await self.prepare(data, kind)
 
     async def _openai(self, request: Request, kind: str):
@@ -405,7 +323,8 @@ class Router:
         name, rid, created = self.settings.served_model_name, _id(
             "chatcmpl" if kind == "chat" else "cmpl"), _now()
 
-        def chunk(text: Optional[str], ids, finish=None, deer=None, role=None, usage=None, choices=True):
+        def chunk(text: Optional[str], ids, finish=None, deer=None, role=None, usage=None,
+                  choices=True) -> str:
             if kind == "chat":
                 ch = [ChatChunkChoice(delta=ChatDelta(role=role, content=text), token_ids=ids,
                                       finish_reason=finish)] if choices else []

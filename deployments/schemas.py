@@ -40,7 +40,8 @@ class RequestError(Exception):
     def __init__(self, message: str, status: int = 400, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
-        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.message, self.status, self.type = message, status, type
+        self.param, self.code = param, code
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type,
@@ -61,7 +62,9 @@ class ChatMessage(BaseModel):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -124,7 +127,9 @@ class GenerationRequest(BaseModel):
 
     @property
     def new_tokens(self) -> int:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -168,7 +173,8 @@ def parse_request(data: Any, *, kind: Literal["completions", "chat", "grpc"],
         if req.messages is None:
             raise RequestError("'messages' is required", 422, param="messages", code="missing")
         if req.prompt is not None:
-            raise RequestError("chat completions take 'messages', not 'prompt'", 400, param="prompt")
+            raise RequestError("chat completions take 'messages', not 'prompt'", 400,
+                               param="prompt")
     else:
         if req.prompt is None:
             raise RequestError("'prompt' is required", 422 if kind != "grpc" else 400,

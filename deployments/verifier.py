@@ -5,6 +5,9 @@ tools can run it in-process. It holds no algorithm: `score` is `TargetBackend.sc
 tensors turned into numpy arrays (token ids int32 in, logits float32 and target features
 float16 out). The per-sequence KV cache lives in the backend, keyed by `seq_id`; every call
 carries the full ids, so a cache miss (another replica, a restart) recomputes.
+
+`RemoteTarget` is the router's side: the core's `TargetBackend` protocol over a Serve handle to
+this deployment, so `deer_serve.engine` drives a remote verifier unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from deer_serve.types import ScoreResult
 
 
 @dataclass
@@ -67,6 +72,49 @@ class Verifier:
 
     def info(self) -> dict:
         return replica_info("verifier", self.target_path, str(self.backend.device))
+
+
+# ---- the router's side ------------------------------------------------------------------------
+class VerifierUnavailable(Exception):
+    """The verifier failed: nothing can answer the request (503)."""
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Ray hands numpy results over read-only (zero-copy from the object store); torch must
+    not share memory it may not write."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+class RemoteTarget:
+    """`TargetBackend` over the Verifier deployment. Token ids go as int32 arrays."""
+
+    device = None  # timings need no device sync here
+
+    def __init__(self, handle, meta: dict, timeout_s: float):
+        self.handle, self.timeout_s = handle, timeout_s
+        self.vocab_size = int(meta["vocab_size"])
+        self.eos_token_id = meta["eos_token_id"]
+        self.feature_dim = int(meta["feature_dim"])
+
+    def score(self, seq_id: str, token_ids: Sequence[int], n_query: int,
+              return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
+        ids = np.asarray(token_ids, dtype=np.int32)                                 # (T,)
+        try:
+            r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden) \
+                .result(timeout_s=self.timeout_s)
+        except Exception as e:
+            raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
+        hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
+        return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
+
+    def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
+        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
+
+    def release(self, seq_id: str) -> None:
+        try:
+            self.handle.release.remote(seq_id)  # fire and forget: the ids are never reused
+        except Exception:  # a dead verifier holds no cache
+            pass
 
 
 def replica_info(role: str, path: str, device: str) -> dict:

@@ -40,7 +40,8 @@ def reference(service):
 @pytest.fixture(scope="module")
 def client(service):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=service.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=service.http + "/v1", api_key="unused", max_retries=0,
+                         timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,27 @@ def test_sampled_requests_repeat_with_a_seed(service, client):
     kw = dict(model=service.model, prompt=PROMPTS[0], max_tokens=16, temperature=0.9, seed=7)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert a.choices[0].token_ids == b.choices[0].token_ids
+
+
+def test_completion_equals_the_cli_generate_ar(service, client, tmp_path):
+    """The issue's literal check: the text of `deer-serve generate --mode ar`."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = subprocess.run([sys.executable, "-m", "deer_serve", "generate", "--prompts", str(prompts),
+                          "--mode", "ar", "--max-new-tokens", str(MAX_TOKENS), "--temperature",
+                          "0", "--target", service.target_path, "--device", "cpu", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(cli) == len(PROMPTS)
+    for prompt, want in zip(PROMPTS, cli):
+        r = client.completions.create(model=service.model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                      temperature=0)
+        assert r.choices[0].text == want["text"]
+        assert r.choices[0].token_ids == want["token_ids"]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
