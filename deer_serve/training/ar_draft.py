@@ -21,7 +21,7 @@ from tqdm import tqdm
 class ARDraftConfig:
     num_layers: int = 2        # about the drafter's depth
     batch_size: int = 16
-    steps: int = 500
+    steps: int = 300
     lr: float = 1e-3
     num_threads: int = 2
     seed: int = 0
@@ -54,7 +54,7 @@ def train_ar_draft(cfg: ARDraftConfig, target_dir: str | Path, teacher_path: str
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
     def loss_of(x):  # next-token loss on the teacher's continuation only
-        logits = model(x[:, :-1]).logits[:, P - 1:]
+        logits = model(x[:, :-1], logits_to_keep=x.shape[1] - P).logits  # positions P-1..N-2
         return F.cross_entropy(logits.flatten(0, 1), x[:, P:].flatten())
 
     t0 = time.time()

@@ -36,7 +36,8 @@ def _configs(preset: str):
 
 
 def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
-        drafter_name: str = "drafter", overrides: dict | None = None) -> dict:
+        drafter_name: str = "drafter", overrides: dict | None = None,
+        ar_steps: int | None = None) -> dict:
     from deer_serve.training import corpus
     from deer_serve.training.ar_draft import train_ar_draft
     from deer_serve.training.d2a import train_drafter
@@ -49,6 +50,8 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         c["d2a"].context_mode = context_mode
     for key, val in (overrides or {}).items():
         setattr(c["d2a"], key, val)
+    if ar_steps:
+        c["ar"].steps = ar_steps
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, target_dir = out / "tokenizer", out / "target" / "final"
     results = {}
@@ -108,6 +111,7 @@ def main(argv=None) -> None:
                     help="which target layers initialise the drafter's")
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
+    ap.add_argument("--ar-steps", type=int, default=None, help="AR draft baseline steps")
     ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
     a = ap.parse_args(argv)
     stages = tuple(s for s in a.stages.split(",") if s)
@@ -116,7 +120,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown stages {bad}")
     ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers), ("stage1_steps", a.stage1_steps),
                             ("stage2_steps", a.stage2_steps)] if v is not None}
-    res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov)
+    res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},
                      indent=1, default=str))
     if a.export:
