@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from deer_serve.bench.methods import ALL_METHODS, SERVICE_METHODS
+from deer_serve.bench.methods import ALL_METHODS, PLD_TOKENS, SERVICE_METHODS
 
 QUICK = {"suite": "humaneval", "limit": 8, "methods": "ar,deer,hf-assisted,pld",
          "temperature": "0", "block_size": "16,8", "max_new_tokens": 96, "repeats": 1,
@@ -273,6 +273,12 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         if service_ctx is not None:
             service_ctx.__exit__(None, None, None)
 
+    machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if "hf-assisted" in s["methods"] and models._ar_draft is not None:
+        g = models.ar_draft.generation_config  # HF's assistant schedule (state after the run)
+        settings["hf_assisted"] = {k: getattr(g, k, None) for k in (
+            "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
+    settings["pld_num_tokens"] = PLD_TOKENS
     total = time.perf_counter() - t_start
     results = {"machine": machine, "command": "deer-serve bench " + shlex.join(argv),
                "suite": s["suite"], "n_prompts": len(prompts), "settings": settings,

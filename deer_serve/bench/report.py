@@ -69,6 +69,28 @@ def service_table(methods: dict) -> Optional[str]:
     return head + "\n".join(rows) + "\n"
 
 
+def cost_lines(methods: dict) -> list[str]:
+    """Why a method is as fast as it is: tokens per cycle against what a cycle costs in plain
+    AR steps (the break-even tokens per cycle). Prefill is left out of both."""
+    ar = methods.get("ar") or {}
+    step = sum((ar.get("ms_per_cycle") or {}).values())
+    if not step:
+        return []
+    out = [f"- ar: one plain step costs {step:.1f} ms "
+           f"({_ms(ar)} ms draft / verify / other)."]
+    for name, r in methods.items():
+        cyc, ms = r.get("cycles"), r.get("ms_per_cycle") or {}
+        if name == "ar" or "error" in r or not cyc or not ms or r.get("mean_accepted") is None:
+            continue
+        cost = sum(ms.values())
+        tpc = (r["new_tokens"] - r["n_samples"]) / cyc  # the prefill emits one token per request
+        out.append(f"- {name}: {tpc:.2f} tokens per cycle (tau {r['mean_accepted']:.2f}); a cycle "
+                   f"costs {cost:.1f} ms = {cost / step:.2f} plain steps (draft / verify / other "
+                   f"{_ms(r)} ms), so break-even is {cost / step:.2f} tokens per cycle and the "
+                   f"expected speedup {tpc * step / cost:.2f}x.")
+    return out
+
+
 def summary_table(results: dict) -> str:
     """A plain-text table for the terminal."""
     lines = []
@@ -100,7 +122,7 @@ def write_report(results: dict, out_dir: str | Path) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
         f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}, ray {m['ray'] or '-'}; "
-        f"load average at start {m['loadavg_at_start']}.",
+        f"load average at start {m['loadavg_at_start']}, at end {m.get('loadavg_at_end')}.",
         "",
         f"Suite: {results['suite']}, {results['n_prompts']} prompts (mean "
         f"{s['prompt_tokens_mean']} tokens); max_new_tokens {s['max_new_tokens']}; "
@@ -117,6 +139,9 @@ def write_report(results: dict, out_dir: str | Path) -> None:
     ]
     for run in results["runs"]:
         lines += [f"## Temperature {run['temperature']:g}", "", method_table(run["methods"])]
+        cost = cost_lines(run["methods"])
+        if cost:
+            lines += ["Cost per cycle (from the timings above):", ""] + cost + [""]
         st = service_table(run["methods"])
         if st:
             lines += ["Service methods (throughput = all new tokens / wall time with c requests "

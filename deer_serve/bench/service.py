@@ -152,31 +152,38 @@ class LocalService:
         from deployments.app import build_app
 
         if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            # a loaded 2-core machine starts Ray's agents slowly; the default wait kills the raylet
+            os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
             pp = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-            # Logical CPUs, not cores: the app reserves one per deployment replica.
-            # address="local": a fresh instance, never someone else's cluster (we shut it down)
-            for attempt in (0, 1):  # a loaded machine can miss Ray's fixed 30 s node start-up
+            for attempt in range(3):  # and Ray's node start-up wait (30 s) is not configurable
                 try:
+                    # address="local": a fresh instance, never someone else's cluster (we shut
+                    # it down); logical CPUs, not cores: the app reserves one per replica.
                     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
                              include_dashboard=False, log_to_driver=False,
-                             runtime_env={"env_vars": {"PYTHONPATH": pp}})
+                             object_store_memory=256 << 20,
+                             runtime_env={"env_vars": {"PYTHONPATH": pp, "OMP_NUM_THREADS": "1"}})
                     break
                 except Exception:
                     ray.shutdown()
-                    if attempt:
+                    if attempt == 2:
                         raise
             self._started_ray = True
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(self.args), name="deer-bench", route_prefix="/", blocking=False)
-        self.url = f"http://127.0.0.1:{port}"
-        client, t0 = ServiceClient(self.url), time.time()
-        while not client.healthy():
-            if time.time() - t0 > self.startup_timeout_s:
-                self.__exit__(None, None, None)
-                raise ServiceError(f"the local service did not become healthy in "
-                                   f"{self.startup_timeout_s:.0f} s")
-            time.sleep(0.5)
+        try:
+            port = _free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(self.args), name="deer-bench", route_prefix="/")
+            self.url = f"http://127.0.0.1:{port}"
+            client, t0 = ServiceClient(self.url), time.time()
+            while not client.healthy():
+                if time.time() - t0 > self.startup_timeout_s:
+                    raise ServiceError(f"the local service did not become healthy in "
+                                       f"{self.startup_timeout_s:.0f} s")
+                time.sleep(0.5)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):
