@@ -350,6 +350,11 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
             except Exception as e:
                 out[m.name]["throughput_error"] = f"{type(e).__name__}: {e}"
                 warnings.append(f"T={T:g} {m.name} concurrency phase failed: {e}")
+    if "deer-ray-nopipe" in out and "error" not in out["deer-ray-nopipe"] \
+            and out.get("deer-ray", {}).get("pipeline_hit_rate") is None:
+        warnings.append(f"T={T:g}: the service reports no pipeline counters (deer.pipeline_hits/"
+                        "pipeline_misses), so it does not pipeline or ignores `pipeline`: "
+                        "deer-ray and deer-ray-nopipe ran the same code")
     for name, row in out.items():
         if row.get("identical_to_ar") is False:
             msg = (f"T=0 {name} is NOT identical to ar on {row['n_mismatched']} sample(s), "
