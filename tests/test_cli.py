@@ -11,7 +11,7 @@ import pytest
 
 from deer_serve import cli
 
-from conftest import REPO
+from tiny_models import REPO
 
 
 def gen_args(ckpt, mode="deer", drafter="drafter-tokens", *extra):

@@ -20,7 +20,7 @@ from deer_serve.sampling import process_logits, sample
 from deer_serve.targets.hf import HFTarget
 from deer_serve.types import DraftResult, SamplingParams, ScoreResult
 
-from conftest import make_target
+from tiny_models import make_target
 
 MODES = ("tokens", "target-features")
 PROMPT_LENS = (1, 7, 40)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_target
+from tiny_models import REPO, make_target
 
 from deer_serve.bench.methods import Sample
 from deer_serve.bench import stats
