@@ -34,8 +34,8 @@ from typing import Optional
 
 from deer_serve.bench.methods import ALL_METHODS, PLD_TOKENS, SERVICE_METHODS
 
-QUICK = {"suite": "humaneval", "limit": 8, "methods": "ar,deer,hf-assisted,pld",
-         "temperature": "0", "block_size": "16,8", "max_new_tokens": 96, "repeats": 1,
+QUICK = {"suite": "humaneval", "limit": 6, "methods": "ar,deer,hf-assisted,pld",
+         "temperature": "0", "block_size": "16,8", "max_new_tokens": 64, "repeats": 1,
          "concurrency": "1,4"}
 DEFAULTS = {"suite": "humaneval", "limit": None, "methods": "ar,deer,hf-assisted,pld",
             "temperature": "0", "block_size": "16,4,8,32", "max_new_tokens": 128, "repeats": 3,
@@ -275,8 +275,13 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if "hf-assisted" in s["methods"] and models._ar_draft is not None:
-        g = models.ar_draft.generation_config  # HF's assistant schedule (state after the run)
-        settings["hf_assisted"] = {k: getattr(g, k, None) for k in (
+        from transformers import GenerationConfig
+
+        g = models.ar_draft.generation_config  # HF's assistant schedule: its own, else HF's default
+        dflt = GenerationConfig._get_default_generation_params() \
+            if hasattr(GenerationConfig, "_get_default_generation_params") else {}
+        settings["hf_assisted"] = {k: getattr(g, k, None) if getattr(g, k, None) is not None
+                                   else dflt.get(k) for k in (
             "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
     settings["pld_num_tokens"] = PLD_TOKENS
     total = time.perf_counter() - t_start
