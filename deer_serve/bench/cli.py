@@ -15,6 +15,7 @@ the first block size.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
 temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`.
+samples.jsonl: one line per (temperature, method, prompt, repeat) with its raw numbers.
 For service methods `methods.deer-ray*` add `throughput_by_concurrency` ({"1": tok/s, ...}) and
 `pipeline_hit_rate` (null when the service reports no pipeline counters).
 """
@@ -265,9 +266,9 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     service_url=s["url"] or (service_ctx.url if service_ctx else None))
     try:
         methods = build_methods(s, models, client, service_error)
-        runs = []
+        runs, samples = [], []
         for T in s["temperatures"]:
-            res = run_temperature(T, s, methods, prompt_ids, names, warnings)
+            res = run_temperature(T, s, methods, prompt_ids, names, warnings, samples)
             runs.append({"temperature": T, "methods": res})
     finally:
         if service_ctx is not None:
@@ -290,6 +291,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                "methods": runs[0]["methods"], "runs": runs, "warnings": warnings,
                "total_s": round(total, 1)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    with open(out_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in samples)
     report.write_report(results, out_dir)
     for w in warnings:
         print(f"WARNING: {w}", file=sys.stderr)
@@ -299,7 +302,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: list,
-                    warnings: list) -> dict:
+                    warnings: list, sink: Optional[list] = None) -> dict:
     """Every method on every prompt and repeat at temperature T, interleaved -> methods dict."""
     from tqdm import tqdm
 
@@ -334,6 +337,12 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
             bar.update(1)
     bar.close()
 
+    if sink is not None:  # raw samples, for re-analysis (samples.jsonl)
+        for name, grid in grids.items():
+            for i, row in enumerate(grid):
+                for r, x in enumerate(row):
+                    if x is not None:
+                        sink.append(sample_record(T, name, names[i], r, x))
     ar = grids.get("ar") if "ar" not in errors else None
     out = {}
     for m in methods:
@@ -367,6 +376,16 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
             warnings.append(msg)
             print("\n" + "!" * 78 + f"\n!!! {msg}\n" + "!" * 78, file=sys.stderr)
     return out
+
+
+def sample_record(T: float, method: str, prompt: str, repeat: int, x) -> dict:
+    import hashlib
+
+    return {"temperature": T, "method": method, "prompt": prompt, "repeat": repeat,
+            "new_tokens": len(x.token_ids), "wall_s": round(x.wall_s, 6),
+            "ids_sha1": hashlib.sha1(json.dumps(x.token_ids).encode()).hexdigest()[:16],
+            "accept_lengths": x.accept_lengths, "cycles": x.cycles,
+            "timings": {k: round(v, 6) for k, v in x.timings.items()}, **x.extra}
 
 
 def service_throughput(m, s, prompt_ids, sp, ar_grid) -> dict:

@@ -71,7 +71,8 @@ def service_table(methods: dict) -> Optional[str]:
 
 def cost_lines(methods: dict) -> list[str]:
     """Why a method is as fast as it is: tokens per cycle against what a cycle costs in plain
-    AR steps (the break-even tokens per cycle). Prefill is left out of both."""
+    AR steps (the break-even tokens per cycle). Prefill is left out of both; the timings are
+    totals over all samples, so compare with speedup_vs_ar_total, not the median one."""
     ar = methods.get("ar") or {}
     step = sum((ar.get("ms_per_cycle") or {}).values())
     if not step:
@@ -87,7 +88,8 @@ def cost_lines(methods: dict) -> list[str]:
         out.append(f"- {name}: {tpc:.2f} tokens per cycle (tau {r['mean_accepted']:.2f}); a cycle "
                    f"costs {cost:.1f} ms = {cost / step:.2f} plain steps (draft / verify / other "
                    f"{_ms(r)} ms), so break-even is {cost / step:.2f} tokens per cycle and the "
-                   f"expected speedup {tpc * step / cost:.2f}x.")
+                   f"expected speedup {tpc * step / cost:.2f}x (measured over the same samples: "
+                   f"{_f(r.get('speedup_vs_ar_total'), '{:.2f}x')}).")
     return out
 
 

@@ -58,7 +58,7 @@ def bench_run(tmp_path_factory, tiny_checkpoints, tokenizer):
 
 def test_outputs_exist(bench_run):
     out, proc = bench_run
-    for name in ("results.json", "report.md", "speedup.png", "accept_hist.png",
+    for name in ("results.json", "report.md", "samples.jsonl", "speedup.png", "accept_hist.png",
                  "tau_vs_block_size.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,6 +126,7 @@ def test_stats_summary_and_identity():
     assert m["new_tokens"] == 10 and m["wall_s"] == pytest.approx(3.5)
     assert m["tokens_per_s"] == pytest.approx(10 / 3.5, rel=1e-3)
     assert m["tokens_per_s_by_repeat"] == [pytest.approx(2.5), pytest.approx(10 / 3, rel=1e-3)]
+    assert m["tokens_per_s_median"] == pytest.approx((3 + 2) / (0.75 + 1.0), rel=1e-3)  # per prompt
     assert m["accept_hist"] == [2, 0, 2, 0, 2] and m["max_accepted"] == 4
     assert m["mean_accepted"] == pytest.approx(2.0)
     assert m["ms_per_cycle"]["verify"] == pytest.approx(20.0)
