@@ -174,6 +174,7 @@ def build_app(args: Optional[dict] = None):
     """Serve application builder (`serve run deployments.app:build_app key=value ...` works too)."""
     from ray import serve
 
+    from deployments.autoscaling import measured
     from deployments.drafter import Drafter
     from deployments.router import RouterSettings, make_ingress
     from deployments.verifier import Verifier
@@ -183,10 +184,14 @@ def build_app(args: Optional[dict] = None):
     def threads(d: DeploymentConfig) -> int:  # torch threads = the CPUs Ray reserved
         return max(1, int(d.ray_actor_options.num_cpus))
 
-    drafter = serve.deployment(Drafter, name="Drafter", **cfg.drafter.options()).bind(
+    # `measured`: each replica reports its busy fraction and call rate to Serve's autoscaler
+    # (the drafter:verifier ratio policy, deployments.autoscaling); the classes stay plain
+    drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
+                               **cfg.drafter.options()).bind(
         cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
         use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter))
-    verifier = serve.deployment(Verifier, name="Verifier", **cfg.verifier.options()).bind(
+    verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
+                                **cfg.verifier.options()).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier))
     settings = RouterSettings(
