@@ -10,6 +10,12 @@
 #        -d '{"prompt": "def add(a, b):", "max_tokens": 16}'
 #   cluster/local/down.sh
 #
+# DEER_AUTOSCALING=1: node autoscaling with Ray's fake multi-node provider. The head runs the
+# Ray autoscaler, which starts DEER_DRAFTER_NODES / DEER_VERIFIER_NODES worker nodes of each
+# pool (min_workers), adds nodes (up to DEER_MAX_NODES_PER_POOL, default 2) when a replica
+# needs a `drafter` or `verifier` unit no node has free, and removes nodes idle for
+# DEER_IDLE_TIMEOUT_MINUTES (0.5).
+#
 # Every process it starts descends from one `ray start --block` per node, whose pid it writes
 # under $DEER_LOCAL_STATE; down.sh ends exactly those process trees (never `ray stop`, which
 # would also kill any other Ray instance on this machine).
@@ -17,7 +23,8 @@
 # Settings (environment): DEER_LOCAL_STATE (/tmp/deer-local-cluster), DEER_RAY_PORT (6390),
 # DEER_DASHBOARD_PORT (8275), DEER_HEAD_CPUS (1), DEER_DRAFTER_NODES (1), DEER_VERIFIER_NODES (1),
 # DEER_NODE_CPUS (2), DEER_NODE_SLOTS (2: replicas of its pool a worker node can hold),
-# DEER_OBJECT_STORE_BYTES (256 MiB per node), DEER_UP_TIMEOUT_S (600), RAY_AUTH_MODE (token), RAY (the `ray` of .venv, else the one on PATH).
+# DEER_OBJECT_STORE_BYTES (256 MiB per node), DEER_UP_TIMEOUT_S (600), DEER_DASHBOARD (true;
+# `serve deploy` needs it), RAY_AUTH_MODE (token), RAY (the `ray` of .venv, else the one on PATH).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,6 +42,11 @@ VERIFIER_NODES=${DEER_VERIFIER_NODES:-1}
 NODE_CPUS=${DEER_NODE_CPUS:-2}
 SLOTS=${DEER_NODE_SLOTS:-2}
 TIMEOUT=${DEER_UP_TIMEOUT_S:-600}
+DASHBOARD=${DEER_DASHBOARD:-true}
+AUTOSCALING=${DEER_AUTOSCALING:-0}
+MAX_NODES=${DEER_MAX_NODES_PER_POOL:-2}
+IDLE_MIN=${DEER_IDLE_TIMEOUT_MINUTES:-0.5}
+OBJECT_STORE=${DEER_OBJECT_STORE_BYTES:-268435456}
 
 if compgen -G "$STATE/*.pid" >/dev/null; then
   for f in "$STATE"/*.pid; do
@@ -62,13 +74,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # a loaded machine starts Ray's agents slowly; the default wait (~15 s) kills the raylet
 export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-180000}
 export RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
-# autoscaling metrics every second (defaults: 10 s), so the local cluster reacts quickly
-export RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S=${RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S:-1}
-export RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S=${RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S:-1}
 
 # ports 0: random free ports, so several raylets (and other Ray instances) share this host
 COMMON=(--temp-dir "$TEMP" --min-worker-port 0 --max-worker-port 0
-        --object-store-memory "${DEER_OBJECT_STORE_BYTES:-268435456}"
+        --object-store-memory "$OBJECT_STORE"
         --dashboard-agent-listen-port 0 --disable-usage-stats --block)
 
 start() {  # name, ray start args...
@@ -108,7 +117,7 @@ while True:
         for n in alive:
             res = {k: v for k, v in n["Resources"].items()
                    if k in ("CPU", "GPU", "drafter", "verifier")}
-            print(f"up.sh: node {n['NodeID'][:12]} {res}")
+            print(f"up.sh: node {n['NodeID'][-12:]} {res}")
         break
     if time.time() > deadline:
         sys.exit(f"up.sh: {len(alive)} of {want} nodes after {timeout:.0f} s")
@@ -136,16 +145,69 @@ node() {  # name, ray start args...
 }
 
 echo "up.sh: head on $IP:$PORT (dashboard :$DASH_PORT), state in $STATE"
-node head --head --port "$PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
-  --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT"
-for i in $(seq 1 "$DRAFTER_NODES"); do
-  node "drafter-$i" --address "$IP:$PORT" --num-cpus "$NODE_CPUS" --num-gpus 0 \
-    --resources "{\"drafter\": $SLOTS}"
-done
-for i in $(seq 1 "$VERIFIER_NODES"); do
-  node "verifier-$i" --address "$IP:$PORT" --num-cpus "$NODE_CPUS" --num-gpus 0 \
-    --resources "{\"verifier\": $SLOTS}"
-done
+HEAD_ARGS=(--head --port "$PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0
+           --include-dashboard "$DASHBOARD" --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT")
+if [ "$AUTOSCALING" = 1 ]; then
+  # Ray's fake multi-node provider: the autoscaler on the head starts (and stops) worker
+  # nodes as local raylets, exactly as it would launch cloud instances, between each pool's
+  # min_workers and max_workers, removing nodes idle for idle_timeout_minutes.
+  cat >"$STATE/autoscaling.yaml" <<YAML
+cluster_name: deer-local
+max_workers: $((2 * MAX_NODES))
+idle_timeout_minutes: $IDLE_MIN
+upscaling_speed: 1.0
+provider:
+  type: fake_multinode
+  gcs_address: "$IP:$PORT"
+  use_node_id_as_ip: true
+  disable_node_updaters: true
+  disable_launch_config_check: true
+available_node_types:
+  ray.head.default:
+    resources: {CPU: $HEAD_CPUS}
+    node_config: {}
+    max_workers: 0
+  drafter_node:
+    resources: {CPU: $NODE_CPUS, drafter: $SLOTS, object_store_memory: $OBJECT_STORE}
+    node_config: {}
+    min_workers: $DRAFTER_NODES
+    max_workers: $MAX_NODES
+  verifier_node:
+    resources: {CPU: $NODE_CPUS, verifier: $SLOTS, object_store_memory: $OBJECT_STORE}
+    node_config: {}
+    min_workers: $VERIFIER_NODES
+    max_workers: $MAX_NODES
+head_node_type: ray.head.default
+auth: {}
+docker: {}
+initialization_commands: []
+setup_commands: []
+head_setup_commands: []
+worker_setup_commands: []
+head_start_ray_commands: []
+worker_start_ray_commands: []
+file_mounts: {}
+cluster_synced_files: []
+file_mounts_sync_continuously: false
+rsync_exclude: []
+rsync_filter: []
+YAML
+  export RAY_FAKE_CLUSTER=1 AUTOSCALER_UPDATE_INTERVAL_S=1
+  node head "${HEAD_ARGS[@]}" --autoscaling-config "$STATE/autoscaling.yaml"
+  n=$((1 + DRAFTER_NODES + VERIFIER_NODES))
+  wait_nodes "$n" || { echo "up.sh: the autoscaler did not start the min_workers" >&2;
+                       "$HERE/down.sh"; exit 1; }
+else
+  node head "${HEAD_ARGS[@]}"
+  for i in $(seq 1 "$DRAFTER_NODES"); do
+    node "drafter-$i" --address "$IP:$PORT" --num-cpus "$NODE_CPUS" --num-gpus 0 \
+      --resources "{\"drafter\": $SLOTS}"
+  done
+  for i in $(seq 1 "$VERIFIER_NODES"); do
+    node "verifier-$i" --address "$IP:$PORT" --num-cpus "$NODE_CPUS" --num-gpus 0 \
+      --resources "{\"verifier\": $SLOTS}"
+  done
+fi
 echo "$IP:$PORT" >"$STATE/address"
 printf 'export RAY_ADDRESS=%s RAY_AUTH_MODE=%s\n' "$IP:$PORT" "$RAY_AUTH_MODE" >"$STATE/env"
 echo "up.sh: $n nodes up; source $STATE/env; serve deploy CONFIG -a http://127.0.0.1:$DASH_PORT"
