@@ -14,7 +14,9 @@ Block sizes: `deer` runs once per `--block-size` entry; the FIRST is the main on
 the first block size.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
-temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`.
+temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`,
+`complete` (false while later temperatures are still running: all outputs are rewritten after
+each temperature, so a run cut short keeps what it measured).
 samples.jsonl: one line per (temperature, method, prompt, repeat) with its raw numbers.
 For service methods `methods.deer-ray*` add `throughput_by_concurrency` ({"1": tok/s, ...}) and
 `pipeline_hit_rate` (null when the service reports no pipeline counters).
@@ -197,11 +199,23 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)  # argparse exits 2 on unknown flags
+    import signal
+    import threading
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (timeout, kill): clean up
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         return bench(args, argv)
     except (UsageError, FileNotFoundError) as e:
         print(f"deer-serve bench: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ndeer-serve bench: interrupted; {args.out} holds the temperatures finished so far",
+              file=sys.stderr)
+        return 130
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
@@ -267,38 +281,50 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         methods = build_methods(s, models, client, service_error)
         runs, samples = [], []
-        for T in s["temperatures"]:
+        settings["pld_num_tokens"] = PLD_TOKENS
+
+        def write(complete: bool) -> dict:
+            """results.json, samples.jsonl, report.md and plots of the temperatures done so far
+            (after each one, so a run cut short keeps what it measured)."""
+            machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+            if "hf-assisted" in s["methods"] and models._ar_draft is not None:
+                settings["hf_assisted"] = assistant_schedule(models.ar_draft)
+            results = {"machine": machine, "command": "deer-serve bench " + shlex.join(argv),
+                       "suite": s["suite"], "n_prompts": len(prompts), "settings": settings,
+                       "methods": runs[0]["methods"], "runs": runs, "warnings": warnings,
+                       "complete": complete, "total_s": round(time.perf_counter() - t_start, 1)}
+            (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+            with open(out_dir / "samples.jsonl", "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in samples)
+            report.write_report(results, out_dir)
+            return results
+
+        for j, T in enumerate(s["temperatures"]):
             res = run_temperature(T, s, methods, prompt_ids, names, warnings, samples)
             runs.append({"temperature": T, "methods": res})
+            results = write(complete=j == len(s["temperatures"]) - 1)
     finally:
         if service_ctx is not None:
             service_ctx.__exit__(None, None, None)
 
-    machine["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if "hf-assisted" in s["methods"] and models._ar_draft is not None:
-        from transformers import GenerationConfig
-
-        g = models.ar_draft.generation_config  # HF's assistant schedule: its own, else HF's default
-        dflt = GenerationConfig._get_default_generation_params() \
-            if hasattr(GenerationConfig, "_get_default_generation_params") else {}
-        settings["hf_assisted"] = {k: getattr(g, k, None) if getattr(g, k, None) is not None
-                                   else dflt.get(k) for k in (
-            "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
-    settings["pld_num_tokens"] = PLD_TOKENS
-    total = time.perf_counter() - t_start
-    results = {"machine": machine, "command": "deer-serve bench " + shlex.join(argv),
-               "suite": s["suite"], "n_prompts": len(prompts), "settings": settings,
-               "methods": runs[0]["methods"], "runs": runs, "warnings": warnings,
-               "total_s": round(total, 1)}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    with open(out_dir / "samples.jsonl", "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in samples)
-    report.write_report(results, out_dir)
+    total = results["total_s"]
     for w in warnings:
         print(f"WARNING: {w}", file=sys.stderr)
     print(report.summary_table(results))
     print(f"wrote {out_dir}/results.json, report.md and plots; total {total:.1f} s")
     return 0
+
+
+def assistant_schedule(assistant) -> dict:
+    """HF assisted generation's draft schedule: the assistant's own settings, else HF's defaults."""
+    from transformers import GenerationConfig
+
+    g = assistant.generation_config
+    dflt = GenerationConfig._get_default_generation_params() \
+        if hasattr(GenerationConfig, "_get_default_generation_params") else {}
+    return {k: getattr(g, k, None) if getattr(g, k, None) is not None else dflt.get(k)
+            for k in ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                      "assistant_confidence_threshold")}
 
 
 def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: list,

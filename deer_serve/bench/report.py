@@ -134,6 +134,8 @@ def write_report(results: dict, out_dir: str | Path) -> None:
         "",
         f"Target `{s['target']}`, drafter `{s['drafter']}`, AR draft `{s['ar_draft']}`.",
         "",
+        *([] if results.get("complete", True) else [
+            "**Partial: later temperatures were still running when this was written.**", ""]),
         "tau = mean accepted draft tokens per cycle (bonus/correction not counted); a cycle is "
         "one target forward after the prefill. For hf-assisted and pld tau and tokens per "
         "forward are read from the target's cache length before each forward.",

@@ -72,7 +72,7 @@ def test_results_contract(bench_run):
     r = json.loads((out / "results.json").read_text())
     for key in ("machine", "suite", "n_prompts", "settings", "methods", "runs"):
         assert key in r, key
-    assert r["n_prompts"] == 2
+    assert r["n_prompts"] == 2 and r["complete"] is True
     for key in ("cpu", "cores", "python", "torch", "transformers"):
         assert key in r["machine"]
     assert [run["temperature"] for run in r["runs"]] == [0.0, 0.6]
