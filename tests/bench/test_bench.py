@@ -127,6 +127,7 @@ def test_stats_summary_and_identity():
     assert m["tokens_per_s"] == pytest.approx(10 / 3.5, rel=1e-3)
     assert m["tokens_per_s_by_repeat"] == [pytest.approx(2.5), pytest.approx(10 / 3, rel=1e-3)]
     assert m["tokens_per_s_median"] == pytest.approx((3 + 2) / (0.75 + 1.0), rel=1e-3)  # per prompt
+    assert m["tokens_per_s_best"] == pytest.approx((3 + 2) / (0.5 + 1.0), rel=1e-3)
     assert m["accept_hist"] == [2, 0, 2, 0, 2] and m["max_accepted"] == 4
     assert m["mean_accepted"] == pytest.approx(2.0)
     assert m["ms_per_cycle"]["verify"] == pytest.approx(20.0)
@@ -140,6 +141,7 @@ def test_stats_summary_and_identity():
                "deer": {"tokens_per_s_median": 5.0, "tokens_per_s": 4.0}}
     stats.add_speedups(methods)
     assert methods["deer"]["speedup_vs_ar"] == 2.5 and methods["deer"]["speedup_vs_ar_total"] == 2.0
+    assert methods["deer"]["speedup_vs_ar_best"] is None  # no tokens_per_s_best given
     assert stats.first_diff([1, 2], [1, 2, 3]) == 2 and stats.first_diff([1], [1]) is None
 
 
