@@ -44,6 +44,15 @@ for _ in $(seq 1 $((GRACE * 5))); do
 done
 if [ ${#alive[@]} -gt 0 ]; then
   kill -KILL "${alive[@]}" 2>/dev/null
+  for _ in $(seq 1 50); do  # SIGKILL is asynchronous: wait until they are gone
+    left=()
+    for p in "${alive[@]}"; do
+      st=$(ps -o stat= -p "$p" 2>/dev/null)
+      [ -n "$st" ] && [ "${st:0:1}" != Z ] && left+=("$p")
+    done
+    [ ${#left[@]} -eq 0 ] && break
+    sleep 0.2
+  done
 fi
 rm -f "$STATE"/*.pid "$STATE"/address "$STATE"/env
 echo "down.sh: stopped ${#pids[@]} processes"

@@ -66,14 +66,24 @@ IP=${DEER_NODE_IP:-$("$PY" -c "import ray._private.services as s; print(s.get_no
 # raylets pass their environment on to the workers they start.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export RAY_USAGE_STATS_ENABLED=0
-# Ray 2.60 authenticates every client with a token (~/.ray/auth_token, made by the head when
-# missing); clients of this cluster (serve deploy, ray.init) need the same RAY_AUTH_MODE, which
-# up.sh writes to $STATE/env: `source /tmp/deer-local-cluster/env`.
+# Ray 2.60 authenticates every client with a token (~/.ray/auth_token, or RAY_AUTH_TOKEN /
+# RAY_AUTH_TOKEN_PATH); clients of this cluster (serve deploy, ray.init) need the same
+# RAY_AUTH_MODE, which up.sh writes to $STATE/env: `source /tmp/deer-local-cluster/env`.
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] \
+    && [ ! -s "$HOME/.ray/auth_token" ]; then
+  "$RAY" get-auth-token --generate >/dev/null   # `ray start` does not make one itself
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # a loaded machine starts Ray's agents slowly; the default wait (~15 s) kills the raylet
 export RAY_agent_register_timeout_ms=${RAY_agent_register_timeout_ms:-180000}
 export RAY_DASHBOARD_STARTUP_TIMEOUT_S=${RAY_DASHBOARD_STARTUP_TIMEOUT_S:-300}
+# Serve's autoscaler counts each replica's ongoing requests as the replica reports them, not as
+# the callers' handles do: with Ray 2.60 on this machine a driver's handle reports for one
+# deployment could stay missing for minutes under load (total_num_requests 0) while another
+# deployment's arrived; the replicas' own reports (which also carry the busy fractions the
+# ratio policy reads) were always there. Requests queued in handles still count.
+export RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE=${RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE:-0}
 
 # ports 0: random free ports, so several raylets (and other Ray instances) share this host
 COMMON=(--temp-dir "$TEMP" --min-worker-port 0 --max-worker-port 0

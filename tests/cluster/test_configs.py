@@ -1,0 +1,256 @@
+"""Every cluster config file, loaded and validated with Ray's own schemas (no cluster started):
+
+- the Serve configs (cluster/serve_config.yaml, serve_config.gpu.yaml, local/serve_config.yaml
+  and the RayService's embedded serveConfigV2): ServeDeploySchema, our AppConfig for `args`,
+  Ray's AutoscalingConfig / RayActorOptionsSchema per deployment, the application-level policy
+  resolved as the Serve controller resolves it;
+- they are one application: equal apart from the documented placement and sizes
+  (cluster/README.md), and the RayService's serveConfigV2 equals serve_config.gpu.yaml apart
+  from min/max replicas;
+- cluster/ray-cluster.yaml: Ray's cluster-config schema, node types with their resources,
+  capacity for every replica the GPU config may ask for;
+- the RayService's RayCluster: the autoscaling config KubeRay's autoscaler derives from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+SERVE_CONFIGS = {
+    "default": CLUSTER / "serve_config.yaml",
+    "gpu": CLUSTER / "serve_config.gpu.yaml",
+    "local": CLUSTER / "local" / "serve_config.yaml",
+}
+POOLS = {"drafter": "drafter", "verifier": "verifier"}  # AppConfig field -> custom resource
+ACCELERATORS = {"drafter": "L4", "verifier": "H100"}
+
+# What may differ between the configs of the one application (cluster/README.md).
+PLACEMENT_AND_SIZES = {
+    "serve": ["proxy_location", ("http_options", "host")],
+    "app": ["runtime_env"],
+    "args": ["device"],
+    "deployment": ["num_replicas", "autoscaling_config", "max_ongoing_requests",
+                   "ray_actor_options"],
+}
+# ... and between serve_config.gpu.yaml and the RayService's serveConfigV2.
+RAYSERVICE_SIZES = ["min_replicas", "max_replicas"]
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def rayservice() -> dict:
+    return load(CLUSTER / "kuberay" / "rayservice.yaml")
+
+
+def serve_configs() -> dict[str, dict]:
+    out = {name: load(p) for name, p in SERVE_CONFIGS.items()}
+    out["rayservice"] = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    return out
+
+
+def deer_app(cfg: dict) -> dict:
+    (app,) = [a for a in cfg["applications"] if a["name"] == "deer"]
+    return app
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return serve_configs()
+
+
+# ---- Serve configs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["default", "gpu", "local", "rayservice"])
+def test_serve_config_validates_with_rays_schemas(configs, name):
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+    from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema
+
+    from deployments.app import AppConfig
+
+    cfg = configs[name]
+    schema = ServeDeploySchema.model_validate(cfg)
+    (app_schema,) = schema.applications
+    assert app_schema.import_path == "deployments.app:build_app"
+    app_cfg = AppConfig.model_validate(deer_app(cfg)["args"])
+    for field in ("drafter", "verifier", "router"):
+        dep = getattr(app_cfg, field)
+        opts = dep.options()
+        RayActorOptionsSchema.model_validate(opts["ray_actor_options"])
+        if "autoscaling_config" in opts:
+            AutoscalingConfig.model_validate(opts["autoscaling_config"])
+    for field in POOLS:  # each pool scales on its own
+        scaling = AutoscalingConfig.model_validate(getattr(app_cfg, field).autoscaling_config)
+        assert scaling.min_replicas >= 1 and scaling.max_replicas >= scaling.min_replicas
+        assert scaling.upscale_delay_s < scaling.downscale_delay_s
+    # the application-level policy resolves as the Serve controller resolves it
+    policy = AutoscalingPolicy(**app_schema.autoscaling_policy)
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+
+    resolved = _resolve_policy_callable(policy)
+    assert type(resolved).__name__ == "DrafterVerifierRatioPolicy"
+    assert resolved.drafter == "Drafter" and resolved.verifier == "Verifier"
+
+
+def test_default_config_runs_on_a_2_cpu_laptop(configs):
+    """`make serve` (deer-serve serve) on a CPU-only laptop: no GPU, no custom resource, and the
+    minimum replicas fit 2 CPUs."""
+    args = deer_app(configs["default"])["args"]
+    cpus = 0.0
+    for field in ("drafter", "verifier", "router"):
+        dep = args[field]
+        opts = dep["ray_actor_options"]
+        assert not opts.get("num_gpus") and not opts.get("resources")
+        assert not opts.get("accelerator_type")
+        n = dep.get("num_replicas") or dep["autoscaling_config"]["min_replicas"]
+        cpus += n * opts["num_cpus"]
+    assert cpus <= 2
+
+
+def test_gpu_and_local_configs_pin_each_pool_to_its_nodes(configs):
+    from ray.util import accelerators
+
+    assert {accelerators.NVIDIA_L4, accelerators.NVIDIA_H100} == set(ACCELERATORS.values())
+    for name in ("gpu", "rayservice"):
+        args = deer_app(configs[name])["args"]
+        for field, resource in POOLS.items():
+            opts = args[field]["ray_actor_options"]
+            assert opts["num_gpus"] == 1 and opts["resources"] == {resource: 1}
+            assert opts["accelerator_type"] == ACCELERATORS[field]
+        assert not args["router"]["ray_actor_options"].get("num_gpus")
+    args = deer_app(configs["local"])["args"]
+    for field, resource in POOLS.items():
+        opts = args[field]["ray_actor_options"]
+        assert opts["resources"] == {resource: 1} and not opts.get("num_gpus")
+
+
+def normalized(cfg: dict) -> dict:
+    """The config without the documented placement and sizes."""
+    cfg = copy.deepcopy(cfg)
+    for key in PLACEMENT_AND_SIZES["serve"]:
+        if isinstance(key, tuple):
+            cfg.get(key[0], {}).pop(key[1], None)
+        else:
+            cfg.pop(key, None)
+    app = deer_app(cfg)
+    for key in PLACEMENT_AND_SIZES["app"]:
+        app.pop(key, None)
+    for key in PLACEMENT_AND_SIZES["args"]:
+        app["args"].pop(key, None)
+    for field in ("drafter", "verifier", "router"):
+        for key in PLACEMENT_AND_SIZES["deployment"]:
+            app["args"][field].pop(key, None)
+    return cfg
+
+
+def test_all_serve_configs_are_one_application(configs):
+    base = normalized(configs["default"])
+    for name in ("gpu", "local", "rayservice"):
+        assert normalized(configs[name]) == base, name
+
+
+def test_rayservice_serve_config_is_the_gpu_config_apart_from_replica_bounds(configs):
+    def strip(cfg):
+        cfg = copy.deepcopy(cfg)
+        for field in ("drafter", "verifier", "router"):
+            scaling = deer_app(cfg)["args"][field].get("autoscaling_config") or {}
+            for key in RAYSERVICE_SIZES:
+                scaling.pop(key, None)
+        return cfg
+
+    assert strip(configs["rayservice"]) == strip(configs["gpu"])
+
+
+# ---- node pools: the launcher and KubeRay -------------------------------------------------------
+def max_replicas(cfg: dict, field: str) -> int:
+    return deer_app(cfg)["args"][field]["autoscaling_config"]["max_replicas"]
+
+
+def test_cluster_launcher_config(configs):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load(CLUSTER / "ray-cluster.yaml")
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # as `ray up` does: AWS defaults merged
+    assert cfg["provider"]["type"] == "aws" and cfg["idle_timeout_minutes"] > 0
+    types = cfg["available_node_types"]
+    assert set(types) == {"head", "drafter_gpu", "verifier_gpu"} and cfg["head_node_type"] == "head"
+    assert not set(types["head"]["resources"]) & set(POOLS.values())
+    for field, resource in POOLS.items():
+        t = types[f"{field}_gpu"]
+        res = t["resources"]
+        assert res["GPU"] >= 1 and res[resource] == res["GPU"]     # one unit per GPU
+        assert res[f"accelerator_type:{ACCELERATORS[field]}"] == 1
+        other = ({"drafter", "verifier"} - {resource}).pop()
+        assert other not in res
+        assert 0 <= t["min_workers"] <= t["max_workers"]
+        # room for every replica the GPU config may ask for
+        assert t["max_workers"] * res[resource] >= max_replicas(configs["gpu"], field)
+    assert cfg["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
+    assert any("pip install" in c and "deer-serve" in c for c in cfg["setup_commands"])
+
+
+def test_rayservice_cluster_as_kuberays_autoscaler_sees_it(configs):
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr)
+
+    svc = rayservice()
+    assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService"
+    spec = svc["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["rayVersion"] == __import__("ray").__version__
+    ray_cr = {"metadata": {"name": "deer-serve", "namespace": "default"}, "spec": spec}
+    auto = _derive_autoscaling_config_from_ray_cr(ray_cr)  # validates with Ray's schema too
+    types = auto["available_node_types"]
+    assert set(types) == {"headgroup", "drafter-gpu", "verifier-gpu"}
+    assert not set(types["headgroup"]["resources"]) & set(POOLS.values())
+    for field, resource in POOLS.items():
+        t = types[f"{field}-gpu"]
+        res = t["resources"]
+        assert res["GPU"] == 1 and res[resource] == 1
+        assert res[f"accelerator_type:{ACCELERATORS[field]}"] == 1
+        assert t["max_workers"] * res[resource] >= max_replicas(configs["rayservice"], field)
+        assert 1 <= t["min_workers"] <= t["max_workers"]
+
+
+# ---- the local cluster --------------------------------------------------------------------------
+def test_local_cluster_scripts_and_config_agree(configs):
+    for script in ("up.sh", "down.sh"):
+        path = CLUSTER / "local" / script
+        assert path.stat().st_mode & 0o111, f"{script} is not executable"
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    up = (CLUSTER / "local" / "up.sh").read_text()
+    assert '{\\"drafter\\": $SLOTS}' in up and '{\\"verifier\\": $SLOTS}' in up
+    assert "ray stop" not in (CLUSTER / "local" / "down.sh").read_text().split("\nset ")[1]
+    slots, nodes = 2, 1  # up.sh's defaults: DEER_NODE_SLOTS, DEER_*_NODES
+    for field in POOLS:
+        assert max_replicas(configs["local"], field) <= slots * nodes
+
+
+def test_deer_serve_serve_builds_the_default_config(tiny_checkpoints):
+    """`deer-serve serve` reads cluster/serve_config.yaml and builds the app before Ray starts:
+    the autoscaling configs and the measured Drafter/Verifier classes reach Serve's options."""
+    from deer_serve import serve_cli
+
+    args = serve_cli.parse_args(["--config", str(SERVE_CONFIGS["default"]),
+                                 "--target", str(tiny_checkpoints["target"]),
+                                 "--drafter", str(tiny_checkpoints["drafter-tokens"])])
+    _, _, _, apps = serve_cli.prepare(args)
+    (name, prefix, app), = apps
+    deployments = {}
+    node = app._bound_deployment
+    deployments[node.name] = node
+    for arg in node.init_args:
+        if hasattr(arg, "_bound_deployment"):
+            deployments[arg._bound_deployment.name] = arg._bound_deployment
+    assert set(deployments) == {"Router", "Drafter", "Verifier"}
+    for name in ("Drafter", "Verifier"):
+        dep = deployments[name]
+        assert dep._deployment_config.autoscaling_config.max_replicas == 2
+        assert hasattr(dep.func_or_class, "record_autoscaling_stats")
