@@ -4,6 +4,8 @@
   deer-serve train --preset smoke --out /tmp/smoke                    # end to end in < 2 min
   deer-serve train --preset tiny-code --out runs/tiny-code --stages drafter --context-mode tokens
   deer-serve train ... --export deer_serve/assets                     # ship the final weights
+  deer-serve train --stages drafter --drafter-name drafter-v2 --init-from deer_serve/assets/drafter \
+      --stage1-steps 0 --stage2-steps 900 --lr2 4e-4                # continue D2A from a drafter
 
 Stages, in order (each resumes or is skipped when its output exists):
   tokenizer -> target -> teacher -> drafter (D2A Stage I + II) -> ar-draft
@@ -111,6 +113,9 @@ def main(argv=None) -> None:
                     help="which target layers initialise the drafter's")
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
+    ap.add_argument("--lr2", type=float, default=None, help="Stage II peak learning rate")
+    ap.add_argument("--init-from", default=None,
+                    help="continue D2A from a trained drafter directory (e.g. deer_serve/assets/drafter)")
     ap.add_argument("--ar-steps", type=int, default=None, help="AR draft baseline steps")
     ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
     a = ap.parse_args(argv)
@@ -119,7 +124,8 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"unknown stages {bad}")
     ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers), ("stage1_steps", a.stage1_steps),
-                            ("stage2_steps", a.stage2_steps)] if v is not None}
+                            ("stage2_steps", a.stage2_steps), ("lr2", a.lr2),
+                            ("init_from", a.init_from)] if v is not None}
     res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},
                      indent=1, default=str))

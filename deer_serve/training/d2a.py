@@ -51,6 +51,8 @@ class D2AConfig:
     ckpt_every: int = 100
     num_threads: int = 2
     seed: int = 0
+    init_from: Optional[str] = None        # continue from a trained drafter dir (Stage I/II weights)
+    use_docstring_data: bool = True        # train on the teacher's docstring-prompt set too
 
     @classmethod
     def smoke(cls, **kw) -> "D2AConfig":
@@ -187,13 +189,32 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     teacher = torch.load(teacher_path)
     ids, val_ids, P = teacher["ids"], teacher["val_ids"], teacher["prompt_len"]
+    if cfg.use_docstring_data and "doc_ids" in teacher:
+        ids = torch.cat([ids, teacher["doc_ids"]])
+    val_doc = teacher.get("val_doc_ids")
     torch.manual_seed(cfg.seed)
-    model = drafter_from_target(target, cfg, mask_id).train()
-    feats = val_feats = None
+    if cfg.init_from:
+        model = DeerDrafter.from_pretrained(cfg.init_from, dtype=torch.float32).train()
+        if model.config.context_mode != cfg.context_mode:
+            raise ValueError(f"{cfg.init_from} is a {model.config.context_mode} drafter")
+        model.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
+    else:
+        model = drafter_from_target(target, cfg, mask_id).train()
+    feats = val_feats = val_doc_feats = None
     if cfg.context_mode == "target-features":
         layers = model.config.target_feature_layers
         feats, val_feats = target_features(target, ids, layers), target_features(target, val_ids, layers)
+        if val_doc is not None:
+            val_doc_feats = target_features(target, val_doc, layers)
     del target
+
+    def run_eval():
+        r = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes, cfg.eval_blocks)
+        if val_doc is not None:
+            r["docstring"] = evaluate(model, val_doc, val_doc_feats, P, mask_id, cfg.eval_block_sizes,
+                                      cfg.eval_blocks)
+        return r
+
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     total = cfg.stage1_steps + cfg.stage2_steps
@@ -232,11 +253,13 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         rec = {"step": step, "stage": stage, "k": k, "loss": round(loss.item(), 4), "lr": lr,
                "elapsed_s": round(time.time() - t0, 1)}
         if step % cfg.eval_every == 0 or step == total or step == cfg.stage1_steps:
-            rec["val"] = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes,
-                                  cfg.eval_blocks)
+            rec["val"] = run_eval()
             bar.write(f"step {step} stage {stage}: " +
-                      ", ".join(f"k={k}: tau~{v['tau']}" for k, v in rec["val"].items()))
-            if step == cfg.stage1_steps:  # the "Stage I only" row of the ablation
+                      ", ".join(f"k={k}: tau~{v['tau']}" for k, v in rec["val"].items() if k != "docstring")
+                      + ("; docstring prompts: " + ", ".join(
+                          f"k={k}: tau~{v['tau']}" for k, v in rec["val"]["docstring"].items())
+                         if "docstring" in rec["val"] else ""))
+            if step == cfg.stage1_steps and cfg.stage1_steps:  # the "Stage I only" row of the ablation
                 result["after_stage1"] = rec["val"]
                 model.save_pretrained(out / "stage1", safe_serialization=True)
         log.write(json.dumps(rec) + "\n")
@@ -246,7 +269,7 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
                         "elapsed": time.time() - t0, "config": asdict(cfg)}, ckpt.with_suffix(".tmp"))
             ckpt.with_suffix(".tmp").replace(ckpt)
     bar.close()
-    final = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes, cfg.eval_blocks)
+    final = run_eval()
     result.update({"final": final, "trainable_params": n_params, "steps": total,
                    "train_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
     model.eval().save_pretrained(out / "final", safe_serialization=True)

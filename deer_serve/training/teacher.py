@@ -21,6 +21,8 @@ class TeacherConfig:
     n_sampled: int = 1024       # sampled ones: the target's distribution, for T>0
     temperature: float = 0.7    # of the sampled continuations
     n_val: int = 128            # greedy continuations of validation-file prompts (metrics only)
+    n_docstring: int = 1536     # greedy continuations of prompts ending after a function's docstring
+    n_val_docstring: int = 128  #   (the shape of HumanEval's prompts), train and validation files
     prompt_len: int = 64        # tokens of corpus before the continuation
     gen_len: int = 128          # tokens the target continues
     batch_size: int = 64        # rows per batched `generate`
@@ -29,7 +31,52 @@ class TeacherConfig:
 
     @classmethod
     def smoke(cls) -> "TeacherConfig":
-        return cls(n_greedy=24, n_sampled=8, n_val=8, prompt_len=24, gen_len=40, batch_size=16)
+        return cls(n_greedy=24, n_sampled=8, n_val=8, prompt_len=24, gen_len=40, batch_size=16,
+                   n_docstring=8, n_val_docstring=4)
+
+
+def docstring_prefixes(text: str) -> list[str]:
+    """Every prefix of a module's source that ends right after a function's docstring line
+    (a closing triple quote and newline): the prompt shape of HumanEval (signature + docstring, the body to write)."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.body) > 1 \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            end = node.body[0].end_lineno
+            if end < len(lines) and lines[end - 1].rstrip().endswith(('"""', "'''")):
+                out.append("".join(lines[:end]))
+    return out
+
+
+def cut_docstring_prompts(files, tokenizer_file, n: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """n prompts of prompt_len tokens ending after a docstring, each tokenized on its own (the
+    boundary a served prompt has), left-truncated; prefixes shorter than prompt_len are skipped."""
+    from tokenizers import Tokenizer
+
+    from deer_serve.training.corpus import read_text
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    prefixes = [p for f in files for p in docstring_prefixes(read_text(f))]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(prefixes)
+    out = []
+    for p in prefixes:
+        ids = tok.encode(p[-4 * prompt_len * 8:], add_special_tokens=False).ids
+        if len(ids) > prompt_len:          # the slice may cut a token: drop the first one
+            out.append(ids[-prompt_len:])
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError("no docstring prompts found")
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def cut_prompts(data: np.ndarray, n: int, prompt_len: int, seed: int) -> torch.Tensor:
@@ -65,7 +112,12 @@ def generate_teacher(target_dir: str | Path, out_path: str | Path, cfg: TeacherC
     torch.set_num_threads(cfg.num_threads)
     out_path = Path(out_path)
     if out_path.exists():
-        return torch.load(out_path)
+        data = torch.load(out_path)
+        if cfg.n_docstring and "doc_ids" not in data:   # a run made before the docstring set
+            model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+            data.update(_docstring_sets(model, target_dir, cfg, limit_files))
+            _save(data, out_path)
+        return data
     model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     t0 = time.time()
     parts, sampled, val = [], [], None
@@ -84,8 +136,35 @@ def generate_teacher(target_dir: str | Path, out_path: str | Path, cfg: TeacherC
             sampled.append(torch.full((len(ids),), temp > 0))
     data = {"ids": torch.cat(parts), "sampled": torch.cat(sampled), "val_ids": val,
             "prompt_len": cfg.prompt_len, "config": asdict(cfg), "seconds": time.time() - t0}
+    if cfg.n_docstring:
+        data.update(_docstring_sets(model, target_dir, cfg, limit_files))
+    _save(data, out_path)
+    return data
+
+
+def _docstring_sets(model, target_dir, cfg: TeacherConfig, limit_files) -> dict:
+    """doc_ids (train files) and val_doc_ids (validation files): greedy continuations of
+    prompts that end after a docstring."""
+    from deer_serve.training.corpus import list_files
+
+    t0 = time.time()
+    out = {}
+    for split, key, n, seed in [("train", "doc_ids", cfg.n_docstring, cfg.seed + 3),
+                                ("validation", "val_doc_ids", cfg.n_val_docstring, cfg.seed + 4)]:
+        if not n:
+            continue
+        files = list_files(split)
+        files = files[:limit_files] if limit_files else files
+        prompts = cut_docstring_prompts(files, Path(target_dir) / "tokenizer.json", n, cfg.prompt_len, seed)
+        out[key] = continue_prompts(model, prompts, cfg.gen_len, cfg.batch_size, 0.0, seed,
+                                    desc=f"teacher {split} docstring").to(torch.int32)
+    out["doc_config"] = {"n_docstring": cfg.n_docstring, "n_val_docstring": cfg.n_val_docstring,
+                         "seconds": time.time() - t0}
+    return out
+
+
+def _save(data: dict, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
     torch.save(data, tmp)
     tmp.replace(out_path)
-    return data

@@ -18,7 +18,8 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     for d in ("target", "drafter", "ar-draft"):
         assert (tmp_path / "assets" / d / "model.safetensors").is_file()
     metrics = json.loads((out / "drafter" / "final" / "metrics.json").read_text())
-    assert set(metrics["final"]) == {"4", "8"} and "after_stage1" in metrics
+    assert set(metrics["final"]) == {"4", "8", "docstring"} and "after_stage1" in metrics
+    assert set(metrics["final"]["docstring"]) == {"4", "8"}   # tau on docstring-ended prompts
     assert (out / "drafter" / "stage1" / "model.safetensors").is_file()
     lines = (out / "drafter" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 12 and all("loss" in json.loads(l) for l in lines)
