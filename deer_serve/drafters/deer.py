@@ -71,6 +71,37 @@ class DeerDrafterBackend:
         cache.token_ids.extend(new)
         return draft_from_logits(logits, sampling, generator)
 
+    def draft_batch(self, seq_ids: Sequence[str], contexts: Sequence[Sequence[int]],
+                    anchors: Sequence[int], k: int, sampling: Sequence[SamplingParams],
+                    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+                    context_hiddens: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[DraftResult]:
+        """`draft` for several sequences (one block size k) in ONE drafter forward."""
+        B = len(seq_ids)
+        if not B == len(contexts) == len(anchors) == len(sampling):
+            raise ValueError("seq_ids, contexts, anchors and sampling must have the same length")
+        if len(set(seq_ids)) != B:
+            raise ValueError("seq_ids in one batch must be distinct")
+        generators = list(generators) if generators is not None else [None] * B
+        hiddens = list(context_hiddens) if context_hiddens is not None else [None] * B
+        caches, srcs, news = [], [], []
+        for sid, ctx, hid in zip(seq_ids, contexts, hiddens):
+            cache, c = self._cache_for(sid, ctx)
+            new = list(ctx[c:])
+            src = None
+            if new and self.context_mode == "tokens":
+                src = torch.tensor(new, dtype=torch.long)
+            elif new:
+                if hid is None or hid.shape[0] < len(ctx):
+                    raise ValueError("target-features drafter needs context_hidden for every context position")
+                src = hid[c:len(ctx)]
+            caches.append(cache)
+            srcs.append(src)
+            news.append(new)
+        logits = self.model.draft_logits_batch(caches, srcs, list(anchors), int(k))   # (B, k, V)
+        for cache, new in zip(caches, news):
+            cache.token_ids.extend(new)
+        return [draft_from_logits(logits[i], sp, g) for i, (sp, g) in enumerate(zip(sampling, generators))]
+
     def release(self, seq_id: str) -> None:
         self._caches.pop(seq_id, None)
 

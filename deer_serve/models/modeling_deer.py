@@ -81,18 +81,26 @@ class Attention(nn.Module):
         """x (B, T, H); cos/sin (B, T, D); mask (B, 1, T, S) bool, True = attend.
         kv_buf: inference only, a (k_buf, v_buf) pair of (1, nkv, cap, D) tensors: this call's
         K/V are written at [start, start+T) and attention reads [0, start+T)."""
-        B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.d)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.d)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                  # (B, 1, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.project(x, cos, sin)
+        T = x.shape[1]
         if kv_buf is not None:
             kb, vb = kv_buf
             kb[:, :, start:start + T] = k
             vb[:, :, start:start + T] = v
             k, v = kb[:, :, :start + T], vb[:, :, :start + T]
+        return self.attend(q, k, v, mask)
+
+    def project(self, x, cos, sin):
+        """x (B, T, H) -> rotated q (B, nh, T, D), k and v (B, nkv, T, D)."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.d)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.d)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                  # (B, 1, T, D)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def attend(self, q, k, v, mask):
+        B, _, T, _ = q.shape
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))
 
@@ -256,6 +264,62 @@ class DeerDrafter(PreTrainedModel):
             x = layer(x, cos, sin, mask[None, None], kv, P)
         cache.length = P + n
         return self.logits(x[0, n + 1:]).float()                             # (k, V)
+
+
+    @torch.inference_mode()
+    def draft_logits_batch(self, caches: list, new_srcs: list, anchors: list, k: int) -> torch.Tensor:
+        """`draft_logits` for B sequences in ONE forward. new_srcs[i]: the new verified context
+        of row i (ids (n_i,) in tokens mode, features (n_i, F) in target-features mode, or None).
+        Rows are left-padded so every block sits at the end; cached context KV is left-padded
+        to a common length and a per-row mask hides all padding. Returns logits (B, k, V)."""
+        B = len(caches)
+        dev = self.embed_tokens.weight.device
+        cfg = self.config
+        tokens_mode = cfg.context_mode == "tokens"
+        ns = [0 if s is None else int(s.shape[0]) for s in new_srcs]
+        Ps = [c.length for c in caches]
+        nmax, Pmax = max(ns), max(Ps)
+        Tm = nmax + k + 1
+        blk_ids = torch.full((B, k + 1), cfg.mask_token_id, dtype=torch.long, device=dev)
+        blk_ids[:, 0] = torch.tensor([int(a) for a in anchors], device=dev)
+        x = torch.zeros(B, Tm, cfg.hidden_size, dtype=self.embed_tokens.weight.dtype, device=dev)
+        x[:, nmax:] = self.embed_tokens(blk_ids)
+        pos = torch.zeros(B, Tm, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, Tm, Pmax + Tm, dtype=torch.bool, device=dev)
+        causal = torch.ones(Tm, Tm, dtype=torch.bool, device=dev).tril()
+        for i, (src, n, P) in enumerate(zip(new_srcs, ns, Ps)):
+            s0 = nmax - n                                        # first valid query of row i
+            if n:
+                src = src.to(dev)
+                x[i, s0:nmax] = self.embed_context(src[None] if tokens_mode else None,
+                                                   None if tokens_mode else src[None])[0]
+            pos[i, s0:] = torch.arange(P, P + n + k + 1, device=dev)
+            mask[i, s0:, Pmax - P:Pmax] = True                   # the row's cached context
+            mask[i, s0:nmax, Pmax + s0:Pmax + nmax] = causal[:n, :n]
+            mask[i, nmax:, Pmax + s0:] = True                    # the block sees all of it
+            mask[i, :s0, Pmax:Pmax + s0] = torch.eye(s0, dtype=torch.bool, device=dev)  # padding
+        cos, sin = self.rotary.get(pos, x.dtype)
+        for li, layer in enumerate(self.layers):
+            a = layer.self_attn
+            q, kk, vv = a.project(layer.input_layernorm(x), cos, sin)
+            if Pmax:
+                pk = torch.cat([F.pad(c.kv[li][0][:, :, :P], (0, 0, Pmax - P, 0)) for c, P in zip(caches, Ps)])
+                pv = torch.cat([F.pad(c.kv[li][1][:, :, :P], (0, 0, Pmax - P, 0)) for c, P in zip(caches, Ps)])
+                K, V = torch.cat([pk, kk], 2), torch.cat([pv, vv], 2)
+            else:
+                K, V = kk, vv
+            x = x + a.attend(q, K, V, mask[:, None])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            for i, (c, n, P) in enumerate(zip(caches, ns, Ps)):   # keep the new context KV
+                if not n:
+                    continue
+                if P + n + k + 1 > c.capacity:
+                    self._grow(c, max(2 * c.capacity, P + n + k + 1 + 256))
+                c.kv[li][0][:, :, P:P + n] = kk[i:i + 1, :, nmax - n:nmax]
+                c.kv[li][1][:, :, P:P + n] = vv[i:i + 1, :, nmax - n:nmax]
+        for c, n in zip(caches, ns):
+            c.length += n
+        return self.logits(x[:, nmax + 1:]).float()                         # (B, k, V)
 
 
 def make_tiny_drafter(target_config, context_mode: str = "tokens", seed: int = 0,

@@ -127,12 +127,101 @@ class HFTarget:
             hidden = torch.cat([hs[l][0, -n_hidden:] for l in self.feature_layers], -1).float()
         return ScoreResult(logits=logits, hidden=hidden)                               # hidden (n_hidden, F)
 
+    @torch.inference_mode()
     def score_batch(self, seq_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
-                    n_query: Sequence[int], return_hidden: bool = False) -> list[ScoreResult]:
-        # TODO(ragged): one padded forward over all sequences; a loop is correct, not fast.
-        if not len(seq_ids) == len(token_ids) == len(n_query):
+                    n_query: Sequence[int], return_hidden: bool = False,
+                    n_hidden: Optional[Sequence[Optional[int]]] = None) -> list[ScoreResult]:
+        """`score` for several sequences in ONE ragged forward: each row keeps its own KV cache,
+        prefix length and number of new positions. The rows' cached KV are left-padded to a
+        common past length P and their new tokens right-padded to a common N; a 2-D attention
+        mask hides the padding, and each row's rotary positions are its own. After the forward
+        each row's cache is cut back out of the batch (valid past + its new positions).
+
+        Per row the result equals `score` up to float rounding (different matmul shapes)."""
+        B = len(seq_ids)
+        if not B == len(token_ids) == len(n_query):
             raise ValueError("seq_ids, token_ids and n_query must have the same length")
-        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
+        if len(set(seq_ids)) != B:
+            raise ValueError("seq_ids in one batch must be distinct")
+        nh_list = list(n_hidden) if n_hidden is not None else [None] * B
+        if B == 1:
+            return [self.score(seq_ids[0], token_ids[0], n_query[0], return_hidden, nh_list[0])]
+        from transformers import DynamicCache
+
+        rows = []
+        for sid, toks, nq, nh in zip(seq_ids, token_ids, n_query, nh_list):
+            ids = [int(t) for t in toks]
+            T = len(ids)
+            if not 1 <= nq <= T:
+                raise ValueError(f"n_query must be in [1, {T}], got {nq}")
+            nh = nq if nh is None else int(nh)
+            if return_hidden and not 1 <= nh <= T:
+                raise ValueError(f"n_hidden must be in [1, {T}], got {nh}")
+            rows.append([sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)])
+        states = []
+        for sid, ids, nq, nh, need in rows:
+            state = self._seqs.pop(sid, None)
+            keep = 0
+            if state is not None:
+                keep = min(common_prefix_len(state.token_ids, ids), len(ids) - need)
+                if keep <= 0:
+                    state, keep = None, 0
+            states.append((state, keep))
+        P = max(k for _, k in states)
+        n_new = [len(r[1]) - k for r, (_, k) in zip(rows, states)]
+        N = max(n_new)
+        dev = self.device
+        L = self.num_layers
+        past = []
+        if P:
+            for l in range(L):
+                ks, vs = [], []
+                for state, keep in states:
+                    if keep:
+                        lay = state.cache.layers[l]
+                        k, v = lay.keys[:, :, :keep], lay.values[:, :, :keep]
+                    else:
+                        ref = next(s for s, kk in states if kk).cache.layers[l].keys
+                        k = v = ref.new_zeros(ref.shape[0], ref.shape[1], 0, ref.shape[3])
+                    ks.append(torch.nn.functional.pad(k, (0, 0, P - keep, 0)))
+                    vs.append(torch.nn.functional.pad(v, (0, 0, P - keep, 0)))
+                past.append((torch.cat(ks), torch.cat(vs)))                         # (B, kvh, P, d)
+        cache = DynamicCache(past or None, config=self.model.config)
+        input_ids = torch.zeros(B, N, dtype=torch.long)
+        position_ids = torch.zeros(B, N, dtype=torch.long)
+        attn = torch.zeros(B, P + N, dtype=torch.long)
+        for i, ((_, ids, *_), (_, keep), n) in enumerate(zip(rows, states, n_new)):
+            input_ids[i, :n] = torch.tensor(ids[keep:])
+            position_ids[i] = keep + torch.arange(N)   # padding continues the count (ignored)
+            attn[i, P - keep:P + n] = 1
+        first_needed = min(n - r[2] for r, n in zip(rows, n_new))
+        try:
+            out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+                             attention_mask=attn.to(dev), past_key_values=cache, use_cache=True,
+                             output_hidden_states=return_hidden, logits_to_keep=N - first_needed)
+        except BaseException:
+            for sid, *_ in rows:
+                self._seqs.pop(sid, None)
+            raise
+        results = []
+        off = N - out.logits.shape[1]                                              # = first_needed
+        for i, ((sid, ids, nq, nh, _), (_, keep), n) in enumerate(zip(rows, states, n_new)):
+            row_layers = []
+            for l in range(L):
+                lay = cache.layers[l]
+                k = torch.cat([lay.keys[i:i + 1, :, P - keep:P], lay.keys[i:i + 1, :, P:P + n]], 2)
+                v = torch.cat([lay.values[i:i + 1, :, P - keep:P], lay.values[i:i + 1, :, P:P + n]], 2)
+                row_layers.append((k, v))
+            self._seqs[sid] = _SeqState(DynamicCache(row_layers, config=self.model.config), ids)
+            logits = out.logits[i, n - nq - off:n - off].float()                   # (nq, V)
+            hidden = None
+            if return_hidden:
+                hs = out.hidden_states
+                hidden = torch.cat([hs[l][i, n - nh:n] for l in self.feature_layers], -1).float()
+            results.append(ScoreResult(logits=logits, hidden=hidden))
+        while len(self._seqs) > self.max_sequences:
+            self._seqs.popitem(last=False)
+        return results
 
     def release(self, seq_id: str) -> None:
         self._seqs.pop(seq_id, None)
