@@ -10,7 +10,16 @@ Per request:  parse (schemas.parse_request, shared by HTTP and gRPC) -> tokenize
 thread --StepOutput--> asyncio queue -> JSON / SSE chunks / gRPC messages.
 
 When the drafter fails or times out, the request goes on as plain AR decoding through the
-verifier from the tokens emitted so far, and its `deer` stats say `fallback: true`.
+verifier from the tokens emitted so far, and its `deer` stats say `fallback: true`. When a
+verifier call fails (a dead replica), the request is resumed from its token ids (prompt +
+emitted tokens; Serve routes the retry to a live replica) up to `verifier_resumes` times within
+`verifier_resume_window_s`, else it ends with 503 / UNAVAILABLE. Greedy output stays the
+target's plain AR output either way. Every remote wait has a timeout, so nothing hangs.
+
+Admission: at most `max_pending_requests` requests per Router replica; more get 429 /
+RESOURCE_EXHAUSTED with Retry-After. A client that goes away cancels its decode loop (no more
+draft or verify calls; both caches released). API keys: deployments.security. Spans and
+metrics: deployments.telemetry.
 
 The class is plain; `make_ingress` builds its FastAPI app (the routes in `ROUTES`) and applies
 `serve.ingress`, and only `deployments.app.build_app` calls `serve.deployment`. The FastAPI app
@@ -25,6 +34,7 @@ import inspect
 import json
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -41,14 +51,16 @@ from deployments.drafter import DrafterUnavailable, RemoteDrafter
 from deployments.schemas import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, CompletionChoice, CompletionChunk, CompletionResponse, DeerStats,
-    GenerationRequest, Limits, ModelCard, ModelList, RequestError, Usage, _id, _now,
-    check_prompt, parse_request)
+    GenerationRequest, Limits, ModelCard, ModelList, RequestError, ServiceOptions, Usage, _id,
+    _now, check_prompt, parse_request)
+from deployments.security import ApiKeys, grpc_key, http_key
+from deployments.telemetry import CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing
 from deployments.verifier import RemoteTarget, VerifierUnavailable
 
 log = logging.getLogger("deer_serve.router")
 
 # ---- per-request state -------------------------------------------------------------------------
-class RouterSettings(BaseModel):
+class RouterSettings(ServiceOptions):
     served_model_name: str = Field(description="the only accepted `model` value")
     tokenizer_path: str = Field(description="the target's tokenizer (and chat template)")
     block_size: int = Field(16, ge=1, le=64, description="default draft tokens per cycle")
@@ -65,6 +77,26 @@ class Prepared:
     sampling: SamplingParams
     block_size: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    protocol: str = "http"
+    headers: Optional[dict] = None      # W3C trace context to join, if the client sent one
+    slot: Optional["Slot"] = None       # the admission slot, released when the decode ends
+    trace_id: Optional[str] = None
+    spans: Optional[CycleSpans] = None
+
+
+class Slot:
+    """One admitted request (bounded by `max_pending_requests`); release() is idempotent."""
+
+    def __init__(self, router: "Router"):
+        self.router, self.held = router, True
+        router._active += 1
+        router.metrics.inflight.set(router._active)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.router._active -= 1
+            self.router.metrics.inflight.set(self.router._active)
 
 
 @dataclass
@@ -140,6 +172,11 @@ class Router:
                                         thread_name_prefix="deer-decode")
         self._target_meta: Optional[dict] = None
         self._drafter_meta: Optional[dict] = None
+        self.keys = ApiKeys(self.settings.api_keys, self.settings.api_keys_env)
+        self.metrics = Metrics()
+        self.tracing = Tracing(self.settings.tracing)
+        self._active = 0                  # admitted requests (Slot)
+        self.counts = {"cancelled": 0, "resumed": 0, "rejected": 0, "fallbacks": 0}
 
     # ---- shared by HTTP and gRPC
     def detokenize(self, ids: Sequence[int]) -> str:  # as `deer-serve generate` decodes
@@ -147,8 +184,28 @@ class Router:
 
     async def target_meta(self) -> dict:
         if self._target_meta is None:
-            self._target_meta = await self.verifier.meta.remote()
+            try:
+                self._target_meta = await asyncio.wait_for(
+                    self.verifier.meta.remote(), min(60.0, self.settings.verifier_timeout_s))
+            except Exception as e:
+                raise VerifierUnavailable(f"verifier meta failed: {e!r}") from e
         return self._target_meta
+
+    # ---- admission and authentication (HTTP and gRPC)
+    def admit(self, key: Optional[str], protocol: str) -> Slot:
+        """Raises RequestError 401 (bad key) or 429 (too many requests), else a Slot."""
+        if not self.keys.check(key):
+            self.metrics.error("unauthorized")
+            raise RequestError("invalid or missing API key", 401, type="authentication_error",
+                               code="invalid_api_key")
+        if self._active >= self.settings.max_pending_requests:
+            self.counts["rejected"] += 1
+            self.metrics.error("overloaded")
+            raise RequestError(f"the server is busy ({self._active} requests in progress); "
+                               "try again later", 429, type="rate_limit_error",
+                               code="overloaded")
+        self.metrics.requests.inc(1, tags={"protocol": protocol})
+        return Slot(self)
 
     def drafter_meta(self) -> dict:  # called in a decode thread
         if self._drafter_meta is None:
@@ -185,10 +242,11 @@ class Router:
         return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
     def decode(self, p: Prepared) -> Generator[StepOutput, None, Outcome]:
-        """The request's decode loop (runs in a worker thread): the engine's loop, with the
-        AR fallback when the drafter fails."""
-        s = self.settings
-        target = RemoteTarget(self.verifier, self._target_meta, s.verifier_timeout_s)
+        """The request's decode loop (runs in a worker thread): the engine's loop, in segments.
+        A segment ends at a drafter failure (the rest is plain AR) or a verifier failure (the
+        rest is resumed, bounded); each new segment starts from prompt + the tokens emitted so
+        far, so greedy output is the target's plain AR output whatever happens."""
+        s, spans = self.settings, p.spans
         mode, drafter, fallback = p.req.mode, None, False
         if mode == "deer":
             try:
@@ -196,54 +254,94 @@ class Router:
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
+                self._fallback("drafter_to_ar")
         out: list[int] = []
         accepts: list[int] = []
-        steps = 0
-        it = iter_generate(target, drafter, p.prompt_ids, p.sampling, mode=mode,
-                           block_size=p.block_size, detokenize=self.detokenize,
-                           seq_id=f"{p.id}-0")
-        try:
-            while True:
-                try:
-                    step = next(it)
-                except StopIteration as stop:
-                    r = stop.value
-                    return Outcome(r.token_ids, r.accept_lengths, r.cycles, r.finish_reason,
-                                   fallback, r.timings)
-                except DrafterUnavailable as e:
-                    log.warning("request %s: %s; finishing with plain AR", p.id, e)
-                    break
-                steps += 1
-                out += step.new_token_ids
-                if step.accepted is not None:
-                    accepts.append(step.accepted)
-                yield step
-        finally:
-            it.close()  # releases both caches when the client went away
-        # AR fallback from what was emitted: the target's distribution, conditioned on it.
-        # (The deer part's timings are lost with its generator; the AR part's are reported.)
-        prev = list(out)
-        rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
-        it = iter_generate(target, None, p.prompt_ids + prev, rest, mode="ar",
-                           block_size=p.block_size, seq_id=f"{p.id}-ar",
-                           detokenize=lambda ids: self.detokenize(prev + ids))
-        try:
-            while True:
-                try:
-                    step = next(it)
-                except StopIteration as stop:
-                    r = stop.value
-                    return Outcome(prev + r.token_ids, accepts, max(0, steps - 1) + r.cycles,
-                                   r.finish_reason, True, r.timings)
-                yield step
-        finally:
-            it.close()
+        cycles, resumes, give_up_at = 0, 0, None
+        for seg in range(s.verifier_resumes + 2):  # (+1 drafter fallback)
+            prev = list(out)
+            rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
+            timeout = s.verifier_timeout_s if give_up_at is None else \
+                max(1.0, min(s.verifier_timeout_s, give_up_at - time.monotonic()))
+            target = RemoteTarget(self.verifier, self._target_meta, timeout)
+            d = drafter if mode == "deer" else None
+            if spans is not None:
+                target = TracedTarget(target, spans)
+                d = TracedDrafter(d, spans) if d is not None else None
+            it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
+                               block_size=p.block_size, seq_id=f"{p.id}-{seg}",
+                               detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
+            steps = 0
+            try:
+                while True:
+                    try:
+                        step = next(it)
+                    except StopIteration as stop:
+                        r = stop.value
+                        self._pipeline_counts(r)
+                        return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
+                                       r.finish_reason, fallback, r.timings)
+                    except DrafterUnavailable as e:
+                        log.warning("request %s: %s; finishing with plain AR", p.id, e)
+                        mode, fallback = "ar", True
+                        self._fallback("drafter_to_ar")
+                        break
+                    except VerifierUnavailable as e:
+                        now = time.monotonic()
+                        give_up_at = give_up_at or now + s.verifier_resume_window_s
+                        if resumes >= s.verifier_resumes or now >= give_up_at:
+                            raise
+                        resumes += 1
+                        log.warning("request %s: %s; resuming from %d tokens (%d/%d)", p.id, e,
+                                    len(out), resumes, s.verifier_resumes)
+                        self._fallback("verifier_resume")
+                        self.counts["resumed"] += 1
+                        time.sleep(min(0.2 * resumes, max(0.0, give_up_at - now)))
+                        break
+                    steps += 1
+                    out += step.new_token_ids
+                    if step.accepted is not None:
+                        accepts.append(step.accepted)
+                        self.metrics.accepted.observe(step.accepted)
+                    self.metrics.tokens.inc(len(step.new_token_ids))
+                    if spans is not None:
+                        spans.end_cycle(step, d.last_k if d is not None else 0)
+                        if d is not None:
+                            d.last_k = None
+                    yield step
+            finally:
+                it.close()  # releases both caches when the client went away
+                if spans is not None:
+                    spans.close()
+            cycles += max(0, steps - 1)  # the segment's first step was its prefill
+        raise VerifierUnavailable("the request was resumed too many times")
+
+    def _fallback(self, kind: str) -> None:
+        self.metrics.fallback(kind)
+        if kind == "drafter_to_ar":
+            self.counts["fallbacks"] += 1
+
+    def _pipeline_counts(self, r) -> None:
+        extra = getattr(r, "extra", None) or {}
+        hits, misses = int(extra.get("pipeline_hits", 0)), int(extra.get("pipeline_misses", 0))
+        if hits:
+            self.metrics.pipeline_hits.inc(hits)
+        if misses:
+            self.metrics.pipeline_misses.inc(misses)
 
     async def events(self, p: Prepared) -> AsyncIterator[tuple[str, Any]]:
         """("step", StepOutput)... then ("done", Outcome); raises what the decode raised."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        span = self.tracing.start_request(p.headers, {
+            "deer.protocol": p.protocol, "deer.mode": p.req.mode,
+            "deer.prompt_tokens": len(p.prompt_ids), "deer.max_tokens": p.sampling.max_new_tokens,
+            "deer.block_size": p.block_size, "deer.request_id": p.id})
+        p.trace_id = Tracing.trace_id(span)
+        p.spans = self.tracing.spans_of(span)
+        p.spans.metrics = self.metrics
+        t0, first, state = time.perf_counter(), True, "cancelled"
 
         def put(item):
             try:
@@ -256,18 +354,44 @@ class Router:
             while True:
                 kind, val = await queue.get()
                 if kind == "error":
+                    state = "error"
                     raise val
+                if first and kind == "step" and val.new_token_ids:
+                    first = False
+                    self.metrics.ttft_s.observe(time.perf_counter() - t0)
+                if kind == "done":
+                    state = "done"
+                    span.set_attributes({"deer.finish_reason": val.finish_reason or "",
+                                         "deer.cycles": val.cycles,
+                                         "deer.fallback": val.fallback,
+                                         "deer.completion_tokens": len(val.token_ids)})
+                    self.metrics.request_s.observe(time.perf_counter() - t0)
                 yield kind, val
                 if kind == "done":
                     return
+        except BaseException as e:
+            if state == "error":
+                span.record_exception(e)
+            raise
         finally:
             cancel.set()  # a client that went away stops its decode loop
+            if state == "cancelled":
+                self.counts["cancelled"] += 1
+                self.metrics.error("cancelled")
+                log.info("request %s: the client went away; decode cancelled", p.id)
+            span.set_attribute("deer.outcome", state)
+            span.end()
+            if p.slot is not None:
+                p.slot.release()
 
     async def complete(self, p: Prepared) -> tuple[Outcome, str]:
-        async for kind, val in self.events(p):
+        done = None
+        async for kind, val in self.events(p):  # to its end: the slot is released there
             if kind == "done":
-                return val, TextStream(self.detokenize, p.sampling.stop).push(val.token_ids, True)
-        raise RuntimeError("decode ended without a result")
+                done = val
+        if done is None:
+            raise RuntimeError("decode ended without a result")
+        return done, TextStream(self.detokenize, p.sampling.stop).push(done.token_ids, True)
 
     async def stream(self, p: Prepared) -> AsyncIterator[tuple[str, list[int], Optional[Outcome]]]:
         """(text delta, new token ids, Outcome on the last item)."""
@@ -286,29 +410,53 @@ class Router:
 
     # ---- HTTP
     async def _read(self, request: Request, kind: str) -> Prepared:
-        raw = await request.body()
-        if len(raw) > self.settings.limits.max_body_bytes:
-            raise RequestError(f"the body is larger than {self.settings.limits.max_body_bytes} "
-                               "bytes", 413, code="request_too_large")
+        limit = self.settings.limits.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:  # before reading it
+            raise RequestError(f"the body is larger than {limit} bytes", 413,
+                               code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():  # chunked bodies have no content-length
+            raw += chunk
+            if len(raw) > limit:
+                raise RequestError(f"the body is larger than {limit} bytes", 413,
+                                   code="request_too_large")
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the body is not valid JSON: {e}", 400,
+            data = json.loads(bytes(raw))  # JSON only: nothing a client sends is unpickled
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise RequestError(f"the body is not valid JSON: {str(e)[:200]}", 400,
                                code="invalid_json") from None
-        return await self.prepare(data, kind)
+        p = await self.prepare(data, kind)
+        p.headers = {k: v for k, v in request.headers.items()
+                     if k in ("traceparent", "tracestate")} or None
+        return p
 
     async def _openai(self, request: Request, kind: str):
         try:
-            p = await self._read(request, kind)
+            slot = self.admit(http_key(request.headers), "http")
         except RequestError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return self._http_error(e)
+        try:
+            p = await self._read(request, kind)
+            p.slot = slot
+        except Exception as e:
+            slot.release()
+            return self._http_error(e)
         name = self.settings.served_model_name
         if p.req.stream:
-            return StreamingResponse(self._sse(p, kind), media_type="text/event-stream")
+            # wait for the first tokens before answering 200: a request that cannot start
+            # (verifier down, overload) gets a real status code, not an error event
+            gen = self.stream(p)
+            try:
+                first = await gen.__anext__()
+            except Exception as e:
+                return self._http_error(e)
+            headers = {"x-trace-id": p.trace_id} if p.trace_id else None
+            return StreamingResponse(self._sse(p, kind, gen, first), headers=headers,
+                                     media_type="text/event-stream")
         try:
             o, text = await self.complete(p)
         except Exception as e:
-            return _server_error(e)
+            return self._http_error(e)
         if kind == "chat":
             resp = ChatCompletionResponse(model=name, choices=[ChatChoice(
                 message=ChatMessageOut(content=text), finish_reason=o.finish_reason,
@@ -317,9 +465,26 @@ class Router:
             resp = CompletionResponse(model=name, choices=[CompletionChoice(
                 text=text, finish_reason=o.finish_reason, token_ids=o.token_ids)],
                 usage=self.usage(p, o), deer=o.stats())
-        return JSONResponse(resp.model_dump())
+        return JSONResponse(resp.model_dump(),
+                            headers={"x-trace-id": p.trace_id} if p.trace_id else None)
 
-    async def _sse(self, p: Prepared, kind: str) -> AsyncIterator[str]:
+    def _http_error(self, e: Exception) -> JSONResponse:
+        status, body = _error_body(e)
+        self._count_error(e, status)
+        headers = {}
+        if status in (429, 503):
+            headers["retry-after"] = str(self.settings.retry_after_s)
+        if status == 401:
+            headers["www-authenticate"] = "Bearer"
+        return JSONResponse(body, status_code=status, headers=headers or None)
+
+    def _count_error(self, e: Exception, status: int) -> None:
+        if status in (401, 429):
+            return  # counted by admit()
+        self.metrics.error({503: "verifier_unavailable", 500: "internal"}.get(
+            status, "invalid_request"))
+
+    async def _sse(self, p: Prepared, kind: str, gen, first) -> AsyncIterator[str]:
         name, rid, created = self.settings.served_model_name, _id(
             "chatcmpl" if kind == "chat" else "cmpl"), _now()
 
@@ -337,10 +502,15 @@ class Router:
                                     usage=usage)
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
+        async def items():
+            yield first
+            async for item in gen:
+                yield item
+
         try:
             if kind == "chat":
                 yield chunk("", [], role="assistant")
-            async for delta, ids, o in self.stream(p):
+            async for delta, ids, o in items():
                 if o is None:
                     yield chunk(delta, ids)
                 else:
@@ -348,8 +518,13 @@ class Router:
                     if p.req.stream_options and p.req.stream_options.include_usage:
                         yield chunk(None, [], usage=self.usage(p, o), choices=False)
         except Exception as e:
+            # mid-stream the status line is gone: the error object (with its code, e.g.
+            # verifier_unavailable = retriable) is the last event
             status, body = _error_body(e)
+            self._count_error(e, status)
             yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            await gen.aclose()
         yield "data: [DONE]\n\n"
 
     async def completions(self, request: Request):
@@ -358,7 +533,11 @@ class Router:
     async def chat_completions(self, request: Request):
         return await self._openai(request, "chat")
 
-    async def models(self):
+    async def models(self, request: Request):
+        if not self.keys.check(http_key(request.headers)):
+            return self._http_error(RequestError("invalid or missing API key", 401,
+                                                 type="authentication_error",
+                                                 code="invalid_api_key"))
         return ModelList(data=[ModelCard(id=self.settings.served_model_name)]).model_dump()
 
     async def healthz(self):
@@ -371,6 +550,14 @@ class Router:
                 ok = ok and name != "verifier"  # without a drafter we still serve (plain AR)
         body = {"status": "ok" if ok else "unavailable", **out}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def ops_state(self) -> dict:
+        """Admission and fault counters of this replica (for tests and operators)."""
+        return {"active": self._active, **self.counts}
+
+    async def recent_spans(self, trace_id: Optional[str] = None) -> list[dict]:
+        """Finished spans kept by the `memory` trace exporter (tests, debugging)."""
+        return self.tracing.recent(trace_id)
 
     async def info(self) -> dict:
         """Where each part runs (for tests and operators)."""
@@ -385,10 +572,10 @@ class Router:
         from deer_serve.protos import deer_pb2
 
         try:
-            p = await self.prepare(_proto_fields(request), "grpc")
+            p = await self._grpc_prepare(request, grpc_context)
             o, text = await self.complete(p)
         except Exception as e:
-            _grpc_fail(grpc_context, e)
+            self._grpc_fail(grpc_context, e)
             return deer_pb2.GenerateResponse()
         return deer_pb2.GenerateResponse(text=text, token_ids=o.token_ids,
                                          finish_reason=o.finish_reason, deer=_pb_stats(o))
@@ -397,7 +584,7 @@ class Router:
         from deer_serve.protos import deer_pb2
 
         try:
-            p = await self.prepare(_proto_fields(request), "grpc")
+            p = await self._grpc_prepare(request, grpc_context)
             async for delta, ids, o in self.stream(p):
                 if o is None:
                     yield deer_pb2.GenerateChunk(text=delta, token_ids=ids)
@@ -407,8 +594,33 @@ class Router:
         except Exception as e:
             # a streaming method's status only reaches the proxy with a yielded message or an
             # exception; Serve keeps the code set on grpc_context when we raise
-            _grpc_fail(grpc_context, e)
+            self._grpc_fail(grpc_context, e)
             raise
+
+    async def _grpc_prepare(self, request, ctx) -> Prepared:
+        md = None
+        if ctx is not None and hasattr(ctx, "invocation_metadata"):
+            md = ctx.invocation_metadata()
+        slot = self.admit(grpc_key(md), "grpc")
+        try:
+            if request.ByteSize() > self.settings.limits.max_body_bytes:
+                raise RequestError(f"the request is larger than "
+                                   f"{self.settings.limits.max_body_bytes} bytes", 413,
+                                   code="request_too_large")
+            p = await self.prepare(_proto_fields(request), "grpc")
+        except BaseException:
+            slot.release()
+            raise
+        p.protocol, p.slot = "grpc", slot
+        p.headers = {k: v for k, v in (md or ()) if k in ("traceparent", "tracestate")} or None
+        return p
+
+    def _grpc_fail(self, ctx, e: Exception) -> None:
+        status = _status_of(e)
+        self._count_error(e, status)
+        if ctx is not None and status in (429, 503) and hasattr(ctx, "set_trailing_metadata"):
+            ctx.set_trailing_metadata([("retry-after", str(self.settings.retry_after_s))])
+        _grpc_fail(ctx, e)
 
     async def Check(self, request, grpc_context=None):
         """grpc.health.v1.Health/Check: SERVING while the verifier answers."""
@@ -434,16 +646,19 @@ def _error_body(e: Exception) -> tuple[int, dict]:
     return 500, RequestError("internal server error", 500, type="server_error").body()
 
 
-def _server_error(e: Exception) -> JSONResponse:
-    status, body = _error_body(e)
-    return JSONResponse(body, status_code=status)
+def _status_of(e: Exception) -> int:
+    if isinstance(e, RequestError):
+        return e.status
+    return 503 if isinstance(e, VerifierUnavailable) else 500
 
 
 def _grpc_fail(ctx, e: Exception) -> None:
     import grpc
 
     if isinstance(e, RequestError):
-        code, msg = grpc.StatusCode.INVALID_ARGUMENT, e.message
+        code = {401: grpc.StatusCode.UNAUTHENTICATED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                503: grpc.StatusCode.UNAVAILABLE}.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
+        msg = e.message
     elif isinstance(e, VerifierUnavailable):
         code, msg = grpc.StatusCode.UNAVAILABLE, "the verifier is unavailable"
     else:

@@ -24,6 +24,7 @@ from deer_serve.types import SamplingParams
 
 MAX_BLOCK_SIZE = 64  # = deer_serve.engine.MAX_BLOCK_SIZE (not imported: the engine pulls in torch)
 MAX_STOP = 4         # as OpenAI
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # or exactly 0 (greedy)
 
 
 class Limits(BaseModel):
@@ -32,6 +33,45 @@ class Limits(BaseModel):
     max_tokens: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt, in tokens")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP body (413 above)")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_messages: int = Field(512, ge=1, description="most chat messages in one request")
+
+
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing of the Router: spans request -> cycle -> prefill / draft / verify."""
+
+    model_config = ConfigDict(extra="forbid")
+    exporter: Literal["none", "console", "otlp", "memory"] = Field(
+        "none", description="none; console (the Router's stdout); otlp (OTLP/HTTP to "
+                            "otlp_endpoint); memory (kept in the replica, for tests)")
+    otlp_endpoint: Optional[str] = Field(
+        None, description="e.g. http://127.0.0.1:4318/v1/traces (default: the OTEL_EXPORTER_"
+                          "OTLP_* environment variables)")
+    service_name: str = Field("deer-serve", description="the resource's service.name")
+    memory_spans: int = Field(10000, ge=1, description="spans the memory exporter keeps")
+
+
+class ServiceOptions(BaseModel):
+    """Security, backpressure, fault handling and tracing of the ingress (the Router)."""
+
+    api_keys: list[str] = Field(
+        default_factory=list, description="accepted API keys (HTTP `Authorization: Bearer "
+        "KEY`, gRPC metadata `authorization: Bearer KEY` or `x-api-key`); none and no "
+        "api_keys_env variable = no authentication")
+    api_keys_env: str = Field(
+        "DEER_SERVE_API_KEYS", description="environment variable (in the Router's process) "
+        "with more comma-separated keys; keeps keys out of config files")
+    max_pending_requests: int = Field(
+        128, ge=1, description="requests decoding or waiting for a decode thread in one Router "
+        "replica; more get 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of 429 and 503 answers")
+    verifier_resumes: int = Field(
+        3, ge=0, description="times one request is resumed from its token ids after a verifier "
+                             "call fails (a dead replica); then 503 / UNAVAILABLE")
+    verifier_resume_window_s: float = Field(
+        30.0, gt=0, description="after a verifier failure, the request gives up (503) when it "
+                                "has not resumed within this many seconds")
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
 
 class RequestError(Exception):
@@ -166,6 +206,17 @@ def parse_request(data: Any, *, kind: Literal["completions", "chat", "grpc"],
     if req.model not in (None, "", served_model):
         raise RequestError(f"The model '{req.model}' does not exist; this server serves "
                            f"'{served_model}'", 404, param="model", code="model_not_found")
+    if req.temperature != 0 and not MIN_TEMPERATURE <= req.temperature <= MAX_TEMPERATURE:
+        # a tiny positive temperature overflows logits / T to inf (NaN probabilities)
+        raise RequestError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
+                           f"{MAX_TEMPERATURE}], got {req.temperature}", 400,
+                           param="temperature", code="invalid_value")
+    if any(len(s) > limits.max_stop_chars for s in req.stops):
+        raise RequestError(f"stop strings must be at most {limits.max_stop_chars} characters",
+                           400, param="stop", code="invalid_value")
+    if req.messages is not None and len(req.messages) > limits.max_messages:
+        raise RequestError(f"at most {limits.max_messages} messages", 400, param="messages",
+                           code="invalid_value")
     if req.new_tokens > limits.max_tokens:
         raise RequestError(f"max_tokens must be at most {limits.max_tokens}, got {req.new_tokens}",
                            400, param="max_tokens", code="invalid_value")
