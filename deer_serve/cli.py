@@ -27,6 +27,7 @@ DELEGATED = {
     "serve": ("deer_serve.serve_cli", "start (or join) Ray and serve HTTP + gRPC", "serve"),
     "bench": ("deer_serve.bench.cli", "benchmark DEER against AR decoding and peers", "bench"),
     "train": ("deer_serve.training.cli", "train the tokenizer, target and drafter", None),
+    "load": ("deer_serve.loadtest", "N concurrent streams against a running service", "bench"),
 }
 # --target-backend NAME -> (module, class); each class has from_pretrained(path, device=, **kw)
 TARGET_BACKENDS = {

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.schemas import MAX_BLOCK_SIZE, Limits
+from deployments.schemas import MAX_BLOCK_SIZE, Limits, ServiceOptions
 
 
 class RayActorOptions(BaseModel):
@@ -87,6 +87,8 @@ class AppConfig(BaseModel):
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
     max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
+    service: ServiceOptions = Field(default_factory=ServiceOptions,
+                                    description="API keys, backpressure, resumes, tracing")
     # Defaults fit a 2-core laptop (2 CPUs in all); on a cluster give each its own pool.
     drafter: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(
         max_ongoing_requests=16, ray_actor_options=RayActorOptions(num_cpus=0.5)))
@@ -198,7 +200,7 @@ def build_app(args: Optional[dict] = None):
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, limits=cfg.limits, drafter_timeout_s=cfg.drafter_timeout_s,
         verifier_timeout_s=cfg.verifier_timeout_s,
-        max_concurrent_decodes=cfg.max_concurrent_decodes)
+        max_concurrent_decodes=cfg.max_concurrent_decodes, **cfg.service.model_dump())
     router = serve.deployment(make_ingress(), name="Router",
                               **cfg.router.options())
     return router.bind(drafter, verifier, settings.model_dump())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deer_serve.types import DraftResult, SamplingParams
+from deployments.telemetry import replica_id
 from deployments.verifier import as_tensor, replica_info
 
 
@@ -33,6 +34,7 @@ class DraftReply:
     tokens: Optional[np.ndarray] = None   # (k,) int32 draft tokens y_1..y_k
     probs: Optional[np.ndarray] = None    # (k, V) float32 q_i; None at temperature 0
     need_rows_from: Optional[int] = None  # set (and nothing else) when feature rows are missing
+    replica: Optional[str] = None         # the Serve replica that answered (tracing)
 
 
 class _MissingRows(Exception):
@@ -105,7 +107,8 @@ class Drafter:
             except _MissingRows as miss:
                 return DraftReply(need_rows_from=miss.start)
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
-        return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs)
+        return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs,
+                          replica=replica_id())
 
     def release(self, seq_id: str) -> None:
         with self._lock:
@@ -156,6 +159,7 @@ class RemoteDrafter:
         else:
             raise DrafterUnavailable("the drafter kept asking for feature rows")
         self._sent[seq_id] = n
+        self.last_replica = r.replica
         probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
         return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs)          # (k,)
 

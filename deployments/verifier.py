@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from deer_serve.types import ScoreResult
+from deployments.telemetry import replica_id
 
 
 @dataclass
 class ScoreReply:
     logits: np.ndarray                   # (n_query, V) float32 raw logits
     hidden: Optional[np.ndarray] = None  # (n_hidden, F) float16 target features, when asked
+    replica: Optional[str] = None        # the Serve replica that answered (tracing)
 
 
 class Verifier:
@@ -61,7 +63,8 @@ class Verifier:
         hidden = None
         if res.hidden is not None:
             hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
-        return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden)  # (n_query, V)
+        return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,   # (n_query, V)
+                          replica=replica_id())
 
     def release(self, seq_id: str) -> None:
         with self._lock:
@@ -104,6 +107,7 @@ class RemoteTarget:
                 .result(timeout_s=self.timeout_s)
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
+        self.last_replica = r.replica
         hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
         return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
 
