@@ -84,6 +84,9 @@ class AppConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     max_sequences: int = Field(64, ge=1, description="KV caches kept per replica (LRU)")
     drafter_prefix_cache: bool = Field(True, description="off = re-encode the prefix each cycle")
+    batching: bool = Field(True, description="ragged batching of concurrent calls in the Drafter "
+                                             "and Verifier replicas (off = one forward per call)")
+    max_batch_size: int = Field(16, ge=1, description="rows per batched forward")
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
     max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
@@ -191,11 +194,13 @@ def build_app(args: Optional[dict] = None):
     drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
                                **cfg.drafter.options()).bind(
         cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
-        use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter))
+        use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter),
+        batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
                                 **cfg.verifier.options()).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
-        feature_layers=feature_layers, torch_threads=threads(cfg.verifier))
+        feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
+        batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, limits=cfg.limits, drafter_timeout_s=cfg.drafter_timeout_s,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from deer_serve.types import DraftResult, SamplingParams
+from deployments.batching import CombiningBatcher
 from deployments.telemetry import replica_id
 from deployments.verifier import as_tensor, replica_info
 
@@ -66,7 +67,8 @@ class _RowsFrom:
 class Drafter:
     def __init__(self, drafter_path: str, *, device: Optional[str] = None,
                  max_sequences: int = 64, use_cache: bool = True,
-                 torch_threads: Optional[int] = None):
+                 torch_threads: Optional[int] = None, batching: bool = True,
+                 max_batch_size: int = 16):
         from deer_serve.drafters.deer import DeerDrafterBackend
 
         if torch_threads:
@@ -78,8 +80,9 @@ class Drafter:
         p = next(self.backend.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
-        # TODO(issue 6): batch concurrent calls into one ragged forward instead.
         self._lock = threading.Lock()
+        # concurrent requests' draft calls -> one drafter forward per block size
+        self._batcher = CombiningBatcher(self._draft_rows, max_batch_size) if batching else None
 
     def meta(self) -> dict:
         return {"context_mode": self.backend.context_mode,
@@ -101,14 +104,49 @@ class Drafter:
         if hidden is not None:
             rows = torch.tensor(np.asarray(hidden), device=self.device, dtype=self.dtype)
             ctx_hidden = _RowsFrom(rows, int(hidden_start))
-        with self._lock:
-            try:
-                d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden)
-            except _MissingRows as miss:
-                return DraftReply(need_rows_from=miss.start)
+        try:
+            if self._batcher is not None:
+                d = self._batcher.submit((seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden))
+            else:
+                with self._lock:
+                    d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden)
+        except _MissingRows as miss:
+            return DraftReply(need_rows_from=miss.start)
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
         return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs,
                           replica=replica_id())
+
+    def _draft_rows(self, items: list) -> list:
+        """The batch function: items (seq_id, ids, anchor, k, sampling, generator, hidden).
+        One drafter forward per block size (`draft_batch`); a group that fails (e.g. a row
+        whose feature rows this replica lacks) runs row by row, so each row gets its own
+        result or error."""
+        out: list = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it[3], []).append(i)
+        with self._lock:
+            for k, idx in groups.items():
+                rows = [items[i] for i in idx]
+                if len(rows) > 1 and len({r[0] for r in rows}) == len(rows):
+                    try:
+                        res = self.backend.draft_batch([r[0] for r in rows], [r[1] for r in rows],
+                                                       [r[2] for r in rows], k, [r[4] for r in rows],
+                                                       [r[5] for r in rows], [r[6] for r in rows])
+                        for i, d in zip(idx, res):
+                            out[i] = d
+                        continue
+                    except Exception:  # noqa: BLE001 - isolate the failing row below
+                        pass
+                for i, r in zip(idx, rows):
+                    try:
+                        out[i] = self.backend.draft(r[0], r[1], r[2], k, r[4], r[5], r[6])
+                    except Exception as e:  # noqa: BLE001 - incl. _MissingRows for this row
+                        out[i] = e
+        return out
+
+    def batch_stats(self) -> dict:
+        return self._batcher.stats() if self._batcher is not None else {"batching": False}
 
     def release(self, seq_id: str) -> None:
         with self._lock:

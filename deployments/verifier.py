@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from deer_serve.types import ScoreResult
+from deployments.batching import CombiningBatcher
 from deployments.telemetry import replica_id
 
 
@@ -34,7 +35,8 @@ class ScoreReply:
 class Verifier:
     def __init__(self, target_path: str, *, device: Optional[str] = None,
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
-                 torch_threads: Optional[int] = None):
+                 torch_threads: Optional[int] = None, batching: bool = True,
+                 max_batch_size: int = 16):
         from deer_serve.targets.hf import HFTarget
 
         if torch_threads:
@@ -44,8 +46,9 @@ class Verifier:
                                                 max_sequences=max_sequences,
                                                 feature_layers=feature_layers)
         # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
-        # TODO(issue 6): batch concurrent calls into one ragged forward instead.
         self._lock = threading.Lock()
+        # concurrent requests' verify calls -> one ragged forward (off: one forward per call)
+        self._batcher = CombiningBatcher(self._score_rows, max_batch_size) if batching else None
 
     def meta(self) -> dict:
         """What a remote `TargetBackend` proxy needs to know about this target."""
@@ -57,14 +60,45 @@ class Verifier:
               n_hidden: Optional[int] = None) -> ScoreReply:
         """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`."""
         ids = np.asarray(token_ids).tolist()
-        with self._lock:
-            res = self.backend.score(seq_id, ids, int(n_query), return_hidden=bool(return_hidden),
-                                     n_hidden=n_hidden)
+        if self._batcher is not None:
+            res = self._batcher.submit((seq_id, ids, int(n_query), bool(return_hidden), n_hidden))
+        else:
+            with self._lock:
+                res = self.backend.score(seq_id, ids, int(n_query), return_hidden=bool(return_hidden),
+                                         n_hidden=n_hidden)
         hidden = None
         if res.hidden is not None:
             hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
         return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,   # (n_query, V)
                           replica=replica_id())
+
+    def _score_rows(self, items: list) -> list:
+        """The batch function: items (seq_id, ids, n_query, return_hidden, n_hidden). One ragged
+        forward (`score_batch`); if it fails, each item runs alone so a bad row fails alone."""
+        with self._lock:
+            if len(items) > 1 and len({it[0] for it in items}) == len(items):
+                want = any(it[3] for it in items)
+                try:
+                    res = self.backend.score_batch([it[0] for it in items], [it[1] for it in items],
+                                                   [it[2] for it in items], return_hidden=want,
+                                                   n_hidden=[it[4] if it[3] else None for it in items])
+                    for r, it in zip(res, items):
+                        if not it[3]:
+                            r.hidden = None
+                    return res
+                except Exception:  # noqa: BLE001 - isolate the failing row below
+                    pass
+            out = []
+            for sid, ids, nq, rh, nh in items:
+                try:
+                    out.append(self.backend.score(sid, ids, nq, return_hidden=rh, n_hidden=nh))
+                except Exception as e:  # noqa: BLE001 - this caller gets its own error
+                    out.append(e)
+            return out
+
+    def batch_stats(self) -> dict:
+        """Forwards run and calls served by the batcher (mean batch size = items / batches)."""
+        return self._batcher.stats() if self._batcher is not None else {"batching": False}
 
     def release(self, seq_id: str) -> None:
         with self._lock:

@@ -1,0 +1,154 @@
+"""Ragged batching in the replicas: concurrent calls share one forward and get their own rows.
+
+The batches are made deterministic by holding the replica's lock while the callers queue: the
+first caller leads a batch that waits on the lock, the rest pile up, and the next batch must
+carry them all.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tiny_models import make_target  # noqa: F401  (one torch thread)
+
+from deer_serve.types import SamplingParams
+from deployments.batching import CombiningBatcher
+from deployments.drafter import Drafter
+from deployments.verifier import Verifier
+
+
+def _wait_queue(batcher, n, timeout=30.0):
+    t0 = time.time()
+    while len(batcher._queue) < n:
+        assert time.time() - t0 < timeout, f"only {len(batcher._queue)} of {n} callers queued"
+        time.sleep(0.005)
+
+
+def _run_threads(fns):
+    out, errs = [None] * len(fns), [None] * len(fns)
+
+    def go(i):
+        try:
+            out[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001
+            errs[i] = e
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(len(fns))]
+    return ts, out, errs
+
+
+def test_batcher_collects_waiting_callers_and_isolates_errors():
+    gate = threading.Event()
+    seen = []
+
+    def run(items):
+        seen.append(list(items))
+        gate.wait(10)
+        return [ValueError(f"bad {x}") if x % 5 == 4 else x * 10 for x in items]
+
+    b = CombiningBatcher(run, max_batch_size=4)
+    ts, out, errs = _run_threads([lambda i=i: b.submit(i) for i in range(10)])
+    ts[0].start()
+    while not seen:
+        time.sleep(0.001)
+    for t in ts[1:]:
+        t.start()
+    _wait_queue(b, 9)
+    gate.set()
+    for t in ts:
+        t.join(10)
+    assert seen[0] == [0] and all(len(s) <= 4 for s in seen)
+    assert sorted(x for s in seen for x in s) == list(range(10))       # every item ran once
+    assert [len(s) for s in seen[1:]] == [4, 4, 1]                    # full batches under load
+    for i in range(10):
+        if i % 5 == 4:
+            assert isinstance(errs[i], ValueError) and str(errs[i]) == f"bad {i}"
+        else:
+            assert errs[i] is None and out[i] == i * 10
+    st = b.stats()
+    assert st["batches"] == 4 and st["items"] == 10 and st["max_batch"] == 4
+
+
+def test_batcher_failure_reaches_every_caller_of_that_batch_only():
+    calls = []
+
+    def run(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return list(items)
+
+    b = CombiningBatcher(run)
+    with pytest.raises(RuntimeError, match="boom"):
+        b.submit(1)
+    assert b.submit(2) == 2          # the batcher is not wedged by the failure
+
+
+@pytest.fixture(scope="module")
+def feature_layers(tiny_checkpoints):
+    from deployments.app import AppConfig, check_models
+
+    cfg = AppConfig(target_path=str(tiny_checkpoints["target"]),
+                    drafter_path=str(tiny_checkpoints["drafter-target-features"])).resolved()
+    return check_models(cfg)
+
+
+def test_verifier_batches_concurrent_calls_with_each_rows_own_result(tiny_checkpoints, feature_layers):
+    path = str(tiny_checkpoints["target"])
+    batched = Verifier(path, device="cpu", feature_layers=feature_layers)
+    alone = Verifier(path, device="cpu", feature_layers=feature_layers, batching=False)
+    rng = np.random.default_rng(0)
+    calls = [(f"s{i}", rng.integers(2, 200, 6 + 5 * i).astype(np.int32), 1 + i % 3, i % 2 == 0)
+             for i in range(6)]
+    with batched._lock:                          # the first batch waits: the others queue up
+        ts, out, errs = _run_threads([lambda c=c: batched.score(c[0], c[1], c[2], c[3]) for c in calls])
+        for t in ts:
+            t.start()
+        _wait_queue(batched._batcher, 5)
+    for t in ts:
+        t.join(60)
+    assert errs == [None] * 6
+    assert batched.batch_stats()["max_batch"] == 5
+    for (sid, ids, nq, rh), got in zip(calls, out):
+        ref = alone.score(sid, ids, nq, rh)
+        assert got.logits.shape == ref.logits.shape == (nq, ref.logits.shape[1])
+        np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=1e-4)
+        assert (got.logits.argmax(-1) == ref.logits.argmax(-1)).all()
+        assert (got.hidden is None) == (not rh)
+        if rh:
+            np.testing.assert_allclose(got.hidden.astype(np.float32), ref.hidden.astype(np.float32), atol=2e-3)
+    assert alone.batch_stats() == {"batching": False}
+
+
+def test_drafter_batches_by_block_size_and_a_row_missing_features_fails_alone(tiny_checkpoints):
+    path = str(tiny_checkpoints["drafter-target-features"])
+    batched, alone = Drafter(path, device="cpu"), Drafter(path, device="cpu", batching=False)
+    F = batched.backend.model.config.target_feature_dim
+    rng = np.random.default_rng(1)
+    g = SamplingParams()
+    calls = []
+    for i in range(6):
+        n = 5 + 3 * i
+        calls.append((f"d{i}", rng.integers(2, 200, n).astype(np.int32), 7, [4, 8][i % 2],
+                      rng.standard_normal((n, F)).astype(np.float16), 0))
+    # a cold sequence that sends only its last rows: this replica must ask for the rest
+    calls.append(("cold", rng.integers(2, 200, 9).astype(np.int32), 7, 4,
+                  rng.standard_normal((2, F)).astype(np.float16), 7))
+    with batched._lock:
+        ts, out, errs = _run_threads([lambda c=c: batched.draft(c[0], c[1], c[2], c[3], g, None, c[4], c[5])
+                                      for c in calls])
+        for t in ts:
+            t.start()
+        _wait_queue(batched._batcher, len(calls) - 1)
+    for t in ts:
+        t.join(60)
+    assert errs == [None] * len(calls)
+    assert batched.batch_stats()["max_batch"] == len(calls) - 1
+    for c, got in zip(calls, out):
+        ref = alone.draft(c[0], c[1], c[2], c[3], g, None, c[4], c[5])
+        if c[0] == "cold":
+            assert got.need_rows_from == 0 and got.tokens is None and ref.need_rows_from == 0
+        else:
+            assert got.need_rows_from is None and got.tokens.shape == (c[3],)
+            assert np.array_equal(got.tokens, ref.tokens)
