@@ -1,6 +1,13 @@
 """`deer-serve serve`: start (or join) Ray, start Serve's HTTP and gRPC proxies, run the app,
 print the URLs, block; Ctrl-C (SIGINT) or SIGTERM shuts Serve and Ray down cleanly.
 
+Exposure: HTTP binds 127.0.0.1 unless --host (or the config's http_options.host) says
+otherwise. Ray Serve 2.60's gRPC proxy has no host option and listens on every interface
+([::]:PORT), so --grpc-port 0 turns gRPC off; with gRPC on, or a non-loopback HTTP host, and
+no API key configured, a warning is printed. API keys: the app's `service.api_keys`, or the
+DEER_SERVE_API_KEYS environment variable (comma-separated) of the process that starts Ray
+(the Router replicas inherit it).
+
 The only module of `deer_serve` that imports Ray (lazily, inside `main`): the core stays free
 of Ray and pydantic.
 """
@@ -28,7 +35,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help=f"Serve config YAML (default: {DEFAULT_CONFIG} when it exists)")
     ap.add_argument("--host", default=None, help="HTTP host (default from the config: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    ap.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
+    ap.add_argument("--grpc-port", type=int, default=None,
+                    help="gRPC port (default 9000; 0 = no gRPC: Ray's gRPC proxy listens on "
+                         "all interfaces)")
     ap.add_argument("--address", default=None,
                     help="join this Ray cluster (e.g. auto, or host:6379) instead of starting one")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default all)")
@@ -82,7 +91,7 @@ def prepare(args: argparse.Namespace):
     if args.port is not None:
         http["port"] = args.port
     grpc_cfg = serve_cfg.get("grpc_options") or {}
-    grpc_port = args.grpc_port or grpc_cfg.get("port", 9000)
+    grpc_port = args.grpc_port if args.grpc_port is not None else grpc_cfg.get("port", 9000)
     servicers = grpc_cfg.get("grpc_servicer_functions") or DEFAULT_SERVICERS
 
     if (REPO / "deployments").is_dir() and str(REPO) not in sys.path:
@@ -101,7 +110,24 @@ def prepare(args: argparse.Namespace):
         except ValueError as e:  # pydantic's ValidationError is one too
             raise UsageError(f"application {app.get('name', 'deer')!r}: {e}") from None
         apps.append((app.get("name", "deer"), app.get("route_prefix", "/"), built))
+    warn_exposure(http["host"], grpc_port, [a for _, _, a in apps], serve_cfg)
     return http, grpc_port, servicers, apps
+
+
+def warn_exposure(host: str, grpc_port: int, apps: list, serve_cfg: dict) -> None:
+    """Say so when the service is reachable from other machines without an API key."""
+    keys = bool(os.environ.get("DEER_SERVE_API_KEYS")) or any(
+        ((a.get("args") or {}).get("service") or {}).get("api_keys")
+        for a in serve_cfg.get("applications") or [])
+    if keys:
+        return
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"deer-serve serve: warning: HTTP on {host} with no API key (set "
+              "DEER_SERVE_API_KEYS or service.api_keys)", file=sys.stderr)
+    if grpc_port:
+        print(f"deer-serve serve: note: Ray Serve's gRPC proxy listens on all interfaces "
+              f"(port {grpc_port}) and no API key is set; --grpc-port 0 turns gRPC off",
+              file=sys.stderr)
 
 
 def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[str],
@@ -128,14 +154,17 @@ def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[st
         signal.signal(sig, lambda *_: stop.set())
     names = []
     try:
-        serve.start(http_options=http,
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=servicers))
+        grpc_opts = gRPCOptions(port=grpc_port, grpc_servicer_functions=servicers) \
+            if grpc_port else gRPCOptions(port=0, grpc_servicer_functions=[])
+        serve.start(http_options=http, grpc_options=grpc_opts)
         for name, prefix, app in apps:
             serve.run(app, name=name, route_prefix=prefix)
             names.append(name)
         print(f"deer-serve: HTTP  http://{http['host']}:{http['port']}/v1 (OpenAI-compatible; "
               "also /v1/models, /healthz)", flush=True)
-        print(f"deer-serve: gRPC  {http['host']}:{grpc_port} (deer.v1.DeerService)", flush=True)
+        if grpc_port:
+            print(f"deer-serve: gRPC  {http['host']}:{grpc_port} (deer.v1.DeerService)",
+                  flush=True)
         print("deer-serve: Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass

@@ -30,6 +30,7 @@ Serve rewrote for the class (a module-level app would be re-imported unrewritten
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -177,6 +178,8 @@ class Router:
         self.tracing = Tracing(self.settings.tracing)
         self._active = 0                  # admitted requests (Slot)
         self.counts = {"cancelled": 0, "resumed": 0, "rejected": 0, "fallbacks": 0}
+        # calls answered per replica id, by role (ops_state: which replicas carry the traffic)
+        self.replica_calls: dict[str, dict[str, int]] = {"drafter": {}, "verifier": {}}
 
     # ---- shared by HTTP and gRPC
     def detokenize(self, ids: Sequence[int]) -> str:  # as `deer-serve generate` decodes
@@ -316,6 +319,10 @@ class Router:
             cycles += max(0, steps - 1)  # the segment's first step was its prefill
         raise VerifierUnavailable("the request was resumed too many times")
 
+    def _count_replica(self, role: str, rid: str) -> None:  # from decode threads: approximate
+        calls = self.replica_calls[role]
+        calls[rid] = calls.get(rid, 0) + 1
+
     def _fallback(self, kind: str) -> None:
         self.metrics.fallback(kind)
         if kind == "drafter_to_ar":
@@ -341,6 +348,7 @@ class Router:
         p.trace_id = Tracing.trace_id(span)
         p.spans = self.tracing.spans_of(span)
         p.spans.metrics = self.metrics
+        p.spans.on_replica = self._count_replica
         t0, first, state = time.perf_counter(), True, "cancelled"
 
         def put(item):
@@ -396,13 +404,14 @@ class Router:
     async def stream(self, p: Prepared) -> AsyncIterator[tuple[str, list[int], Optional[Outcome]]]:
         """(text delta, new token ids, Outcome on the last item)."""
         ts = TextStream(self.detokenize, p.sampling.stop)
-        async for kind, val in self.events(p):
-            if kind == "step":
-                delta = ts.push(val.new_token_ids, final=False)
-                if delta or val.new_token_ids:
-                    yield delta, list(val.new_token_ids), None
-            else:
-                yield ts.push([], final=True), [], val
+        async with contextlib.aclosing(self.events(p)) as events:  # closed now, not at GC
+            async for kind, val in events:
+                if kind == "step":
+                    delta = ts.push(val.new_token_ids, final=False)
+                    if delta or val.new_token_ids:
+                        yield delta, list(val.new_token_ids), None
+                else:
+                    yield ts.push([], final=True), [], val
 
     def usage(self, p: Prepared, o: Outcome) -> Usage:
         n_in, n_out = len(p.prompt_ids), len(o.token_ids)
@@ -553,7 +562,8 @@ class Router:
 
     async def ops_state(self) -> dict:
         """Admission and fault counters of this replica (for tests and operators)."""
-        return {"active": self._active, **self.counts}
+        return {"active": self._active, **self.counts,
+                "replica_calls": {r: dict(c) for r, c in self.replica_calls.items()}}
 
     async def recent_spans(self, trace_id: Optional[str] = None) -> list[dict]:
         """Finished spans kept by the `memory` trace exporter (tests, debugging)."""
@@ -585,12 +595,14 @@ class Router:
 
         try:
             p = await self._grpc_prepare(request, grpc_context)
-            async for delta, ids, o in self.stream(p):
-                if o is None:
-                    yield deer_pb2.GenerateChunk(text=delta, token_ids=ids)
-                else:
-                    yield deer_pb2.GenerateChunk(text=delta, token_ids=ids,
-                                                 finish_reason=o.finish_reason, deer=_pb_stats(o))
+            async with contextlib.aclosing(self.stream(p)) as chunks:  # a cancel closes it now
+                async for delta, ids, o in chunks:
+                    if o is None:
+                        yield deer_pb2.GenerateChunk(text=delta, token_ids=ids)
+                    else:
+                        yield deer_pb2.GenerateChunk(text=delta, token_ids=ids,
+                                                     finish_reason=o.finish_reason,
+                                                     deer=_pb_stats(o))
         except Exception as e:
             # a streaming method's status only reaches the proxy with a yielded message or an
             # exception; Serve keeps the code set on grpc_context when we raise

@@ -52,6 +52,30 @@ class _Null:
     observe = set = inc
 
 
+class _Safe:
+    """A metric whose updates never raise (Ray rejects a counter increment of 0, for one)."""
+
+    def __init__(self, metric):
+        self.metric = metric
+
+    def inc(self, value: float = 1.0, tags: Optional[dict] = None) -> None:
+        if value > 0:
+            self._do(self.metric.inc, value, tags)
+
+    def observe(self, value: float, tags: Optional[dict] = None) -> None:
+        self._do(self.metric.observe, value, tags)
+
+    def set(self, value: float, tags: Optional[dict] = None) -> None:
+        self._do(self.metric.set, value, tags)
+
+    @staticmethod
+    def _do(fn, value, tags):
+        try:
+            fn(value, tags=tags)
+        except Exception as e:  # metrics must never fail a request
+            log.warning("metric update failed: %r", e)
+
+
 class Metrics:
     """The Router's Prometheus series (`ray.serve.metrics`; no-ops without Ray)."""
 
@@ -61,8 +85,9 @@ class Metrics:
             import ray
 
             if ray.is_initialized():
-                from ray.serve.metrics import Counter, Gauge, Histogram
-                self._make(Counter, Gauge, Histogram)
+                from ray.serve import metrics as m
+                self._make(*(lambda *a, _c=c, **k: _Safe(_c(*a, **k))
+                             for c in (m.Counter, m.Gauge, m.Histogram)))
                 self.enabled = True
         except Exception as e:  # metrics must never take the service down
             log.warning("metrics disabled: %r", e)
@@ -208,6 +233,7 @@ class CycleSpans:
         self.tracing, self.request = tracing, request_span
         self.cycle, self.index = None, 0
         self.metrics: Any = None   # Metrics, for the call latencies
+        self.on_replica: Any = None  # (role, replica id) -> None: who answered each call
 
     def _parent(self):
         trace = self.tracing.trace
@@ -219,7 +245,10 @@ class CycleSpans:
 
     @contextmanager
     def call(self, name: str, attributes: dict):
-        span = self.tracing.tracer.start_span(name, context=self._parent(), attributes=attributes)
+        # the prefill belongs to the request (before the first cycle), the rest to a cycle
+        parent = self.tracing.trace.set_span_in_context(self.request) if name == "prefill" \
+            else self._parent()
+        span = self.tracing.tracer.start_span(name, context=parent, attributes=attributes)
         t0 = time.perf_counter()
         try:
             yield span
@@ -266,7 +295,10 @@ class TracedTarget:
         with self.spans.call(name, {"deer.tokens": len(token_ids),
                                     "deer.n_query": int(n_query)}) as span:
             r = self.inner.score(seq_id, token_ids, n_query, return_hidden, n_hidden)
-            span.set_attribute("deer.replica", getattr(self.inner, "last_replica", None) or "")
+            rid = getattr(self.inner, "last_replica", None) or ""
+            span.set_attribute("deer.replica", rid)
+        if self.spans.on_replica is not None:
+            self.spans.on_replica("verifier", rid)
         return r
 
     def release(self, seq_id):
@@ -290,7 +322,10 @@ class TracedDrafter:
                                        "deer.context_tokens": len(context_ids)}) as span:
             d = self.inner.draft(seq_id, context_ids, anchor, k, sampling, generator,
                                  context_hidden)
-            span.set_attribute("deer.replica", getattr(self.inner, "last_replica", None) or "")
+            rid = getattr(self.inner, "last_replica", None) or ""
+            span.set_attribute("deer.replica", rid)
+        if self.spans.on_replica is not None:
+            self.spans.on_replica("drafter", rid)
         return d
 
     def release(self, seq_id):
