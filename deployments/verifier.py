@@ -36,15 +36,21 @@ class Verifier:
     def __init__(self, target_path: str, *, device: Optional[str] = None,
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
                  torch_threads: Optional[int] = None, batching: bool = True,
-                 max_batch_size: int = 16):
-        from deer_serve.targets.hf import HFTarget
-
+                 max_batch_size: int = 16, backend: str = "torch"):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.target_path = str(target_path)
-        self.backend = HFTarget.from_pretrained(self.target_path, device=device,
-                                                max_sequences=max_sequences,
-                                                feature_layers=feature_layers)
+        if backend == "vllm":  # the vLLM engine scores (deer_serve.targets.vllm_backend)
+            from deer_serve.targets.vllm_backend import VLLMTarget as Target
+        elif backend == "torch":
+            from deer_serve.targets.hf import HFTarget as Target
+        else:
+            raise ValueError(f"verifier backend must be 'torch' or 'vllm', got {backend!r}")
+        self.backend = Target.from_pretrained(self.target_path, device=device,
+                                              max_sequences=max_sequences,
+                                              feature_layers=feature_layers)
+        if backend == "vllm":
+            self.backend.engine(0)  # start vLLM now, not on the first request
         # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
         self._lock = threading.Lock()
         # concurrent requests' verify calls -> one ragged forward (off: one forward per call)
@@ -54,7 +60,8 @@ class Verifier:
         """What a remote `TargetBackend` proxy needs to know about this target."""
         b = self.backend
         return {"vocab_size": b.vocab_size, "eos_token_id": b.eos_token_id,
-                "feature_dim": b.feature_dim, "feature_layers": list(b.feature_layers)}
+                "feature_dim": b.feature_dim, "feature_layers": list(b.feature_layers),
+                "backend": type(b).__name__}
 
     def score(self, seq_id: str, token_ids: np.ndarray, n_query: int, return_hidden: bool = False,
               n_hidden: Optional[int] = None) -> ScoreReply:

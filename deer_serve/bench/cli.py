@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from deer_serve.bench.methods import ALL_METHODS, PLD_TOKENS, SERVICE_METHODS
+from deer_serve.bench.methods import ALL_METHODS, PLD_TOKENS, SERVICE_METHODS, VLLM_METHODS
 
 QUICK = {"suite": "humaneval", "limit": 6, "methods": "ar,deer,hf-assisted,pld",
          "temperature": "0", "block_size": "16,8", "max_new_tokens": 64, "repeats": 1,
@@ -191,6 +191,13 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))
+        elif name in VLLM_METHODS:
+            from deer_serve.bench.methods import VLLMMethod
+
+            try:  # vLLM missing or failing to start: report it, run the other methods
+                out.append(VLLMMethod(name, models, k0))
+            except Exception as e:  # noqa: BLE001
+                out.append(UnavailableMethod(name, f"vLLM: {type(e).__name__}: {e}"))
         else:
             out.append(HFGenerateMethod(name, models))
     return out

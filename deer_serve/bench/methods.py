@@ -7,6 +7,9 @@
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
+  vllm             plain vLLM decoding of the same target (`VLLMTarget.generate`, mode "ar")
+  deer-vllm        vLLM verifies DEER drafts: its rejection sampler, drafts from `DeerProposer`
+                   (vLLM's custom-class proposer; deer_serve.targets.vllm_proposer); main k
   deer-ray         DEER through the Ray Serve app (HTTP), pipelining as the service has it
   deer-ray-nopipe  the same with pipelining switched off per request
 
@@ -35,7 +38,8 @@ from deer_serve.types import SamplingParams
 ENGINE_METHODS = ("ar", "deer", "deer-pld")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
-ALL_METHODS = ENGINE_METHODS + HF_METHODS + SERVICE_METHODS
+VLLM_METHODS = ("vllm", "deer-vllm")
+ALL_METHODS = ENGINE_METHODS + HF_METHODS + SERVICE_METHODS + VLLM_METHODS
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in FINDINGS.md
 
 
@@ -243,3 +247,33 @@ class HFGenerateMethod:
         return Sample(token_ids=cut_at_eos(gen, self.models.eos_token_id), wall_s=wall,
                       accept_lengths=accept, timings=timings, cycles=max(0, n_fwd - 1),
                       target_forwards=n_fwd)
+
+
+class VLLMMethod:
+    """`vllm` (plain vLLM decoding) or `deer-vllm` (vLLM verifies DEER drafts), one engine each.
+
+    The engine starts at construction (not timed). Timings: "draft" = time in the proposer
+    (drafter forward + the target features it computes), "verify" = the rest of vLLM's loop.
+    cycles / target_forwards: for deer-vllm the proposer's cycles; for vllm one per token."""
+
+    def __init__(self, name: str, models: Models, block_size: int):
+        if name not in VLLM_METHODS:
+            raise ValueError(name)
+        from deer_serve.targets.vllm_backend import VLLMTarget
+
+        self.name, self.models = name, models
+        self.mode = "deer" if name == "deer-vllm" else "ar"
+        self.block_size = block_size if self.mode == "deer" else None
+        self.target = VLLMTarget(models.target_path, drafter_path=models.drafter_path)
+        self.target.engine(block_size if self.mode == "deer" else 0)
+
+    def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
+        t0 = time.perf_counter()
+        r = self.target.generate(prompt_ids, sampling, mode=self.mode,
+                                 block_size=self.block_size or 1)
+        wall = time.perf_counter() - t0
+        ids = cut_at_eos(r.token_ids, self.models.eos_token_id)
+        acc = list(r.accept_lengths) if self.mode == "deer" else None
+        cycles = len(acc) if acc is not None else max(0, len(ids) - 1)
+        return Sample(token_ids=ids, wall_s=wall, accept_lengths=acc, timings=dict(r.timings),
+                      cycles=cycles, target_forwards=cycles + 1)

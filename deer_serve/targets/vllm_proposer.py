@@ -134,7 +134,8 @@ class DeerProposer:
             rows.append(i)
             ctxs.append(ctx)
             anchors.append(anchor)
-            hiddens.append(self._context_features(i, ctx) if self.features is not None else None)
+        hiddens = self._context_features(rows, ctxs) if self.features is not None and rows \
+            else [None] * len(rows)
         if rows:
             k = min(self.k, *(self.max_model_len - len(c) - 2 for c in ctxs))
             for i, toks in zip(rows, self._draft(rows, ctxs, anchors, hiddens, k)):
@@ -158,19 +159,32 @@ class DeerProposer:
                    for s, c, a, h in zip(sids, ctxs, anchors, hiddens)]
         return [[int(t) for t in r.tokens.tolist()] for r in res]
 
-    def _context_features(self, row: int, ctx: list[int]) -> torch.Tensor:
-        """(len(ctx), F) target features of the context, extended incrementally per row."""
+    def _context_features(self, rows: list[int], ctxs: list[list[int]]) -> list[torch.Tensor]:
+        """(len(ctx), F) target features of each row's context, extended incrementally per row
+        (only the positions a row's cache lacks run, all rows in ONE ragged forward)."""
         from deer_serve.targets.hf import common_prefix_len
 
-        old_ids, old = self._feats.get(row, ([], None))
-        c = common_prefix_len(old_ids, ctx) if old is not None else 0
-        if c >= len(ctx):
-            return old[: len(ctx)]
-        res = self.features.score(f"{self._prefix}{row}", ctx, 1, return_hidden=True,
-                                  n_hidden=len(ctx) - c)
-        feats = res.hidden if c == 0 else torch.cat([old[:c], res.hidden])
-        self._feats[row] = (list(ctx), feats)
-        return feats
+        out: list = [None] * len(rows)
+        todo, starts = [], []
+        for j, (row, ctx) in enumerate(zip(rows, ctxs)):
+            old_ids, old = self._feats.get(row, ([], None))
+            c = common_prefix_len(old_ids, ctx) if old is not None else 0
+            if c >= len(ctx):
+                out[j] = old[: len(ctx)]
+            else:
+                todo.append(j)
+                starts.append(c)
+        if todo:
+            res = self.features.score_batch(
+                [f"{self._prefix}{rows[j]}" for j in todo], [ctxs[j] for j in todo],
+                [1] * len(todo), return_hidden=True,
+                n_hidden=[len(ctxs[j]) - c for j, c in zip(todo, starts)])
+            for j, c, r in zip(todo, starts, res):
+                old = self._feats.get(rows[j], ([], None))[1]
+                feats = r.hidden if c == 0 else torch.cat([old[:c], r.hidden])      # (len, F)
+                self._feats[rows[j]] = (list(ctxs[j]), feats)
+                out[j] = feats
+        return out
 
 
 def _embedded_drafter():
