@@ -1,0 +1,97 @@
+"""The Router's fault handling, admission and tracing in-process (no Ray): a verifier call that
+fails mid-request is resumed from the token ids (greedy output still plain AR), one that keeps
+failing ends in a 503 within the resume budget, overload is a 429, a bad key a 401, and the
+span tree of one request is request -> prefill + cycles -> draft / verify."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from deployments.router import _error_body  # noqa: E402
+from deployments.schemas import RequestError  # noqa: E402
+from test_router import (  # noqa: E402,F401  (fixtures)
+    PROMPT, LocalHandle, complete, drafters, make_router, reference, stream, verifier)
+
+
+def test_a_verifier_failure_mid_request_is_resumed_and_stays_lossless(tiny_checkpoints, drafters,
+                                                                       verifier, reference):
+    def hook(name, n):
+        if name == "score" and n in (4, 9):  # two replicas "die" during the request
+            raise RuntimeError("verifier replica died")
+
+    router = make_router(tiny_checkpoints, drafters["tokens"], verifier)
+    asyncio.run(router.target_meta())
+    router.verifier = LocalHandle(verifier, hook)
+    ref = reference(PROMPT, 24)
+    o, text = complete(router, {"prompt": PROMPT, "max_tokens": 24})
+    assert o.token_ids == ref.token_ids and text == ref.text and not o.fallback
+    assert router.counts["resumed"] == 2
+    # streamed: the same text, nothing repeated across the resume
+    router.verifier = LocalHandle(verifier, hook)
+    parts = stream(router, {"prompt": PROMPT, "max_tokens": 24})
+    assert [i for _, ids, _ in parts for i in ids] == ref.token_ids
+
+
+def test_a_verifier_that_stays_down_is_a_503_within_the_resume_budget(tiny_checkpoints,
+                                                                     drafters, verifier):
+    router = make_router(tiny_checkpoints, drafters["tokens"], verifier,
+                         verifier_resumes=2, verifier_resume_window_s=5.0)
+    asyncio.run(router.target_meta())
+
+    def hook(name, n):
+        if name == "score" and n >= 3:
+            raise RuntimeError("verifier replica died")
+    router.verifier = LocalHandle(verifier, hook)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as e:
+        complete(router, {"prompt": PROMPT, "max_tokens": 16})
+    assert time.monotonic() - t0 < 5.0
+    status, body = _error_body(e.value)
+    assert status == 503 and body["error"]["code"] == "verifier_unavailable"
+    assert router.counts["resumed"] == 2 and router._active == 0
+
+
+def test_admission_and_api_keys(tiny_checkpoints, drafters, verifier):
+    router = make_router(tiny_checkpoints, drafters["tokens"], verifier, max_pending_requests=2,
+                         api_keys=["k1"])
+    with pytest.raises(RequestError) as e:
+        router.admit(None, "http")
+    assert e.value.status == 401
+    a, b = router.admit("k1", "http"), router.admit("k1", "grpc")
+    with pytest.raises(RequestError) as e:
+        router.admit("k1", "http")
+    assert e.value.status == 429 and e.value.code == "overloaded"
+    a.release()
+    a.release()  # idempotent
+    c = router.admit("k1", "http")
+    assert router._active == 2
+    b.release()
+    c.release()
+    assert router._active == 0
+
+
+def test_one_request_span_tree(tiny_checkpoints, drafters, verifier):
+    router = make_router(tiny_checkpoints, drafters["tokens"], verifier,
+                         tracing={"exporter": "memory"})
+
+    async def go():
+        p = await router.prepare({"prompt": PROMPT, "max_tokens": 12}, "completions")
+        o, _ = await router.complete(p)
+        return p, o
+    p, o = asyncio.run(go())
+    spans = router.tracing.recent(p.trace_id)
+    names = [s["name"] for s in spans]
+    assert names.count("request") == 1 and names.count("prefill") == 1
+    root = next(s for s in spans if s["name"] == "request")
+    cycles = [s for s in spans if s["name"] == "cycle"]
+    assert len(cycles) == o.cycles and all(c["parent_id"] == root["span_id"] for c in cycles)
+    assert [c["attributes"]["deer.accepted"] for c in cycles
+            if "deer.accepted" in c["attributes"]] == o.accept_lengths
+    for c in cycles:
+        kids = [s["name"] for s in spans if s["parent_id"] == c["span_id"]]
+        assert kids in (["draft", "verify"], ["verify"]), kids
