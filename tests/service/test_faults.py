@@ -1,0 +1,182 @@
+"""Fault injection on live replicas (`ray.kill`) while 16 streams are running, and clients that
+go away. One app for the module, 2 Drafter and 2 Verifier replicas (tests/service/ops_app.py).
+
+Must show: killing a Drafter replica loses no request and every greedy text is the plain AR
+text; killing a Verifier replica gives each request its full correct text (resumed from its
+token ids on the other replica) or a retriable error, within seconds, never a hang.
+
+The replica killed is the one that answered the most calls since the streams started. Serve's
+handle absorbs part of a kill itself (it marks the dead replica and routes later calls to the
+live one); the Router's own paths (drafter -> AR fallback, verifier -> resume from the token
+ids) are counted and printed here, and exercised deterministically in-process in
+tests/deployments/test_router_faults.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from deer_serve.engine import generate
+from deer_serve.targets.hf import HFTarget
+from deer_serve.types import SamplingParams
+from ops_app import delete, deploy, http, kill_replica, replica_actors, wait_replicas
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+APP = "faults"
+N_STREAMS = 16
+MAX_TOKENS = 48
+WORDS = ["def", "for", "class", "import", "while", "print", "return", "if"]
+PROMPTS = [f"{WORDS[i % 8]} x{i} in range({i}):\n" for i in range(N_STREAMS)]
+
+
+@pytest.fixture(scope="module")
+def app(service):
+    a = deploy(service, APP, drafter={"num_replicas": 2}, verifier={"num_replicas": 2},
+               service={"verifier_resume_window_s": 20.0})
+    try:
+        yield a
+    finally:
+        delete(a)
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(service.target_path)
+    target = HFTarget.from_pretrained(service.target_path, device="cpu")
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return {p: generate(target, None, tok.encode(p, add_special_tokens=False),
+                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar", detokenize=decode)
+            for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=app.http + "/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+def stream_all(client, app, kill):
+    """16 streamed completions at once; `kill()` runs once every stream has its first tokens.
+    Returns (per prompt {text, ids, deer, error, t_end}, t_kill)."""
+    started = threading.Barrier(N_STREAMS + 1, timeout=180)
+    out = {}
+
+    def one(prompt):
+        text, ids, deer, error, first = "", [], None, None, True
+        try:
+            for chunk in client.completions.create(model=app.model, prompt=prompt,
+                                                   max_tokens=MAX_TOKENS, temperature=0,
+                                                   stream=True):
+                for ch in chunk.choices:
+                    text += ch.text
+                    ids += ch.token_ids
+                deer = chunk.model_extra.get("deer") or deer
+                if first:
+                    first = False
+                    started.wait()
+        except Exception as e:  # noqa: BLE001 (judged by the caller)
+            error = e
+        finally:
+            if first:
+                started.abort()
+        out[prompt] = {"text": text, "ids": ids, "deer": deer, "error": error,
+                       "t_end": time.monotonic()}
+
+    with ThreadPoolExecutor(N_STREAMS) as pool:
+        futures = [pool.submit(one, p) for p in PROMPTS]
+        started.wait()
+        t_kill = time.monotonic()
+        running = sum(not f.done() for f in futures)
+        kill()
+        for f in futures:
+            f.result(timeout=300)  # never hangs
+    return out, t_kill, running
+
+
+def test_killing_a_drafter_replica_loses_no_stream_and_stays_lossless(app, client, reference):
+    wait_replicas(APP, "Drafter", 2)  # (Serve replaces a killed replica; no test waits for it)
+    killed = []
+    state0 = app.handle("Router").ops_state.remote().result(timeout_s=30)
+    out, _, running = stream_all(client, app, lambda: killed.append(
+        kill_replica(APP, "Drafter", busiest_since=state0)))
+    assert running >= N_STREAMS // 2, "the kill came after most streams had ended"
+    for p in PROMPTS:
+        r, ref = out[p], reference[p]
+        assert r["error"] is None, (p, r["error"])
+        assert r["ids"] == ref.token_ids and r["text"] == ref.text, p
+    assert killed[0] not in replica_actors(APP, "Drafter")
+    fell_back = sum(bool(out[p]["deer"] and out[p]["deer"]["fallback"]) for p in PROMPTS)
+    print(f"drafter kill ({killed[0]}): {running} streams running, {fell_back} finished by AR "
+          f"fallback, all {N_STREAMS} equal plain AR")
+
+
+def test_killing_a_verifier_replica_gives_full_text_or_a_retriable_error(app, client, reference):
+    import openai
+
+    wait_replicas(APP, "Verifier", 2)
+    state0 = app.handle("Router").ops_state.remote().result(timeout_s=30)
+    killed = []
+    out, t_kill, running = stream_all(client, app, lambda: killed.append(
+        kill_replica(APP, "Verifier", busiest_since=state0)))
+    assert running >= N_STREAMS // 2
+    full, retriable = 0, 0
+    for p in PROMPTS:
+        r, ref = out[p], reference[p]
+        if r["error"] is None:
+            assert r["ids"] == ref.token_ids and r["text"] == ref.text, p
+            full += 1
+        else:  # mid-stream: the last event is OpenAI's error object, code verifier_unavailable
+            e = r["error"]
+            assert isinstance(e, openai.APIError), repr(e)
+            body = e.body if isinstance(e.body, dict) else {}
+            assert body.get("code") == "verifier_unavailable" or \
+                getattr(e, "status_code", None) == 503, repr(e)
+            assert r["t_end"] - t_kill < 30, "the error took more than the resume window"
+            # what was streamed before the error is a prefix of the right answer
+            assert ref.token_ids[:len(r["ids"])] == r["ids"]
+            retriable += 1
+    state = app.handle("Router").ops_state.remote().result(timeout_s=30)
+    print(f"verifier kill ({killed[0]}): {running} streams running; {full} full and correct, "
+          f"{retriable} retriable errors; {state['resumed'] - state0['resumed']} resumes")
+    assert full + retriable == N_STREAMS
+    assert killed[0] not in replica_actors(APP, "Verifier")
+
+
+def test_a_client_that_goes_away_cancels_its_decode(app):
+    """HTTP stream closed, non-streamed request timed out: each time the Router stops the
+    decode loop (no more draft/verify calls; both caches released). (gRPC: Ray Serve 2.60's
+    gRPC proxy does not pass a client's cancel of a server stream on to the replica; the decode
+    then runs to its end.)"""
+    import requests
+
+    router = app.handle("Router")
+    before = router.ops_state.remote().result(timeout_s=30)["cancelled"]
+    body = {"prompt": PROMPTS[0], "max_tokens": 256, "mode": "ar", "stream": True}
+    with requests.post(app.http + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # non-streamed: the client gives up after a second
+    with pytest.raises(requests.exceptions.Timeout):
+        requests.post(app.http + "/v1/completions", json={**body, "stream": False}, timeout=1)
+    t_end = time.monotonic() + 30
+    while time.monotonic() < t_end:
+        st = router.ops_state.remote().result(timeout_s=30)
+        if st["cancelled"] - before >= 2 and st["active"] == 0:
+            break
+        time.sleep(0.2)
+    assert st["cancelled"] - before >= 2 and st["active"] == 0, st
+    # nothing left in the replicas' caches (several calls: they reach both replicas)
+    for dep in ("Verifier", "Drafter"):
+        h = app.handle(dep)
+        for _ in range(4):
+            assert h.health.remote().result(timeout_s=30)["cached_sequences"] == 0, dep
+    status, _, _ = http("GET", app.http + "/healthz")
+    assert status == 200
