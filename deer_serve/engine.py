@@ -59,10 +59,13 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
                   detokenize: Optional[Callable[[list[int]], str]] = None,
                   seq_id: Optional[str] = None,
                   eos_token_id: Union[int, Collection[int], None] = None,
+                  adaptive_k: bool = False,
                   ) -> Generator[StepOutput, None, GenerationResult]:
     """Validate now (ValueError), then return the decode generator.
 
     mode: "deer" (draft k tokens per cycle with `drafter`) or "ar" (plain decoding of `target`).
+    adaptive_k: block_size becomes the largest k; each cycle's k follows the request's own
+    acceptance (`AdaptiveK`). Lossless either way: k depends only on past cycles.
     detokenize: ids -> text; needed for `sampling.stop` and for `GenerationResult.text`.
     eos_token_id: None = `target.eos_token_id`; ignored with `sampling.ignore_eos`.
     """
@@ -74,10 +77,37 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
     eos = set() if sampling.ignore_eos or eos_token_id is None else (
         {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
     return _decode(target, drafter, prompt, sampling, mode, int(block_size), detokenize,
-                   seq_id or f"gen-{uuid.uuid4().hex}", eos)
+                   seq_id or f"gen-{uuid.uuid4().hex}", eos,
+                   AdaptiveK(int(block_size)) if adaptive_k else None)
 
 
-def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos):
+class AdaptiveK:
+    """Per-request block size from its acceptance history.
+
+    An exponential moving average `tau` of the accepted drafts per cycle (start: `start`) sets
+    k to the smallest power of two >= 2 * tau + 2, within [min_k, max_k]. A block much longer
+    than what gets accepted costs verify and draft time for nothing; one as long as what gets
+    accepted caps the cycle's gain. Powers of two keep the k of concurrent requests few, so a
+    batched drafter forms few groups."""
+
+    def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7):
+        self.max_k, self.min_k = max_k, min(min_k, max_k)
+        self.tau, self.decay = start, decay
+
+    def next_k(self) -> int:
+        want, k = round(2 * self.tau + 2), 1
+        while k < want:
+            k *= 2
+        return max(self.min_k, min(self.max_k, k))
+
+    def update(self, accepted: int, k: int) -> None:
+        # a block that was accepted whole says only "at least k": count it a bit higher
+        a = accepted + (1 if accepted == k else 0)
+        self.tau = self.decay * self.tau + (1 - self.decay) * a
+
+
+def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos,
+            adapt: Optional[AdaptiveK] = None):
     gen = torch.Generator()  # CPU: see the module docstring
     if sampling.seed is not None:
         gen.manual_seed(sampling.seed)
@@ -137,7 +167,8 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
 
         while finish is None:
             # Never draft past the budget: a cycle emits at most k+1 tokens.
-            k = min(block_size, sampling.max_new_tokens - len(out) - 1) if use_drafter else 0
+            kmax = adapt.next_k() if adapt is not None else block_size
+            k = min(kmax, sampling.max_new_tokens - len(out) - 1) if use_drafter else 0
             cycles += 1
             if k == 0:
                 # 2a. Plain AR step: the anchor alone, its row is the next token's p.
@@ -175,6 +206,8 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                     n, nx = accept_speculative(y, lens, q, p[None], gen)
                 n_acc, nxt = int(n), int(nx)
                 accept_lengths.append(n_acc)
+                if adapt is not None:
+                    adapt.update(n_acc, k)
             # 5. Commit the anchor and the accepted drafts; `nxt` is the new anchor.
             if use_features:
                 feats = torch.cat([feats, res.hidden[: (n_acc or 0) + 1]])       # (len(ctx), F)
