@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", metavar="PATH", help="DEER drafter checkpoint (default: embedded)")
     g.add_argument("--target-backend", choices=tuple(TARGET_BACKENDS), default="torch")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    g.add_argument("--adaptive-k", action="store_true",
+                   help="per-cycle block size from the request's acceptance (--block-size = max)")
     g.add_argument("--lookup", choices=("off", "merge", "only"), default="off",
                    help="prompt-lookup drafting: merge = lookup continuation when the context "
                         "repeats, else the diffusion block; only = lookup alone (no drafter)")
@@ -123,7 +125,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from deer_serve.engine import generate
 
         gen = lambda ids: generate(target, drafter, ids, sampling, mode=args.mode,  # noqa: E731
-                                   block_size=args.block_size, detokenize=detok)
+                                   block_size=args.block_size, detokenize=detok,
+                                   adaptive_k=args.adaptive_k)
 
     detok = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     for prompt in prompts:

@@ -188,6 +188,8 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
                 out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k))
         elif name == "deer-pld":
             out.append(EngineMethod("deer-pld", models, "deer", k0, lookup=True))
+        elif name == "deer-adaptive":
+            out.append(EngineMethod("deer-adaptive", models, "deer", k0, adaptive_k=True))
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))

@@ -2,6 +2,8 @@
 
   ar               deer_serve engine, mode "ar" (plain decoding of the HFTarget)
   deer             deer_serve engine, mode "deer" with the DeerDrafterBackend (one per block size)
+  deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
+                   the main k is the largest)
   deer-pld         the same, with prompt-lookup candidates merged in (`LookupDrafter` around the
                    DEER drafter: a lookup hit is proposed instead of the diffusion block); main k
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
@@ -35,7 +37,7 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-pld")
+ENGINE_METHODS = ("ar", "deer", "deer-pld", "deer-adaptive")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -127,8 +129,8 @@ class EngineMethod:
     """`ar`, `deer` or `deer-pld`: the deer_serve decode loop in this process."""
 
     def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
-                 lookup: bool = False):
-        self.name, self.models, self.mode = name, models, mode
+                 lookup: bool = False, adaptive_k: bool = False):
+        self.name, self.models, self.mode, self.adaptive_k = name, models, mode, adaptive_k
         self.block_size = block_size if mode == "deer" else None
         self.target = models.hf_target
         self.drafter = models.drafter if mode == "deer" else None
@@ -144,7 +146,7 @@ class EngineMethod:
         t0 = time.perf_counter()
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
-                     seq_id=f"bench-{uuid.uuid4().hex}")
+                     seq_id=f"bench-{uuid.uuid4().hex}", adaptive_k=self.adaptive_k)
         wall = time.perf_counter() - t0
         extra = {}
         if hasattr(self.drafter, "hits"):  # LookupDrafter: cycles that took a lookup proposal

@@ -30,7 +30,21 @@ def ablation_rows(run: Path) -> list[tuple[str, str, dict]]:
             continue
         rows.append((mode, "Stage I only", m.get("after_stage1", {})))
         rows.append((mode, "Stage I + II", m.get("final", {})))
+    chain = continuations(run)
+    if chain:
+        total = sum(_load(run / c / "final" / "metrics.json").get("steps", 0) for c in chain)
+        rows.append(("target-features", f"+ {total} more Stage II steps, docstring data (shipped)",
+                     _load(run / chain[-1] / "final" / "metrics.json").get("final", {})))
     return rows
+
+
+def continuations(run: Path) -> list[str]:
+    """D2A continuation runs (`--init-from`), in order: drafter-v2, drafter-v3, ..."""
+    out, i = [], 2
+    while (run / f"drafter-v{i}" / "final" / "metrics.json").exists():
+        out.append(f"drafter-v{i}")
+        i += 1
+    return out
 
 
 def plot_accuracy(run: Path, out_png: Path) -> None:
@@ -40,7 +54,9 @@ def plot_accuracy(run: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, label in (("drafter", "target-features"), ("drafter-tokens", "tokens")):
+    chain = continuations(run)
+    named = [(chain[-1], "target-features, shipped")] if chain else []
+    for name, label in named + [("drafter", "target-features, Stage I+II"), ("drafter-tokens", "tokens")]:
         m = _load(run / name / "final" / "metrics.json").get("final", {})
         for k, style in (("16", "-"), ("32", "--")):
             if k in m:
@@ -137,6 +153,27 @@ Stored in float32 (it defines the output distribution).
         table += f"| {mode} | {stage} | " + " | ".join(
             str(m[k]["tau"]) if k in m else "n/a" for k in KS) + " |\n"
     tok_cfg = _load(run / "drafter-tokens" / "final" / "metrics.json").get("config", {})
+    cont = ""
+    chain = continuations(run)
+    if chain:
+        cont = ("\n## Continued D2A (the shipped weights)\n\nThe Stage I + II drafter above was "
+                "continued with Stage II only, on the teacher data plus "
+                f"{len(teacher.get('doc_ids', [])):,} greedy continuations of prompts that end after a "
+                "function's docstring (HumanEval's prompt shape, cut from the corpus's train files; "
+                f"{len(teacher.get('val_doc_ids', [])):,} from validation files for the metrics). "
+                "Each row is one run of `deer-serve train --stages drafter --init-from PREVIOUS "
+                "--stage1-steps 0 --stage2-steps N --lr2 LR`; the last one is shipped.\n\n"
+                "| run | steps | lr2 | minutes | " + " | ".join(f"tau k={k}" for k in KS)
+                + " | " + " | ".join(f"docstring tau k={k}" for k in KS) + " |\n|---|---|---|---|"
+                + "---|" * (2 * len(KS)) + "\n")
+        for c in chain:
+            m = _load(run / c / "final" / "metrics.json")
+            f, cfg = m.get("final", {}), m.get("config", {})
+            doc = f.get("docstring", {})
+            cont += (f"| {c} (from {Path(cfg.get('init_from') or '?').parent.name if cfg.get('init_from', '').endswith('final') else cfg.get('init_from')}) "
+                     f"| {m.get('steps')} | {cfg.get('lr2')} | {m.get('train_seconds', 0) / 60:.0f} | "
+                     + " | ".join(str(f[k]["tau"]) if k in f else "n/a" for k in KS) + " | "
+                     + " | ".join(str(doc[k]["tau"]) if k in doc else "n/a" for k in KS) + " |\n")
     he = ""
     if bench:
         he = "\n## On HumanEval (the bench, end to end)\n\n" + bench.get("_card", "")
@@ -167,7 +204,7 @@ initialised from the target's {tok_cfg.get('init_layers')} layers); it is here t
 
 {table}
 ![accuracy by block position](accuracy_by_position.png)
-
+{cont}
 ## Costs on this machine (median ms, CPU, HF eager target, {costs['context_len']}-token context)
 
 | plain step | verify k=8 | verify k=16 | verify k=32 | draft k=8 | draft k=16 | draft k=32 |
