@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="a running deer-serve (http://HOST:PORT) for service methods; "
                                  "default: start one in this process")
     p.add_argument("--seed", type=int, default=0, help="base seed of sampled runs (default 0)")
+    p.add_argument("--service-args", type=json.loads, default=None, metavar="JSON",
+                   help='AppConfig fields for the service the bench starts, e.g. \'{"batching": false}\'')
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: leave torch's default)")
     p.add_argument("--quick", action="store_true",
@@ -119,7 +121,7 @@ def resolve(args: argparse.Namespace) -> dict:
             "target": str(args.target or paths["target"]),
             "drafter": str(args.drafter or paths["drafter"]),
             "ar_draft": str(args.ar_draft or paths["ar-draft"]), "url": args.url,
-            "threads": args.threads or None}
+            "threads": args.threads or None, "service_args": args.service_args}
 
 
 def default_paths() -> dict:
@@ -273,7 +275,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                 if not client.healthy():
                     raise ServiceError(f"no healthy deer-serve at {s['url']} (GET /healthz)")
             else:
-                service_ctx = LocalService(s["target"], s["drafter"], s["block_sizes"][0]).__enter__()
+                service_ctx = LocalService(s["target"], s["drafter"], s["block_sizes"][0],
+                                           extra_args=s.get("service_args")).__enter__()
                 client = ServiceClient(service_ctx.url)
         except Exception as e:  # the other methods still run; the service ones report this
             service_error = f"{type(e).__name__}: {e}"
@@ -282,7 +285,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info()
     settings = {k: s[k] for k in ("suite", "limit", "methods", "temperatures", "block_sizes",
                                   "max_new_tokens", "repeats", "concurrency", "seed", "quick",
-                                  "target", "drafter", "ar_draft", "url", "threads")}
+                                  "target", "drafter", "ar_draft", "url", "threads", "service_args")}
     settings.update(eos_token_id=models.eos_token_id, interleaved=True, warmup=True,
                     prompt_tokens_mean=round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
                     main_block_size=s["block_sizes"][0],

@@ -129,9 +129,9 @@ class LocalService:
     """The deer-serve app, started in this process on a local Ray (`with LocalService(...)`)."""
 
     def __init__(self, target_path: str, drafter_path: str, block_size: int,
-                 startup_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0, extra_args: Optional[dict] = None):
         self.args = {"target_path": str(target_path), "drafter_path": str(drafter_path),
-                     "block_size": int(block_size), "device": "cpu"}
+                     "block_size": int(block_size), "device": "cpu", **(extra_args or {})}
         self.startup_timeout_s = startup_timeout_s
         self.url: Optional[str] = None
         self._started_ray = False
