@@ -108,9 +108,16 @@ def kill_replica(app: str, deployment: str, busiest_since: Optional[dict] = None
     if busiest_since is not None:
         role = deployment.lower()
         before = busiest_since["replica_calls"][role]
-        now = serve_handle(app, "Router").ops_state.remote().result(timeout_s=30)
-        calls = {rid: n - before.get(rid, 0) for rid, n in now["replica_calls"][role].items()}
-        live = [n for n in names if calls.get(n.rsplit("#", 1)[1], 0) > 0]
+        # A call is counted when it returns: the streams' first tokens (their prefill) can
+        # come before the first draft has returned on a slow machine, so wait for one.
+        t_end = time.monotonic() + 30.0
+        while True:
+            now = serve_handle(app, "Router").ops_state.remote().result(timeout_s=30)
+            calls = {rid: n - before.get(rid, 0) for rid, n in now["replica_calls"][role].items()}
+            live = [n for n in names if calls.get(n.rsplit("#", 1)[1], 0) > 0]
+            if live or time.monotonic() > t_end:
+                break
+            time.sleep(0.02)
         assert live, f"no live {deployment} replica has answered the Router since: {calls}"
         name = max(live, key=lambda n: calls[n.rsplit("#", 1)[1]])
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
