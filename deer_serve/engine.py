@@ -29,7 +29,7 @@ from typing import Callable, Collection, Generator, Optional, Sequence, Union
 import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
-from deer_serve.sampling import greedy, process_logits, sample
+from deer_serve.sampling import process_logits, sample
 from deer_serve.types import Drafter, GenerationResult, SamplingParams, TargetBackend
 
 MODES = ("deer", "ar")
@@ -124,10 +124,10 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
     accept_lengths: list[int] = []
     cycles, finish = 0, None
 
-    def pick(logits: torch.Tensor) -> list[int]:  # logits (n, V) -> n tokens, from p alone
+    def pick(res) -> list[int]:  # a ScoreResult of n_query 1 -> its token, from p alone
         if sampling.greedy:
-            return greedy(logits).tolist()
-        p = process_logits(logits.cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
+            return res.argmax().tolist()
+        p = process_logits(res.logits.cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
         return sample(p, gen).tolist()
 
     def commit(new: list[int]) -> tuple[list[int], Optional[str]]:
@@ -157,7 +157,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             feats = res.hidden                                              # (len(ctx), F)
         else:
             res = target.score(seq_id, ctx, 1)
-        anchor = pick(res.logits[-1:])[0]
+        anchor = pick(res)[-1]
         sync()
         T["prefill"] += time.perf_counter() - t0
         new, finish = commit([anchor])
@@ -174,7 +174,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 # 2a. Plain AR step: the anchor alone, its row is the next token's p.
                 t0 = time.perf_counter()
                 res = target.score(seq_id, ctx + [anchor], 1, return_hidden=use_features)
-                nxt = pick(res.logits)[0]
+                nxt = pick(res)[0]
                 sync()
                 T["verify"] += time.perf_counter() - t0
                 n_acc, drafts = None, []
@@ -198,7 +198,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 y = torch.tensor([drafts], dtype=torch.long)                    # (1, k)
                 lens = torch.tensor([k], dtype=torch.long)                      # (1,)
                 if sampling.greedy:
-                    n, nx = accept_greedy(y, lens, greedy(res.logits).cpu()[None])  # (1,k+1) argmax
+                    n, nx = accept_greedy(y, lens, res.argmax().cpu()[None])  # (1,k+1) argmax
                 else:
                     p = process_logits(res.logits.cpu(), sampling.temperature,
                                        sampling.top_k, sampling.top_p)          # (k+1, V)

@@ -52,12 +52,22 @@ class ScoreResult:
     """What a target backend returns for one sequence.
 
     logits: (n_query, V) float32 raw logits; row i is the distribution of the token AFTER
-            query position i (query positions = the last n_query tokens of the call).
+            query position i (query positions = the last n_query tokens of the call). None
+            only when `greedy_ids` is given.
     hidden: (n_query, F) target features of the query positions, or None when not asked for.
+    greedy_ids: (n_query,) argmax of each logits row, when a remote backend sent only that
+            (greedy decoding needs nothing else; `deployments.verifier`).
     """
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     hidden: Optional[torch.Tensor] = None
+    greedy_ids: Optional[torch.Tensor] = None
+
+    def argmax(self) -> torch.Tensor:
+        """(n_query,) the greedy token of each query position."""
+        if self.greedy_ids is not None:
+            return self.greedy_ids
+        return self.logits.argmax(-1)
 
 
 class TargetBackend(Protocol):

@@ -38,6 +38,9 @@ class RayActorOptions(BaseModel):
         return opts
 
 
+AFFINITY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+
+
 class DeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -194,13 +197,20 @@ def build_app(args: Optional[dict] = None):
 
     # `measured`: each replica reports its busy fraction and call rate to Serve's autoscaler
     # (the drafter:verifier ratio policy, deployments.autoscaling); the classes stay plain
+    # affinity: each request's calls stay on one replica per pool (the router sets the request
+    # id as the session; Serve's consistent-hash router maps sessions to replicas)
+    pool_opts = {}
+    if cfg.service.affinity:
+        from ray.serve.config import RequestRouterConfig
+
+        pool_opts["request_router_config"] = RequestRouterConfig(request_router_class=AFFINITY_ROUTER)
     drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
-                               **cfg.drafter.options()).bind(
+                               **cfg.drafter.options(), **pool_opts).bind(
         cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
         use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
-                                **cfg.verifier.options()).bind(
+                                **cfg.verifier.options(), **pool_opts).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend)

@@ -251,9 +251,11 @@ class Router:
         far, so greedy output is the target's plain AR output whatever happens."""
         s, spans = self.settings, p.spans
         mode, drafter, fallback = p.req.mode, None, False
+        verifier_h = self.call_handle(self.verifier, p.id)
         if mode == "deer":
             try:
-                drafter = RemoteDrafter(self.drafter, self.drafter_meta(), s.drafter_timeout_s)
+                drafter = RemoteDrafter(self.call_handle(self.drafter, p.id), self.drafter_meta(),
+                                        s.drafter_timeout_s)
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
@@ -266,7 +268,8 @@ class Router:
             rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
             timeout = s.verifier_timeout_s if give_up_at is None else \
                 max(1.0, min(s.verifier_timeout_s, give_up_at - time.monotonic()))
-            target = RemoteTarget(self.verifier, self._target_meta, timeout)
+            target = RemoteTarget(verifier_h, self._target_meta, timeout,
+                                  argmax_only=s.greedy_argmax and p.sampling.greedy)
             d = drafter if mode == "deer" else None
             if spans is not None:
                 target = TracedTarget(target, spans)
@@ -318,6 +321,17 @@ class Router:
                     spans.close()
             cycles += max(0, steps - 1)  # the segment's first step was its prefill
         raise VerifierUnavailable("the request was resumed too many times")
+
+    def call_handle(self, handle, request_id: str):
+        """The handle one request's draft and verify calls go through: by value over Serve's
+        gRPC channel (`transport: direct`) and, with `affinity`, with the request as its
+        session, so Serve's consistent-hash router keeps it on one replica of each pool."""
+        kw: dict[str, Any] = {}
+        if self.settings.transport == "direct":
+            kw["_by_reference"] = False
+        if self.settings.affinity:
+            kw["session_id"] = request_id
+        return handle.options(**kw) if kw else handle
 
     def _count_replica(self, role: str, rid: str) -> None:  # from decode threads: approximate
         calls = self.replica_calls[role]

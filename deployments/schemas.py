@@ -72,6 +72,18 @@ class ServiceOptions(BaseModel):
         30.0, gt=0, description="after a verifier failure, the request gives up (503) when it "
                                 "has not resumed within this many seconds")
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    # the decode loop's transport (issue: every draft and verify is a call between replicas)
+    transport: Literal["direct", "object-store"] = Field(
+        "direct", description="draft and verify calls: 'direct' = Serve's gRPC channel "
+        "between replicas, arguments and replies by value (a handle option); 'object-store' = "
+        "through Ray's object store (Serve's default)")
+    affinity: bool = Field(
+        True, description="every call of one request goes to the same Drafter and Verifier "
+        "replica (Serve's consistent-hash request router over the request id as session), so "
+        "their KV caches are hits; off = Serve's power-of-two-choices per call")
+    greedy_argmax: bool = Field(
+        True, description="at temperature 0 the Verifier replies with each position's argmax "
+        "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
 
 
 class RequestError(Exception):

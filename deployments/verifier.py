@@ -27,9 +27,10 @@ from deployments.telemetry import replica_id
 
 @dataclass
 class ScoreReply:
-    logits: np.ndarray                   # (n_query, V) float32 raw logits
+    logits: Optional[np.ndarray]         # (n_query, V) float32 raw logits; None with argmax_only
     hidden: Optional[np.ndarray] = None  # (n_hidden, F) float16 target features, when asked
     replica: Optional[str] = None        # the Serve replica that answered (tracing)
+    argmax: Optional[np.ndarray] = None  # (n_query,) int32 greedy tokens, with argmax_only
 
 
 class Verifier:
@@ -64,8 +65,10 @@ class Verifier:
                 "backend": type(b).__name__}
 
     def score(self, seq_id: str, token_ids: np.ndarray, n_query: int, return_hidden: bool = False,
-              n_hidden: Optional[int] = None) -> ScoreReply:
-        """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`."""
+              n_hidden: Optional[int] = None, argmax_only: bool = False) -> ScoreReply:
+        """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`. argmax_only: reply
+        with each query position's greedy token instead of its logits (greedy decoding: n_query
+        ints cross the network instead of n_query x V floats)."""
         ids = np.asarray(token_ids).tolist()
         if self._batcher is not None:
             res = self._batcher.submit((seq_id, ids, int(n_query), bool(return_hidden), n_hidden))
@@ -76,6 +79,9 @@ class Verifier:
         hidden = None
         if res.hidden is not None:
             hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
+        if argmax_only:
+            return ScoreReply(logits=None, hidden=hidden, replica=replica_id(),
+                              argmax=res.logits.argmax(-1).to(torch.int32).cpu().numpy())
         return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,   # (n_query, V)
                           replica=replica_id())
 
@@ -134,8 +140,10 @@ class RemoteTarget:
 
     device = None  # timings need no device sync here
 
-    def __init__(self, handle, meta: dict, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
+    def __init__(self, handle, meta: dict, timeout_s: float, argmax_only: bool = False):
+        """argmax_only: ask for greedy tokens instead of logits (only for greedy decoding: the
+        results then carry `greedy_ids` and no logits)."""
+        self.handle, self.timeout_s, self.argmax_only = handle, timeout_s, argmax_only
         self.vocab_size = int(meta["vocab_size"])
         self.eos_token_id = meta["eos_token_id"]
         self.feature_dim = int(meta["feature_dim"])
@@ -144,12 +152,18 @@ class RemoteTarget:
               return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
         ids = np.asarray(token_ids, dtype=np.int32)                                 # (T,)
         try:
-            r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden) \
-                .result(timeout_s=self.timeout_s)
+            if self.argmax_only:
+                r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden,
+                                             True).result(timeout_s=self.timeout_s)
+            else:
+                r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden) \
+                    .result(timeout_s=self.timeout_s)
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
         self.last_replica = r.replica
         hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
+        if r.argmax is not None:
+            return ScoreResult(logits=None, hidden=hidden, greedy_ids=as_tensor(r.argmax).long())
         return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
 
     def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:

@@ -19,7 +19,7 @@ from deer_serve.types import SamplingParams  # noqa: E402
 from deployments.drafter import Drafter  # noqa: E402
 from deployments.router import Router, RouterSettings, TextStream, _error_body  # noqa: E402
 from deployments.schemas import RequestError  # noqa: E402
-from deployments.verifier import Verifier  # noqa: E402
+from deployments.verifier import RemoteTarget, Verifier  # noqa: E402
 
 PROMPT = "def add(a, b):\n"
 
@@ -51,6 +51,10 @@ class LocalHandle:
 
     def __init__(self, obj, hook=None):
         self.obj, self.hook, self.calls = obj, hook, {}
+
+    def options(self, **kw):  # Serve's per-request handle options (transport, session)
+        self.last_options = kw
+        return self
 
     def __getattr__(self, name):
         fn = getattr(self.obj, name)
@@ -283,3 +287,27 @@ def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
     assert ts.push([7], False) == "€"
     assert ts.push([3, 4, 5], True) == ""  # the stop string and what follows are cut
     assert ts.full_text() == "ab\nc€"
+
+
+def test_argmax_replies_carry_the_logits_argmax_and_nothing_else(verifier):
+    ids = np.arange(5, 25, dtype=np.int32)
+    full = verifier.score("argmax-a", ids, 6, True)
+    small = verifier.score("argmax-b", ids, 6, True, None, True)
+    assert small.logits is None and small.argmax.dtype == np.int32
+    assert small.argmax.tolist() == full.logits.argmax(-1).tolist()
+    assert np.array_equal(small.hidden, full.hidden)
+    meta = verifier.meta()
+    remote = RemoteTarget(LocalHandle(verifier), meta, 30.0, argmax_only=True)
+    r = remote.score("argmax-c", ids.tolist(), 6)
+    assert r.logits is None and r.argmax().tolist() == full.logits.argmax(-1).tolist()
+
+
+def test_router_calls_go_by_value_with_the_request_as_session(tiny_checkpoints, drafters,
+                                                               verifier):
+    on = make_router(tiny_checkpoints, drafters["tokens"], verifier)
+    h = on.call_handle(LocalHandle(verifier), "req-1")
+    assert h.last_options == {"_by_reference": False, "session_id": "req-1"}
+    off = make_router(tiny_checkpoints, drafters["tokens"], verifier,
+                      transport="object-store", affinity=False)
+    plain = LocalHandle(verifier)
+    assert off.call_handle(plain, "req-1") is plain and not hasattr(plain, "last_options")

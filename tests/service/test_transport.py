@@ -1,0 +1,100 @@
+"""The decode loop's transport on a live app with 2 Drafter and 2 Verifier replicas:
+
+- affinity (on by default): every draft and verify call of one request lands on the same
+  replica of each pool (Serve's consistent-hash router, the request id as session), read from
+  the `deer.replica` attribute of the request's spans; without it Serve's power-of-two-choices
+  spreads a request's ~10 calls over both replicas;
+- every transport setting (by value / object store, argmax replies / logits) gives the plain
+  AR text at temperature 0, and sampled requests (which need the logits) still work.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from deer_serve.engine import generate
+from deer_serve.targets.hf import HFTarget
+from deer_serve.types import SamplingParams
+from ops_app import delete, deploy, http
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+PROMPTS = ["def add(a, b):\n", "for i in range(10):\n", "class Stack:\n", "import os\n",
+           "while True:\n", "print('x')\n"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def app(service):
+    a = deploy(service, "transport", drafter={"num_replicas": 2}, verifier={"num_replicas": 2},
+               service={"tracing": {"exporter": "memory"}})
+    try:
+        yield a
+    finally:
+        delete(a)
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(service.target_path)
+    target = HFTarget.from_pretrained(service.target_path, device="cpu")
+    return {p: generate(target, None, tok.encode(p, add_special_tokens=False),
+                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar").token_ids
+            for p in PROMPTS}
+
+
+def complete(app, prompt: str, **kw) -> tuple[dict, str]:
+    status, body, headers = http("POST", app.http + "/v1/completions",
+                                 {"prompt": prompt, "max_tokens": MAX_TOKENS, **kw})
+    assert status == 200, body
+    return body, {k.lower(): v for k, v in headers.items()}["x-trace-id"]
+
+
+def replicas_of(app, trace_id: str) -> dict[str, set]:
+    spans = app.handle("Router").recent_spans.remote(trace_id).result(timeout_s=30)
+    out: dict[str, set] = {"draft": set(), "verify": set()}
+    for s in spans:
+        name = "verify" if s["name"] == "prefill" else s["name"]
+        if name in out:
+            out[name].add(s["attributes"]["deer.replica"])
+    return out
+
+
+def test_affinity_keeps_each_request_on_one_replica_per_pool(app, reference):
+    seen = {"draft": set(), "verify": set()}
+    for p in PROMPTS:
+        body, trace = complete(app, p, temperature=0)
+        assert body["choices"][0]["token_ids"] == reference[p], p
+        assert body["deer"]["cycles"] >= 3, body["deer"]  # several calls to each pool
+        reps = replicas_of(app, trace)
+        assert len(reps["verify"]) == 1 and len(reps["draft"]) == 1, (p, reps)
+        for k in seen:
+            seen[k] |= reps[k]
+    print(f"affinity: {len(PROMPTS)} requests used verifier replicas {sorted(seen['verify'])}, "
+          f"drafter replicas {sorted(seen['draft'])}")
+
+
+@pytest.mark.parametrize("service_opts", [
+    {"transport": "object-store", "greedy_argmax": False, "affinity": False},
+    {"transport": "direct", "greedy_argmax": False, "affinity": False},
+    {"transport": "object-store", "greedy_argmax": True, "affinity": True},
+], ids=["object-store+logits", "direct+logits", "object-store+argmax"])
+def test_every_transport_gives_the_plain_ar_text(service, reference, service_opts):
+    a = deploy(service, "transport-alt", own_models=False,
+               service={"tracing": {"exporter": "memory"}, **service_opts})
+    try:
+        for p in PROMPTS[:3]:
+            body, _ = complete(a, p, temperature=0)
+            assert body["choices"][0]["token_ids"] == reference[p], (service_opts, p)
+        body, _ = complete(a, PROMPTS[0], temperature=0.8, seed=1)  # logits needed here
+        assert len(body["choices"][0]["token_ids"]) >= 1
+    finally:
+        delete(a)
+
+
+def test_sampled_requests_get_logits_and_stay_seeded(app):
+    a, _ = complete(app, PROMPTS[1], temperature=0.8, seed=7)
+    b, _ = complete(app, PROMPTS[1], temperature=0.8, seed=7)
+    assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
