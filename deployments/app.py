@@ -51,6 +51,10 @@ class DeploymentConfig(BaseModel):
                           "target_ongoing_requests, ...")
     max_ongoing_requests: Optional[int] = Field(None, ge=1, description="per replica")
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="torch threads per replica (default: its num_cpus, at least 1). "
+        "More than num_cpus pays when the pools take turns (one stream: draft, then verify) "
+        "and costs when they run at once")
 
     @model_validator(mode="after")
     def _one_scaling(self):
@@ -192,8 +196,8 @@ def build_app(args: Optional[dict] = None):
 
     cfg = (args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})).resolved()
     feature_layers = check_models(cfg)
-    def threads(d: DeploymentConfig) -> int:  # torch threads = the CPUs Ray reserved
-        return max(1, int(d.ray_actor_options.num_cpus))
+    def threads(d: DeploymentConfig) -> int:  # default: the CPUs Ray reserved
+        return d.torch_threads or max(1, int(d.ray_actor_options.num_cpus))
 
     # `measured`: each replica reports its busy fraction and call rate to Serve's autoscaler
     # (the drafter:verifier ratio policy, deployments.autoscaling); the classes stay plain
@@ -213,7 +217,8 @@ def build_app(args: Optional[dict] = None):
                                 **cfg.verifier.options(), **pool_opts).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
-        batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend)
+        batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
+        drafter=drafter, tokenizer_path=cfg.tokenizer_path)  # (drafter: for `loop: verifier`)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, limits=cfg.limits, drafter_timeout_s=cfg.drafter_timeout_s,

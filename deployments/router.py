@@ -41,13 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Generator, Optional, Sequence
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deer_serve.engine import StepOutput, iter_generate
-from deer_serve.types import SamplingParams
+from deer_serve.types import GenerationResult, SamplingParams
 from deployments.drafter import DrafterUnavailable, RemoteDrafter
 from deployments.schemas import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
@@ -271,12 +272,18 @@ class Router:
             target = RemoteTarget(verifier_h, self._target_meta, timeout,
                                   argmax_only=s.greedy_argmax and p.sampling.greedy)
             d = drafter if mode == "deer" else None
-            if spans is not None:
-                target = TracedTarget(target, spans)
-                d = TracedDrafter(d, spans) if d is not None else None
-            it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
-                               block_size=p.block_size, seq_id=f"{p.id}-{seg}",
-                               detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
+            if s.loop == "verifier":
+                d = None  # the Verifier replica drafts (and falls back to AR) itself
+                it = self._verifier_loop(verifier_h, p, p.prompt_ids + prev, rest,
+                                         "deer" if drafter is not None and mode == "deer"
+                                         else "ar", f"{p.id}-{seg}")
+            else:
+                if spans is not None:
+                    target = TracedTarget(target, spans)
+                    d = TracedDrafter(d, spans) if d is not None else None
+                it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
+                                   block_size=p.block_size, seq_id=f"{p.id}-{seg}",
+                                   detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
             steps = 0
             try:
                 while True:
@@ -285,6 +292,9 @@ class Router:
                     except StopIteration as stop:
                         r = stop.value
                         self._pipeline_counts(r)
+                        if getattr(r, "fallback", False):  # (loop: verifier) it fell back there
+                            fallback = True
+                            self._fallback("drafter_to_ar")
                         return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
                                        r.finish_reason, fallback, r.timings)
                     except DrafterUnavailable as e:
@@ -321,6 +331,36 @@ class Router:
                     spans.close()
             cycles += max(0, steps - 1)  # the segment's first step was its prefill
         raise VerifierUnavailable("the request was resumed too many times")
+
+    def _verifier_loop(self, handle, p: Prepared, prompt_ids: list[int], sampling: SamplingParams,
+                       mode: str, seq_id: str) -> Generator[StepOutput, None, GenerationResult]:
+        """`loop: verifier`: the segment's decode loop as one streaming call to a Verifier
+        replica (`Verifier.decode`). Yields its StepOutputs and returns its result (with a
+        `fallback` attribute); a failed stream is a VerifierUnavailable (the caller resumes)."""
+        s = self.settings
+        stream = handle.options(stream=True).decode.remote(
+            np.asarray(prompt_ids, dtype=np.int32), sampling, mode, p.block_size, seq_id,
+            p.id if s.affinity else None, s.transport, s.drafter_timeout_s)
+        try:
+            for kind, val in stream:
+                if kind == "step":
+                    yield val
+                    continue
+                r = GenerationResult(token_ids=val["token_ids"], finish_reason=val["finish_reason"],
+                                     accept_lengths=val["accept_lengths"], cycles=val["cycles"],
+                                     timings=val["timings"])
+                r.fallback = val["fallback"]
+                return r
+        except GeneratorExit:
+            raise
+        except Exception as e:
+            raise VerifierUnavailable(f"verifier decode failed: {e!r}") from e
+        finally:
+            try:
+                stream.cancel()  # the client went away or the loop ended: stop the remote loop
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        raise VerifierUnavailable("the verifier's decode stream ended without a result")
 
     def call_handle(self, handle, request_id: str):
         """The handle one request's draft and verify calls go through: by value over Serve's

@@ -81,6 +81,11 @@ class ServiceOptions(BaseModel):
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "
         "their KV caches are hits; off = Serve's power-of-two-choices per call")
+    loop: Literal["router", "verifier"] = Field(
+        "router", description="where a request's decode loop runs: 'router' (the Router calls "
+        "the Drafter and the Verifier every cycle: two remote calls) or 'verifier' (one "
+        "streaming call to a Verifier replica, which runs the loop and calls the Drafter: one "
+        "remote call per cycle; spans then stop at the request)")
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")

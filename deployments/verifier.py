@@ -37,7 +37,13 @@ class Verifier:
     def __init__(self, target_path: str, *, device: Optional[str] = None,
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
                  torch_threads: Optional[int] = None, batching: bool = True,
-                 max_batch_size: int = 16, backend: str = "torch"):
+                 max_batch_size: int = 16, backend: str = "torch", drafter=None,
+                 tokenizer_path: Optional[str] = None):
+        """drafter: a handle to the Drafter deployment, for `decode` (the loop in this replica,
+        `ServiceOptions.loop: verifier`); tokenizer_path: for the stop strings of `decode`."""
+        self.drafter = drafter
+        self.tokenizer_path = tokenizer_path or str(target_path)
+        self._tokenizer = None
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.target_path = str(target_path)
@@ -117,11 +123,115 @@ class Verifier:
         with self._lock:
             self.backend.release(seq_id)
 
+    def decode(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int, seq_id: str,
+               session: Optional[str] = None, transport: str = "direct",
+               drafter_timeout_s: float = 30.0):
+        """One request's whole decode loop in this replica (`ServiceOptions.loop: verifier`):
+        `deer_serve.engine.iter_generate` over this replica's target (through the batcher, so
+        concurrent loops share forwards) and the Drafter deployment; a cycle costs one remote
+        call (the draft) instead of two. Yields ("step", StepOutput) per target forward, then
+        ("done", summary). A drafter failure finishes the request as plain AR decoding from
+        the tokens emitted so far (`fallback` in the summary), so greedy output stays the
+        target's plain AR output."""
+        from dataclasses import replace
+
+        from deer_serve.engine import iter_generate
+        from deployments.drafter import DrafterUnavailable, RemoteDrafter
+
+        prompt = np.asarray(prompt_ids).tolist()
+        detok = self._detokenizer() if sampling.stop else None
+        out: list[int] = []
+        accepts: list[int] = []
+        cycles, fallback, timings = 0, False, {}
+        drafter = None
+        if mode == "deer":
+            h = self.drafter
+            if h is None:
+                raise ValueError("this Verifier was built without a Drafter handle")
+            opts = {"_by_reference": False} if transport == "direct" else {}
+            if session is not None:
+                opts["session_id"] = session
+            h = h.options(**opts) if opts else h
+            try:
+                meta = h.meta.remote().result(timeout_s=drafter_timeout_s)
+                drafter = RemoteDrafter(h, meta, drafter_timeout_s)
+            except Exception:  # noqa: BLE001 - no drafter: plain AR, as the router does
+                mode, fallback = "ar", True
+        target = _LocalTarget(self)
+        for seg in range(2):  # a drafter failure ends segment 0; segment 1 is plain AR
+            prev = list(out)
+            rest = replace(sampling, max_new_tokens=sampling.max_new_tokens - len(prev))
+            it = iter_generate(target, drafter if mode == "deer" else None, prompt + prev, rest,
+                               mode=mode, block_size=block_size, seq_id=f"{seq_id}-v{seg}",
+                               detokenize=None if detok is None else
+                               (lambda ids, prev=prev: detok(prev + ids)))
+            steps = 0
+            try:
+                while True:
+                    try:
+                        step = next(it)
+                    except StopIteration as stop:
+                        r = stop.value
+                        for k, v in r.timings.items():
+                            timings[k] = timings.get(k, 0.0) + v
+                        yield "done", {"token_ids": prev + r.token_ids, "accept_lengths": accepts,
+                                       "cycles": cycles + r.cycles, "fallback": fallback,
+                                       "finish_reason": r.finish_reason, "timings": timings}
+                        return
+                    except DrafterUnavailable:
+                        mode, fallback = "ar", True
+                        cycles += max(0, steps - 1)  # the segment's first step was its prefill
+                        break
+                    steps += 1
+                    out += step.new_token_ids
+                    if step.accepted is not None:
+                        accepts.append(step.accepted)
+                    yield "step", step
+            finally:
+                it.close()
+        raise RuntimeError("decode ended without a result")
+
+    def _detokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        tok = self._tokenizer
+        return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
     def health(self) -> dict:
         return {"ok": True, "cached_sequences": len(getattr(self.backend, "_seqs", ()))}
 
     def info(self) -> dict:
         return replica_info("verifier", self.target_path, str(self.backend.device))
+
+
+class _LocalTarget:
+    """This replica's `score` (batched, metered) as a `TargetBackend`, for `Verifier.decode`;
+    replies take the same form as over the network (features in float16)."""
+
+    device = None
+
+    def __init__(self, v: Verifier):
+        self.v = v
+        meta = v.meta()
+        self.vocab_size, self.eos_token_id = int(meta["vocab_size"]), meta["eos_token_id"]
+        self.feature_dim = int(meta["feature_dim"])
+
+    def score(self, seq_id, token_ids, n_query, return_hidden=False, n_hidden=None) -> ScoreResult:
+        r = self.v.score(seq_id, np.asarray(token_ids, dtype=np.int32), n_query, return_hidden,
+                         n_hidden)
+        return reply_to_result(r)
+
+    def release(self, seq_id: str) -> None:
+        self.v.release(seq_id)
+
+
+def reply_to_result(r: ScoreReply) -> ScoreResult:
+    hidden = None if r.hidden is None else as_tensor(r.hidden)                     # (n, F) fp16
+    if r.argmax is not None:
+        return ScoreResult(logits=None, hidden=hidden, greedy_ids=as_tensor(r.argmax).long())
+    return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
 
 
 # ---- the router's side ------------------------------------------------------------------------
@@ -161,10 +271,7 @@ class RemoteTarget:
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
         self.last_replica = r.replica
-        hidden = None if r.hidden is None else as_tensor(r.hidden)                 # (n, F) fp16
-        if r.argmax is not None:
-            return ScoreResult(logits=None, hidden=hidden, greedy_ids=as_tensor(r.argmax).long())
-        return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)               # (n_query, V)
+        return reply_to_result(r)
 
     def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
         return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]

@@ -49,7 +49,7 @@ def complete(app, prompt: str, **kw) -> tuple[dict, str]:
     status, body, headers = http("POST", app.http + "/v1/completions",
                                  {"prompt": prompt, "max_tokens": MAX_TOKENS, **kw})
     assert status == 200, body
-    return body, {k.lower(): v for k, v in headers.items()}["x-trace-id"]
+    return body, {k.lower(): v for k, v in headers.items()}.get("x-trace-id")
 
 
 def replicas_of(app, trace_id: str) -> dict[str, set]:
@@ -98,3 +98,39 @@ def test_sampled_requests_get_logits_and_stay_seeded(app):
     a, _ = complete(app, PROMPTS[1], temperature=0.8, seed=7)
     b, _ = complete(app, PROMPTS[1], temperature=0.8, seed=7)
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
+
+
+def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service, reference):
+    """`loop: verifier`: one streaming call per request, the Verifier replica drafts through
+    the Drafter deployment; greedy text is plain AR's, streamed or not, stop strings hold."""
+    import openai
+
+    a = deploy(service, "transport-vloop", own_models=False, service={"loop": "verifier"})
+    try:
+        for p in PROMPTS[:3]:
+            body, _ = complete(a, p, temperature=0)
+            assert body["choices"][0]["token_ids"] == reference[p], p
+            d = body["deer"]
+            # every cycle but a last plain step (no room left for a draft) accepted drafts
+            assert d["accept_lengths"] and d["cycles"] - len(d["accept_lengths"]) in (0, 1), d
+            assert not d["fallback"]
+        client = openai.OpenAI(base_url=a.http + "/v1", api_key="unused", max_retries=0)
+        ids = []
+        for chunk in client.completions.create(model=a.model, prompt=PROMPTS[3],
+                                               max_tokens=MAX_TOKENS, temperature=0, stream=True):
+            ids += chunk.choices[0].token_ids if chunk.choices else []
+        assert ids == reference[PROMPTS[3]]
+        ar, _ = complete(a, PROMPTS[4], temperature=0, mode="ar")
+        assert ar["choices"][0]["token_ids"] == reference[PROMPTS[4]]
+        full, _ = complete(a, PROMPTS[0], temperature=0)
+        text = full["choices"][0]["text"]
+        stop = text[len(text) // 2: len(text) // 2 + 3]
+        if stop.strip():
+            cut, _ = complete(a, PROMPTS[0], temperature=0, stop=[stop])
+            assert cut["choices"][0]["text"] == text[:text.find(stop)]
+            assert cut["choices"][0]["finish_reason"] == "stop"
+        s1, _ = complete(a, PROMPTS[1], temperature=0.8, seed=3)
+        s2, _ = complete(a, PROMPTS[1], temperature=0.8, seed=3)
+        assert s1["choices"][0]["token_ids"] == s2["choices"][0]["token_ids"]
+    finally:
+        delete(a)
