@@ -88,13 +88,27 @@ class AdaptiveK:
     k to the smallest power of two >= 2 * tau + 2, within [min_k, max_k]. A block much longer
     than what gets accepted costs verify and draft time for nothing; one as long as what gets
     accepted caps the cycle's gain. Powers of two keep the k of concurrent requests few, so a
-    batched drafter forms few groups."""
+    batched drafter forms few groups.
 
-    def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7):
+    When tau falls below `ar_below` (drafting no longer pays: a cycle yields under
+    1 + ar_below tokens), k is 0 for `ar_steps` steps: plain AR steps of the target, no draft.
+    Then one cycle drafts again (a probe); if tau stays low the next AR stretch is twice as
+    long (up to `max_ar_steps`), else it is back to `ar_steps`. `ar_below=0` never stops
+    drafting. Every choice depends only on past acceptance, so output stays exact and a seeded
+    run repeats."""
+
+    def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7,
+                 ar_below: float = 1.0, ar_steps: int = 8, max_ar_steps: int = 64):
         self.max_k, self.min_k = max_k, min(min_k, max_k)
         self.tau, self.decay = start, decay
+        self.ar_below, self.ar_steps, self.max_ar_steps = ar_below, ar_steps, max_ar_steps
+        self.ar_left, self.ar_len = 0, ar_steps
 
     def next_k(self) -> int:
+        """The next cycle's block size; 0 = a plain AR step."""
+        if self.ar_left > 0:
+            self.ar_left -= 1
+            return 0
         want, k = round(2 * self.tau + 2), 1
         while k < want:
             k *= 2
@@ -104,6 +118,11 @@ class AdaptiveK:
         # a block that was accepted whole says only "at least k": count it a bit higher
         a = accepted + (1 if accepted == k else 0)
         self.tau = self.decay * self.tau + (1 - self.decay) * a
+        if self.tau < self.ar_below:
+            self.ar_left = self.ar_len
+            self.ar_len = min(self.max_ar_steps, 2 * self.ar_len)
+        else:
+            self.ar_len = self.ar_steps
 
 
 def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos,
