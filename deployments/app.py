@@ -88,6 +88,8 @@ class AppConfig(BaseModel):
         None, description="the `model` clients may name (default: the target dir's name)")
     device: Optional[str] = Field(None, description="cpu | cuda | None = cuda when visible")
     block_size: int = Field(16, ge=1, le=MAX_BLOCK_SIZE, description="default draft block k")
+    adaptive_k: bool = Field(False, description="requests adapt k (block_size the largest) and "
+                                                "take plain AR stretches unless they say not to")
     limits: Limits = Field(default_factory=Limits)
     max_sequences: int = Field(64, ge=1, description="KV caches kept per replica (LRU)")
     verifier_backend: Literal["torch", "vllm"] = Field(
@@ -221,7 +223,8 @@ def build_app(args: Optional[dict] = None):
         drafter=drafter, tokenizer_path=cfg.tokenizer_path)  # (drafter: for `loop: verifier`)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
-        block_size=cfg.block_size, limits=cfg.limits, drafter_timeout_s=cfg.drafter_timeout_s,
+        block_size=cfg.block_size, adaptive_k=cfg.adaptive_k, limits=cfg.limits,
+        drafter_timeout_s=cfg.drafter_timeout_s,
         verifier_timeout_s=cfg.verifier_timeout_s,
         max_concurrent_decodes=cfg.max_concurrent_decodes, **cfg.service.model_dump())
     router = serve.deployment(make_ingress(), name="Router",

@@ -66,6 +66,7 @@ class RouterSettings(ServiceOptions):
     served_model_name: str = Field(description="the only accepted `model` value")
     tokenizer_path: str = Field(description="the target's tokenizer (and chat template)")
     block_size: int = Field(16, ge=1, le=64, description="default draft tokens per cycle")
+    adaptive_k: bool = Field(False, description="default of the request field adaptive_k")
     limits: Limits = Field(default_factory=Limits)
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafter calls -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifier calls -> 503")
@@ -78,6 +79,7 @@ class Prepared:
     prompt_ids: list[int]
     sampling: SamplingParams
     block_size: int
+    adaptive_k: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     protocol: str = "http"
     headers: Optional[dict] = None      # W3C trace context to join, if the client sent one
@@ -235,7 +237,8 @@ class Router:
             sampling = req.sampling_params()
         except ValueError as e:
             raise RequestError(str(e), 400) from None
-        return Prepared(req, ids, sampling, req.block_size or s.block_size)
+        return Prepared(req, ids, sampling, req.block_size or s.block_size,
+                        s.adaptive_k if req.adaptive_k is None else req.adaptive_k)
 
     def render_chat(self, req: GenerationRequest) -> str:
         msgs = [{"role": m.role, "content": m.text} for m in req.messages]
@@ -283,6 +286,7 @@ class Router:
                     d = TracedDrafter(d, spans) if d is not None else None
                 it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
                                    block_size=p.block_size, seq_id=f"{p.id}-{seg}",
+                                   adaptive_k=p.adaptive_k,
                                    detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
             steps = 0
             try:
@@ -340,7 +344,7 @@ class Router:
         s = self.settings
         stream = handle.options(stream=True).decode.remote(
             np.asarray(prompt_ids, dtype=np.int32), sampling, mode, p.block_size, seq_id,
-            p.id if s.affinity else None, s.transport, s.drafter_timeout_s)
+            p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k)
         try:
             for kind, val in stream:
                 if kind == "step":

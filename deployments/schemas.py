@@ -147,6 +147,10 @@ class GenerationRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0 = off")
     block_size: Optional[int] = Field(None, ge=1, le=MAX_BLOCK_SIZE,
                                       description="draft tokens per cycle; None = server default")
+    adaptive_k: Optional[bool] = Field(
+        None, description="block size per cycle from this request's acceptance (block_size is "
+        "the largest), with plain AR stretches where drafting does not pay; None = server "
+        "default")
     seed: Optional[int] = Field(None, ge=0, lt=1 << 64, description="reproducible sampling")
     stop: Optional[Union[str, list[str]]] = Field(
         None, description=f"up to {MAX_STOP} strings; the text is cut before the first one")

@@ -125,7 +125,7 @@ class Verifier:
 
     def decode(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int, seq_id: str,
                session: Optional[str] = None, transport: str = "direct",
-               drafter_timeout_s: float = 30.0):
+               drafter_timeout_s: float = 30.0, adaptive_k: bool = False):
         """One request's whole decode loop in this replica (`ServiceOptions.loop: verifier`):
         `deer_serve.engine.iter_generate` over this replica's target (through the batcher, so
         concurrent loops share forwards) and the Drafter deployment; a cycle costs one remote
@@ -163,6 +163,7 @@ class Verifier:
             rest = replace(sampling, max_new_tokens=sampling.max_new_tokens - len(prev))
             it = iter_generate(target, drafter if mode == "deer" else None, prompt + prev, rest,
                                mode=mode, block_size=block_size, seq_id=f"{seq_id}-v{seg}",
+                               adaptive_k=adaptive_k,
                                detokenize=None if detok is None else
                                (lambda ids, prev=prev: detok(prev + ids)))
             steps = 0

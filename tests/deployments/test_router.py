@@ -311,3 +311,20 @@ def test_router_calls_go_by_value_with_the_request_as_session(tiny_checkpoints, 
                       transport="object-store", affinity=False)
     plain = LocalHandle(verifier)
     assert off.call_handle(plain, "req-1") is plain and not hasattr(plain, "last_options")
+
+
+@pytest.mark.parametrize("server_default", [False, True])
+def test_adaptive_k_requests_through_the_router_are_plain_ar(tiny_checkpoints, drafters, verifier,
+                                                             reference, server_default):
+    router = make_router(tiny_checkpoints, drafters["target-features"], verifier,
+                         adaptive_k=server_default)
+    ref = reference(PROMPT, 40)
+    body = {"prompt": PROMPT, "max_tokens": 40}
+    if not server_default:
+        body["adaptive_k"] = True
+    o, text = complete(router, body)
+    assert o.token_ids == ref.token_ids and text == ref.text and not o.fallback
+    fixed, _ = complete(router, {"prompt": PROMPT, "max_tokens": 40, "adaptive_k": False})
+    assert fixed.token_ids == ref.token_ids
+    # the tiny random drafter is rarely right: adaptive requests take plain AR stretches
+    assert len(o.accept_lengths) < len(fixed.accept_lengths)
