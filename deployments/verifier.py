@@ -123,9 +123,30 @@ class Verifier:
         with self._lock:
             self.backend.release(seq_id)
 
-    def decode(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int, seq_id: str,
-               session: Optional[str] = None, transport: str = "direct",
-               drafter_timeout_s: float = 30.0, adaptive_k: bool = False):
+    async def decode(self, *args, **kwargs):
+        """`_decode_steps` as an async generator that advances the loop in a thread of its own:
+        when the Router cancels the stream (its client went away), Serve cancels this coroutine
+        and the loop stops after its current step (Serve does not stop a sync generator)."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        loop = asyncio.get_running_loop()
+        it = self._decode_steps(*args, **kwargs)
+        ex = ThreadPoolExecutor(1, thread_name_prefix="deer-vloop")
+        end = object()
+        try:
+            while True:
+                item = await loop.run_in_executor(ex, next, it, end)
+                if item is end:
+                    return
+                yield item
+        finally:
+            ex.submit(it.close)  # after the step in flight, in the same thread: releases caches
+            ex.shutdown(wait=False)
+
+    def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
+                      seq_id: str, session: Optional[str] = None, transport: str = "direct",
+                      drafter_timeout_s: float = 30.0, adaptive_k: bool = False):
         """One request's whole decode loop in this replica (`ServiceOptions.loop: verifier`):
         `deer_serve.engine.iter_generate` over this replica's target (through the batcher, so
         concurrent loops share forwards) and the Drafter deployment; a cycle costs one remote

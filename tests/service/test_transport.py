@@ -134,3 +134,47 @@ def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service,
         assert s1["choices"][0]["token_ids"] == s2["choices"][0]["token_ids"]
     finally:
         delete(a)
+
+
+def test_a_client_that_goes_away_stops_the_loop_in_the_verifier(service):
+    """`loop: verifier`: closing the HTTP stream cancels the Verifier's decode stream, and the
+    loop stops (no more verify forwards), rather than running on to max_tokens."""
+    import http.client as httpclient
+    import json
+    import time
+    from urllib.parse import urlparse
+
+    a = deploy(service, "transport-cancel", own_models=False, service={"loop": "verifier"})
+    from ray import serve
+
+    verifier = serve.get_deployment_handle("Verifier", app_name="deer")  # own_models=False
+    try:
+        def served() -> int:
+            return int(verifier.batch_stats.remote().result(timeout_s=30).get("items", 0))
+
+        req = {"prompt": PROMPTS[0], "max_tokens": 256, "temperature": 0, "block_size": 1}
+        t0, n_full0 = time.monotonic(), served()
+        status, body, _ = http("POST", a.http + "/v1/completions", req)
+        assert status == 200, body
+        t_full, n_full = time.monotonic() - t0, served() - n_full0
+        u = urlparse(a.http)
+        conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", u.path + "/v1/completions", json.dumps({**req, "stream": True}),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        r.fp.readline()  # the first event: the loop is running
+        conn.sock.shutdown(2)
+        conn.close()
+        t_closed = time.monotonic()
+        time.sleep(0.5)  # the cancel reaches the Router, then the Verifier's stream
+        n0 = served()
+        time.sleep(1.0)
+        n1 = served()
+        print(f"full request: {n_full} verifier calls in {t_full:.2f} s; after the client "
+              f"left: {n1 - n0} calls in 1 s")
+        # the whole request would have gone on well past this window
+        assert t_full > time.monotonic() - t_closed + 0.5 and n_full > 20
+        assert n1 == n0, f"the verifier kept scoring after the client left ({n0} -> {n1})"
+    finally:
+        delete(a)
