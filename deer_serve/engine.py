@@ -176,7 +176,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             feats = res.hidden                                              # (len(ctx), F)
         else:
             res = target.score(seq_id, ctx, 1)
-        anchor = pick(res)[-1]
+        anchor = pick(res)[0]
         sync()
         T["prefill"] += time.perf_counter() - t0
         new, finish = commit([anchor])

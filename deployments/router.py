@@ -57,7 +57,7 @@ from deployments.schemas import (
     _now, check_prompt, parse_request)
 from deployments.security import ApiKeys, grpc_key, http_key
 from deployments.telemetry import CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing
-from deployments.verifier import RemoteTarget, VerifierUnavailable
+from deployments.verifier import RemoteTarget, VerifierUnavailable, route_handle
 
 log = logging.getLogger("deer_serve.router")
 
@@ -277,7 +277,7 @@ class Router:
             d = drafter if mode == "deer" else None
             if s.loop == "verifier":
                 d = None  # the Verifier replica drafts (and falls back to AR) itself
-                it = self._verifier_loop(verifier_h, p, p.prompt_ids + prev, rest,
+                it = self._verifier_loop(verifier_h, p, prev, rest,
                                          "deer" if drafter is not None and mode == "deer"
                                          else "ar", f"{p.id}-{seg}")
             else:
@@ -296,9 +296,6 @@ class Router:
                     except StopIteration as stop:
                         r = stop.value
                         self._pipeline_counts(r)
-                        if getattr(r, "fallback", False):  # (loop: verifier) it fell back there
-                            fallback = True
-                            self._fallback("drafter_to_ar")
                         return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
                                        r.finish_reason, fallback, r.timings)
                     except DrafterUnavailable as e:
@@ -336,26 +333,26 @@ class Router:
             cycles += max(0, steps - 1)  # the segment's first step was its prefill
         raise VerifierUnavailable("the request was resumed too many times")
 
-    def _verifier_loop(self, handle, p: Prepared, prompt_ids: list[int], sampling: SamplingParams,
+    def _verifier_loop(self, handle, p: Prepared, prev: list[int], sampling: SamplingParams,
                        mode: str, seq_id: str) -> Generator[StepOutput, None, GenerationResult]:
-        """`loop: verifier`: the segment's decode loop as one streaming call to a Verifier
-        replica (`Verifier.decode`). Yields its StepOutputs and returns its result (with a
-        `fallback` attribute); a failed stream is a VerifierUnavailable (the caller resumes)."""
+        """`loop: verifier`: the segment (from prompt + prev) as one streaming call to a
+        Verifier replica (`Verifier.decode`). Yields its StepOutputs and returns its result;
+        raises DrafterUnavailable when the Drafter failed there and VerifierUnavailable when the
+        stream failed, which `decode` handles as for its own loop."""
         s = self.settings
         stream = handle.options(stream=True).decode.remote(
-            np.asarray(prompt_ids, dtype=np.int32), sampling, mode, p.block_size, seq_id,
-            p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k)
+            np.asarray(p.prompt_ids + prev, dtype=np.int32), sampling, mode, p.block_size, seq_id,
+            p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k,
+            np.asarray(prev, dtype=np.int32))
         try:
             for kind, val in stream:
                 if kind == "step":
                     yield val
-                    continue
-                r = GenerationResult(token_ids=val["token_ids"], finish_reason=val["finish_reason"],
-                                     accept_lengths=val["accept_lengths"], cycles=val["cycles"],
-                                     timings=val["timings"])
-                r.fallback = val["fallback"]
-                return r
-        except GeneratorExit:
+                elif kind == "drafter_unavailable":
+                    raise DrafterUnavailable(val)
+                else:
+                    return GenerationResult(**val)
+        except DrafterUnavailable:
             raise
         except Exception as e:
             raise VerifierUnavailable(f"verifier decode failed: {e!r}") from e
@@ -367,15 +364,9 @@ class Router:
         raise VerifierUnavailable("the verifier's decode stream ended without a result")
 
     def call_handle(self, handle, request_id: str):
-        """The handle one request's draft and verify calls go through: by value over Serve's
-        gRPC channel (`transport: direct`) and, with `affinity`, with the request as its
-        session, so Serve's consistent-hash router keeps it on one replica of each pool."""
-        kw: dict[str, Any] = {}
-        if self.settings.transport == "direct":
-            kw["_by_reference"] = False
-        if self.settings.affinity:
-            kw["session_id"] = request_id
-        return handle.options(**kw) if kw else handle
+        """The handle one request's draft and verify calls go through (`route_handle`)."""
+        return route_handle(handle, self.settings.transport,
+                            request_id if self.settings.affinity else None)
 
     def _count_replica(self, role: str, rid: str) -> None:  # from decode threads: approximate
         calls = self.replica_calls[role]

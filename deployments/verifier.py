@@ -146,72 +146,53 @@ class Verifier:
 
     def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
                       seq_id: str, session: Optional[str] = None, transport: str = "direct",
-                      drafter_timeout_s: float = 30.0, adaptive_k: bool = False):
-        """One request's whole decode loop in this replica (`ServiceOptions.loop: verifier`):
-        `deer_serve.engine.iter_generate` over this replica's target (through the batcher, so
-        concurrent loops share forwards) and the Drafter deployment; a cycle costs one remote
-        call (the draft) instead of two. Yields ("step", StepOutput) per target forward, then
-        ("done", summary). A drafter failure finishes the request as plain AR decoding from
-        the tokens emitted so far (`fallback` in the summary), so greedy output stays the
-        target's plain AR output."""
-        from dataclasses import replace
-
+                      drafter_timeout_s: float = 30.0, adaptive_k: bool = False,
+                      emitted: Optional[np.ndarray] = None):
+        """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
+        verifier`): `deer_serve.engine.iter_generate` over this replica's target (through the
+        batcher, so concurrent loops share forwards) and the Drafter deployment; a cycle costs
+        one remote call (the draft) instead of two. Yields ("step", StepOutput) per target
+        forward, then ("done", the GenerationResult's fields), or ("drafter_unavailable", why)
+        when the Drafter fails: the Router then goes on in plain AR from the tokens emitted so
+        far, with the segments it uses for `loop: router` too. emitted: the tail of prompt_ids
+        the request has already generated (stop strings look at it)."""
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
-        prompt = np.asarray(prompt_ids).tolist()
-        detok = self._detokenizer() if sampling.stop else None
-        out: list[int] = []
-        accepts: list[int] = []
-        cycles, fallback, timings = 0, False, {}
         drafter = None
         if mode == "deer":
-            h = self.drafter
-            if h is None:
+            if self.drafter is None:
                 raise ValueError("this Verifier was built without a Drafter handle")
-            opts = {"_by_reference": False} if transport == "direct" else {}
-            if session is not None:
-                opts["session_id"] = session
-            h = h.options(**opts) if opts else h
+            h = route_handle(self.drafter, transport, session)
             try:
-                meta = h.meta.remote().result(timeout_s=drafter_timeout_s)
-                drafter = RemoteDrafter(h, meta, drafter_timeout_s)
-            except Exception:  # noqa: BLE001 - no drafter: plain AR, as the router does
-                mode, fallback = "ar", True
-        target = _LocalTarget(self)
-        for seg in range(2):  # a drafter failure ends segment 0; segment 1 is plain AR
-            prev = list(out)
-            rest = replace(sampling, max_new_tokens=sampling.max_new_tokens - len(prev))
-            it = iter_generate(target, drafter if mode == "deer" else None, prompt + prev, rest,
-                               mode=mode, block_size=block_size, seq_id=f"{seq_id}-v{seg}",
-                               adaptive_k=adaptive_k,
-                               detokenize=None if detok is None else
-                               (lambda ids, prev=prev: detok(prev + ids)))
-            steps = 0
-            try:
-                while True:
-                    try:
-                        step = next(it)
-                    except StopIteration as stop:
-                        r = stop.value
-                        for k, v in r.timings.items():
-                            timings[k] = timings.get(k, 0.0) + v
-                        yield "done", {"token_ids": prev + r.token_ids, "accept_lengths": accepts,
-                                       "cycles": cycles + r.cycles, "fallback": fallback,
-                                       "finish_reason": r.finish_reason, "timings": timings}
-                        return
-                    except DrafterUnavailable:
-                        mode, fallback = "ar", True
-                        cycles += max(0, steps - 1)  # the segment's first step was its prefill
-                        break
-                    steps += 1
-                    out += step.new_token_ids
-                    if step.accepted is not None:
-                        accepts.append(step.accepted)
-                    yield "step", step
-            finally:
-                it.close()
-        raise RuntimeError("decode ended without a result")
+                drafter = RemoteDrafter(h, h.meta.remote().result(timeout_s=drafter_timeout_s),
+                                        drafter_timeout_s)
+            except Exception as e:  # noqa: BLE001 - the Router falls back to AR
+                yield "drafter_unavailable", f"drafter meta failed: {e!r}"
+                return
+        detokenize = None
+        if sampling.stop:
+            detok, before = self._detokenizer(), [] if emitted is None else np.asarray(emitted).tolist()
+            detokenize = lambda ids: detok(before + ids)  # noqa: E731
+        it = iter_generate(_LocalTarget(self), drafter, np.asarray(prompt_ids).tolist(), sampling,
+                           mode=mode, block_size=block_size, seq_id=seq_id,
+                           adaptive_k=adaptive_k, detokenize=detokenize)
+        try:
+            while True:
+                try:
+                    step = next(it)
+                except StopIteration as stop:
+                    r = stop.value
+                    yield "done", {"token_ids": r.token_ids, "accept_lengths": r.accept_lengths,
+                                   "cycles": r.cycles, "finish_reason": r.finish_reason,
+                                   "timings": r.timings}
+                    return
+                except DrafterUnavailable as e:
+                    yield "drafter_unavailable", str(e)
+                    return
+                yield "step", step
+        finally:
+            it.close()
 
     def _detokenizer(self):
         if self._tokenizer is None:
@@ -256,6 +237,18 @@ def reply_to_result(r: ScoreReply) -> ScoreResult:
     return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
 
 
+def route_handle(handle, transport: str, session: Optional[str]):
+    """The handle one request's calls go through: by value over Serve's gRPC channel
+    (`transport: direct`) and, given a session (the request id, with `affinity`), kept on one
+    replica by Serve's consistent-hash request router."""
+    kw: dict = {}
+    if transport == "direct":
+        kw["_by_reference"] = False
+    if session is not None:
+        kw["session_id"] = session
+    return handle.options(**kw) if kw else handle
+
+
 # ---- the router's side ------------------------------------------------------------------------
 class VerifierUnavailable(Exception):
     """The verifier failed: nothing can answer the request (503)."""
@@ -284,12 +277,8 @@ class RemoteTarget:
               return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
         ids = np.asarray(token_ids, dtype=np.int32)                                 # (T,)
         try:
-            if self.argmax_only:
-                r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden,
-                                             True).result(timeout_s=self.timeout_s)
-            else:
-                r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden) \
-                    .result(timeout_s=self.timeout_s)
+            r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden,
+                                         self.argmax_only).result(timeout_s=self.timeout_s)
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
         self.last_replica = r.replica

@@ -79,6 +79,23 @@ def deploy(session, name: str, own_models: bool = True, **overrides) -> OpsApp:
                   model=session.model, config=config)
 
 
+def plain_ar(target_path: str, prompts, max_tokens: int) -> dict:
+    """{prompt: GenerationResult} of the target's plain greedy decoding, in-process, tokenized
+    and detokenized as the service does: the reference the service's text must equal."""
+    from transformers import AutoTokenizer
+
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(target_path)
+    target = HFTarget.from_pretrained(target_path, device="cpu")
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return {p: generate(target, None, tok.encode(p, add_special_tokens=False),
+                        SamplingParams(max_new_tokens=max_tokens), mode="ar", detokenize=decode)
+            for p in prompts}
+
+
 def delete(app: OpsApp) -> None:
     from ray import serve
 

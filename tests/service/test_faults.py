@@ -20,10 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deer_serve.engine import generate
-from deer_serve.targets.hf import HFTarget
-from deer_serve.types import SamplingParams
-from ops_app import delete, deploy, http, kill_replica, replica_actors, wait_replicas
+from ops_app import delete, deploy, http, kill_replica, plain_ar, replica_actors, wait_replicas
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -46,14 +43,7 @@ def app(service):
 
 @pytest.fixture(scope="module")
 def reference(service):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(service.target_path)
-    target = HFTarget.from_pretrained(service.target_path, device="cpu")
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return {p: generate(target, None, tok.encode(p, add_special_tokens=False),
-                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar", detokenize=decode)
-            for p in PROMPTS}
+    return plain_ar(service.target_path, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from deer_serve.engine import generate
-from deer_serve.targets.hf import HFTarget
-from deer_serve.types import SamplingParams
-from ops_app import delete, deploy, http
+from ops_app import delete, deploy, http, plain_ar
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -36,13 +33,7 @@ def app(service):
 
 @pytest.fixture(scope="module")
 def reference(service):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(service.target_path)
-    target = HFTarget.from_pretrained(service.target_path, device="cpu")
-    return {p: generate(target, None, tok.encode(p, add_special_tokens=False),
-                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar").token_ids
-            for p in PROMPTS}
+    return {p: r.token_ids for p, r in plain_ar(service.target_path, PROMPTS, MAX_TOKENS).items()}
 
 
 def complete(app, prompt: str, **kw) -> tuple[dict, str]:
