@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     g.add_argument("--adaptive-k", action="store_true",
                    help="per-cycle block size from the request's acceptance (--block-size = max)")
-    g.add_argument("--lookup", choices=("off", "merge", "only"), default="off",
-                   help="prompt-lookup drafting: merge = lookup continuation when the context "
-                        "repeats, else the diffusion block; only = lookup alone (no drafter)")
+    g.add_argument("--lookup", choices=("merge", "off", "only"), default=None,
+                   help="prompt lookup in deer mode: merge = spliced into the diffusion block "
+                        "after its confident head (the default with the torch backend); off = "
+                        "the diffusion block alone (the default with vllm); only = lookup alone")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, one a line")
     g.set_defaults(func=cmd_generate)
 
@@ -115,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.target_backend == "vllm":
         # vLLM runs the decode loop itself and verifies DEER drafts with its rejection sampler
         # (deer_serve.targets.vllm_backend); the drafter is loaded inside vLLM's proposer.
-        if args.lookup != "off":
+        if args.lookup not in (None, "off"):
             raise UsageError("--lookup works with --target-backend torch only")
         target, tokenizer = load_vllm_target(args)
         gen = lambda ids: target.generate(ids, sampling, mode=args.mode,  # noqa: E731
@@ -186,7 +187,7 @@ def load_models(args: argparse.Namespace):
     target_dir = Path(args.target) if args.target else default_target
     drafter_dir = Path(args.drafter) if args.drafter else default_drafter
     needed = [("target", target_dir, args.target)]
-    use_drafter = args.mode == "deer" and getattr(args, "lookup", "off") != "only"
+    use_drafter = args.mode == "deer" and getattr(args, "lookup", None) != "only"
     if use_drafter:
         needed.append(("drafter", drafter_dir, args.drafter))
     for what, path, given in needed:
@@ -221,7 +222,7 @@ def load_models(args: argparse.Namespace):
         if drafter.context_mode == "target-features" and want != target.feature_dim:
             raise UsageError(f"the drafter reads {want} target features, the target gives "
                              f"{target.feature_dim}")
-    lookup = getattr(args, "lookup", "off")
+    lookup = getattr(args, "lookup", None) or "merge"
     if args.mode == "deer" and lookup != "off":
         from deer_serve.drafters.lookup import LookupDrafter
 

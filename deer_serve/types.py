@@ -96,10 +96,15 @@ class TargetBackend(Protocol):
 class DraftResult:
     """tokens: (k,) int64 draft tokens y_1..y_k.
     probs: (k, V) float32 q_i, the processed distribution each y_i was drawn from; None at
-           temperature 0 (greedy acceptance needs only the tokens)."""
+           temperature 0 (greedy acceptance needs only the tokens).
+    conf:  (k,) float32 max_v q_i(v), the drafter's confidence at each position (at
+           temperature 0 from the softmax of the raw logits), or None. It depends on the context
+           only, never on the drawn y_i, so a drafter wrapper may act on it and stay lossless
+           (`deer_serve.drafters.lookup`)."""
 
     tokens: torch.Tensor
     probs: Optional[torch.Tensor] = None
+    conf: Optional[torch.Tensor] = None
 
 
 class Drafter(Protocol):

@@ -34,6 +34,7 @@ from deployments.verifier import as_tensor, replica_info
 class DraftReply:
     tokens: Optional[np.ndarray] = None   # (k,) int32 draft tokens y_1..y_k
     probs: Optional[np.ndarray] = None    # (k, V) float32 q_i; None at temperature 0
+    conf: Optional[np.ndarray] = None     # (k,) float32 max_v q_i(v) (DraftResult.conf)
     need_rows_from: Optional[int] = None  # set (and nothing else) when feature rows are missing
     replica: Optional[str] = None         # the Serve replica that answered (tracing)
 
@@ -113,7 +114,8 @@ class Drafter:
         except _MissingRows as miss:
             return DraftReply(need_rows_from=miss.start)
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
-        return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs,
+        conf = None if d.conf is None else d.conf.float().cpu().numpy()        # (k,)
+        return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs, conf=conf,
                           replica=replica_id())
 
     def _draft_rows(self, items: list) -> list:
@@ -199,7 +201,8 @@ class RemoteDrafter:
         self._sent[seq_id] = n
         self.last_replica = r.replica
         probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
-        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs)          # (k,)
+        conf = None if r.conf is None else as_tensor(r.conf)                       # (k,)
+        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs, conf=conf)  # (k,)
 
     def release(self, seq_id: str) -> None:
         self._sent.pop(seq_id, None)

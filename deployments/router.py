@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deer_serve.drafters.lookup import LookupDrafter
 from deer_serve.engine import StepOutput, iter_generate
 from deer_serve.types import GenerationResult, SamplingParams
 from deployments.drafter import DrafterUnavailable, RemoteDrafter
@@ -260,6 +261,8 @@ class Router:
             try:
                 drafter = RemoteDrafter(self.call_handle(self.drafter, p.id), self.drafter_meta(),
                                         s.drafter_timeout_s)
+                if s.lookup and s.loop == "router":
+                    drafter = LookupDrafter(drafter, vocab_size=int(self._target_meta["vocab_size"]))
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
@@ -343,7 +346,7 @@ class Router:
         stream = handle.options(stream=True).decode.remote(
             np.asarray(p.prompt_ids + prev, dtype=np.int32), sampling, mode, p.block_size, seq_id,
             p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k,
-            np.asarray(prev, dtype=np.int32))
+            np.asarray(prev, dtype=np.int32), s.lookup)
         try:
             for kind, val in stream:
                 if kind == "step":

@@ -89,6 +89,10 @@ class ServiceOptions(BaseModel):
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
+    lookup: bool = Field(
+        True, description="prompt lookup spliced into each drafted block after its confident "
+        "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
+        "diffusion drafter's block alone")
 
 
 class RequestError(Exception):

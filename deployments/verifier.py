@@ -147,7 +147,7 @@ class Verifier:
     def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
                       seq_id: str, session: Optional[str] = None, transport: str = "direct",
                       drafter_timeout_s: float = 30.0, adaptive_k: bool = False,
-                      emitted: Optional[np.ndarray] = None):
+                      emitted: Optional[np.ndarray] = None, lookup: bool = False):
         """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
         verifier`): `deer_serve.engine.iter_generate` over this replica's target (through the
         batcher, so concurrent loops share forwards) and the Drafter deployment; a cycle costs
@@ -155,7 +155,8 @@ class Verifier:
         forward, then ("done", the GenerationResult's fields), or ("drafter_unavailable", why)
         when the Drafter fails: the Router then goes on in plain AR from the tokens emitted so
         far, with the segments it uses for `loop: router` too. emitted: the tail of prompt_ids
-        the request has already generated (stop strings look at it)."""
+        the request has already generated (stop strings look at it). lookup: splice prompt
+        lookup into the drafts (`ServiceOptions.lookup`)."""
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
@@ -170,6 +171,10 @@ class Verifier:
             except Exception as e:  # noqa: BLE001 - the Router falls back to AR
                 yield "drafter_unavailable", f"drafter meta failed: {e!r}"
                 return
+            if lookup:
+                from deer_serve.drafters.lookup import LookupDrafter
+
+                drafter = LookupDrafter(drafter, vocab_size=self.backend.vocab_size)
         detokenize = None
         if sampling.stop:
             detok, before = self._detokenizer(), [] if emitted is None else np.asarray(emitted).tolist()

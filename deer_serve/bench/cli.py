@@ -10,8 +10,9 @@ machine hits all methods alike. Each method gets one untimed warm-up call first.
 
 Block sizes: `deer` runs once per `--block-size` entry; the FIRST is the main one, reported as
 `methods.deer`, the others as `methods["deer@k8"]` etc. (each entry carries its `block_size`).
-`deer-pld` (DEER drafter with prompt-lookup candidates merged in) and the service methods use
-the first block size.
+`deer` drafts as `deer-serve generate` does by default (the DEER drafter's block with prompt
+lookup spliced in); `deer-nolookup` (the DEER drafter alone), `deer-adaptive` and the service
+methods use the first block size.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
 temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`,
@@ -187,11 +188,13 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
             out.append(EngineMethod("ar", models, "ar"))
         elif name == "deer":
             for k in s["block_sizes"]:
-                out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k))
-        elif name == "deer-pld":
-            out.append(EngineMethod("deer-pld", models, "deer", k0, lookup=True))
+                out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k,
+                                        lookup=True))
+        elif name == "deer-nolookup":
+            out.append(EngineMethod("deer-nolookup", models, "deer", k0))
         elif name == "deer-adaptive":
-            out.append(EngineMethod("deer-adaptive", models, "deer", k0, adaptive_k=True))
+            out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
+                                    adaptive_k=True))
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))

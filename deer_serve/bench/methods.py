@@ -1,11 +1,12 @@
 """The methods `deer-serve bench` compares: one class per way of generating, one `Sample` each.
 
   ar               deer_serve engine, mode "ar" (plain decoding of the HFTarget)
-  deer             deer_serve engine, mode "deer" with the DeerDrafterBackend (one per block size)
+  deer             deer_serve engine, mode "deer", as `deer-serve generate` drafts by default:
+                   the DeerDrafterBackend's block with prompt lookup spliced in after its
+                   confident head (`LookupDrafter`); one per block size
+  deer-nolookup    the DeerDrafterBackend's block alone (no lookup); main k
   deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
                    the main k is the largest)
-  deer-pld         the same, with prompt-lookup candidates merged in (`LookupDrafter` around the
-                   DEER drafter: a lookup hit is proposed instead of the diffusion block); main k
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
@@ -37,7 +38,7 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-pld", "deer-adaptive")
+ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -126,7 +127,8 @@ class Models:
 
 
 class EngineMethod:
-    """`ar`, `deer` or `deer-pld`: the deer_serve decode loop in this process."""
+    """`ar`, `deer`, `deer-nolookup` or `deer-adaptive`: the deer_serve decode loop in this
+    process."""
 
     def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
                  lookup: bool = False, adaptive_k: bool = False):
@@ -142,16 +144,18 @@ class EngineMethod:
     def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
         from deer_serve.engine import generate
 
-        hits0, calls0 = getattr(self.drafter, "hits", 0), getattr(self.drafter, "calls", 0)
+        d = self.drafter
+        before = [getattr(d, a, 0) for a in ("hits", "calls", "spliced", "drafted")]
         t0 = time.perf_counter()
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
                      seq_id=f"bench-{uuid.uuid4().hex}", adaptive_k=self.adaptive_k)
         wall = time.perf_counter() - t0
         extra = {}
-        if hasattr(self.drafter, "hits"):  # LookupDrafter: cycles that took a lookup proposal
-            extra = {"lookup_hits": self.drafter.hits - hits0,
-                     "lookup_calls": self.drafter.calls - calls0}
+        if hasattr(d, "hits"):  # LookupDrafter: cycles / draft tokens that came from lookup
+            now = [getattr(d, a, 0) for a in ("hits", "calls", "spliced", "drafted")]
+            extra = {f"lookup_{a}": n - b for a, n, b in
+                     zip(("hits", "calls", "tokens", "drafted"), now, before)}
         return Sample(token_ids=list(r.token_ids), wall_s=wall,
                       accept_lengths=list(r.accept_lengths) if self.mode == "deer" else None,
                       timings=dict(r.timings), cycles=r.cycles, target_forwards=r.cycles + 1,

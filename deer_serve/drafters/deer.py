@@ -108,10 +108,14 @@ class DeerDrafterBackend:
 
 def draft_from_logits(logits: torch.Tensor, sampling: SamplingParams,
                       generator: Optional[torch.Generator]) -> DraftResult:
-    """logits (k, V) -> draft tokens y_i = argmax q_i (T=0) or y_i ~ q_i, drawn independently."""
+    """logits (k, V) -> draft tokens y_i = argmax q_i (T=0) or y_i ~ q_i, drawn independently,
+    and each position's confidence max_v q_i(v)."""
     if sampling.greedy:
-        return DraftResult(tokens=logits.argmax(-1).cpu())
+        logits = logits.float()
+        top, ids = logits.max(-1)                                            # (k,), (k,)
+        conf = torch.exp(top - torch.logsumexp(logits, -1))                  # softmax at the argmax
+        return DraftResult(tokens=ids.cpu(), conf=conf.cpu())
     from deer_serve.sampling import process_logits, sample
 
     q = process_logits(logits.float().cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
-    return DraftResult(tokens=sample(q, generator), probs=q)
+    return DraftResult(tokens=sample(q, generator), probs=q, conf=q.max(-1).values)

@@ -1,14 +1,22 @@
-"""Prompt-lookup drafting, alone or merged with a diffusion drafter.
+"""Prompt-lookup drafting, alone or spliced into a diffusion drafter's block.
 
 Prompt lookup (PLD): find the latest earlier occurrence of the sequence's last n tokens and
 propose what followed it. Code repeats itself, and this target's greedy text repeats a lot, so a
 lookup hit is often right for many tokens.
 
-`LookupDrafter(inner)` proposes the lookup continuation when the last `ngram_max`..`ngram_min`
-tokens occurred before with at least `min_tokens` tokens after them, and the inner (diffusion)
-drafter's block otherwise. Lossless at any temperature: the choice depends only on the verified
-context, and a lookup proposal is deterministic, so its q is one-hot at each proposed token (the
-acceptance rule then accepts y_i with probability p_i(y_i)).
+`LookupDrafter(None)` is prompt lookup alone. `LookupDrafter(inner)` splices lookup into the
+inner (diffusion) drafter's block: it keeps the block's confident head y_1..y_j (the longest
+prefix whose product of confidences `DraftResult.conf` is at least `min_conf`), then looks up a
+continuation of context + anchor + y_1..y_j, appends it, looks up again from the new end, and
+so on; where a lookup finds nothing, the rest of the block is the inner drafter's tokens at
+their own positions. A single-step diffusion block is good at the next few tokens and weak
+further out, where a copy of earlier text often is right (HumanEval, first 40 prompts, T=0,
+same cycle starts: accepted drafts per cycle 2.85 -> 3.49 at k=16, 3.19 -> 4.41 at k=32).
+
+Lossless at any temperature: j depends only on the confidences, which depend only on the
+context (never on the drawn tokens); a lookup token is a deterministic function of the tokens
+before it, so its q is one-hot; the inner drafter's tokens keep their q_i (drawn independently
+given the context). The acceptance rule then gets exactly the distribution each token came from.
 """
 
 from __future__ import annotations
@@ -23,45 +31,103 @@ from deer_serve.types import Drafter, DraftResult, SamplingParams
 
 def lookup_continuation(seq: np.ndarray, k: int, ngram_max: int = 3, ngram_min: int = 1) -> np.ndarray:
     """seq (L,) int -> up to k tokens that followed the latest earlier match of seq's last n
-    tokens, for the largest n in [ngram_min, ngram_max] that matches; empty if none."""
+    tokens, for the largest n in [ngram_min, ngram_max] that matches; empty if none.
+    One vectorised scan for the last token, then the few candidates are extended backwards."""
     L = len(seq)
-    for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:L - 1], n)  # starts 0..L-1-n
-        hits = np.flatnonzero((windows == seq[L - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return seq[start:start + k]
-    return seq[:0]
+    if L < 2:
+        return seq[:0]
+    cand = np.flatnonzero(seq[:L - 1] == seq[L - 1])        # ends of 1-token matches
+    best_n, best_i = 0, -1
+    for i in cand[::-1].tolist():                          # latest first
+        n = 1
+        while n < ngram_max and i - n >= 0 and seq[i - n] == seq[L - 1 - n]:
+            n += 1
+        if n > best_n:
+            best_n, best_i = n, i
+            if n >= ngram_max:
+                break
+    if best_n < ngram_min:
+        return seq[:0]
+    return seq[best_i + 1:best_i + 1 + k]
 
 
 class LookupDrafter:
-    def __init__(self, inner: Optional[Drafter] = None, ngram_max: int = 3, ngram_min: int = 1,
-                 min_tokens: int = 1, vocab_size: Optional[int] = None):
+    def __init__(self, inner: Optional[Drafter] = None, ngram_max: Optional[int] = None,
+                 ngram_min: Optional[int] = None, vocab_size: Optional[int] = None,
+                 min_conf: float = 0.35):
+        """n-grams of ngram_max..ngram_min tokens are matched; defaults: 3..1 alone (classic
+        prompt lookup), 4..2 spliced (a block already has the drafter's guess to fall back on,
+        so a one-token match is not worth it)."""
         self.inner = inner
         self.vocab_size = vocab_size or getattr(inner, "vocab_size", None)
         if self.vocab_size is None:
             raise ValueError("LookupDrafter needs vocab_size (the target's) when it has no inner drafter")
+        if not 0.0 <= min_conf <= 1.0:
+            raise ValueError(f"min_conf must be in [0, 1], got {min_conf}")
         self.context_mode = inner.context_mode if inner is not None else "tokens"
-        self.ngram_max, self.ngram_min, self.min_tokens = ngram_max, ngram_min, min_tokens
-        self.hits = self.calls = 0
+        self.ngram_max = ngram_max or (3 if inner is None else 4)
+        self.ngram_min = ngram_min or (1 if inner is None else 2)
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        self.min_conf = min_conf
+        self.hits = self.calls = 0       # calls that used a lookup continuation / all calls
+        self.spliced = self.drafted = 0  # draft tokens from lookup / all draft tokens proposed
 
     def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
               sampling: SamplingParams, generator: Optional[torch.Generator] = None,
               context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
         self.calls += 1
         seq = np.fromiter((*context_ids, anchor), dtype=np.int64, count=len(context_ids) + 1)
+        if self.inner is None:
+            return self._lookup_only(seq, anchor, k, sampling)
+        d = self.inner.draft(seq_id, context_ids, anchor, k, sampling, generator, context_hidden)
+        if d.conf is None:
+            raise ValueError("the inner drafter gives no confidences (DraftResult.conf)")
+        y = d.tokens.tolist()
+        n = len(y)
+        conf = np.cumprod(d.conf.double().numpy())
+        j = int(np.count_nonzero(conf >= self.min_conf))  # cumprod falls: a prefix
+        z, from_lookup = y[:j], []
+        while len(z) < n:
+            cont = lookup_continuation(np.concatenate([seq, np.asarray(z, dtype=np.int64)]),
+                                       n - len(z), self.ngram_max, self.ngram_min)
+            if len(cont) == 0:
+                break
+            from_lookup += range(len(z), len(z) + len(cont))
+            z += cont.tolist()
+        z += y[len(z):]
+        self.drafted += n
+        if not from_lookup:
+            return d
+        self.hits += 1
+        self.spliced += len(from_lookup)
+        tokens = torch.tensor(z, dtype=d.tokens.dtype)
+        probs = d.probs
+        if probs is not None:
+            probs = probs.clone()
+            idx = torch.tensor(from_lookup)
+            probs[idx] = 0.0
+            probs[idx, tokens[idx]] = 1.0  # a lookup token is deterministic: q is one-hot
+        return DraftResult(tokens=tokens, probs=probs, conf=d.conf)
+
+    def _lookup_only(self, seq: np.ndarray, anchor: int, k: int,
+                     sampling: SamplingParams) -> DraftResult:
         cont = lookup_continuation(seq, k, self.ngram_max, self.ngram_min)
-        if len(cont) >= self.min_tokens or self.inner is None:
-            self.hits += len(cont) > 0
-            if len(cont) == 0:  # nothing to propose: repeat the anchor (a cheap, valid guess)
-                cont = np.array([anchor])
-            tokens = torch.from_numpy(cont.copy())
-            probs = None
-            if not sampling.greedy:
-                probs = torch.zeros(len(tokens), self.vocab_size)
-                probs[torch.arange(len(tokens)), tokens] = 1.0  # q is one-hot: deterministic proposal
-            return DraftResult(tokens=tokens, probs=probs)
-        return self.inner.draft(seq_id, context_ids, anchor, k, sampling, generator, context_hidden)
+        self.hits += len(cont) > 0
+        if len(cont) == 0:  # nothing to propose: repeat the anchor (a cheap, valid guess)
+            cont = np.array([anchor])
+        tokens = torch.from_numpy(cont.copy())
+        self.drafted += len(tokens)
+        probs = None
+        if not sampling.greedy:
+            probs = torch.zeros(len(tokens), self.vocab_size)
+            probs[torch.arange(len(tokens)), tokens] = 1.0  # q is one-hot: deterministic proposal
+        return DraftResult(tokens=tokens, probs=probs)
+
+    @property
+    def last_replica(self) -> Optional[str]:
+        """The replica that answered the inner drafter's last call (remote drafters; tracing)."""
+        return getattr(self.inner, "last_replica", None)
 
     def release(self, seq_id: str) -> None:
         if self.inner is not None:

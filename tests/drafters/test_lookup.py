@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deer_serve.drafters.lookup import LookupDrafter, lookup_continuation
-from deer_serve.types import SamplingParams
+from deer_serve.types import DraftResult, SamplingParams
 
 
 def test_lookup_prefers_longest_ngram_and_latest_match():
@@ -21,25 +21,61 @@ def test_lookup_no_match_is_empty():
     assert lookup_continuation(np.array([7]), 4).size == 0
 
 
-def _tiny_backend():
-    from transformers import Qwen3Config
+class FixedDrafter:
+    """An inner drafter whose block and confidences are given (the splice's input)."""
 
-    from deer_serve.drafters.deer import DeerDrafterBackend
-    from deer_serve.models import make_tiny_drafter
+    context_mode = "tokens"
+    vocab_size = 10
 
-    cfg = Qwen3Config(vocab_size=10, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    return DeerDrafterBackend(make_tiny_drafter(cfg, hidden_size=16, num_layers=1))
+    def __init__(self, tokens, conf, probs=None):
+        self.r = DraftResult(torch.tensor(tokens), probs, torch.tensor(conf, dtype=torch.float32))
+
+    def draft(self, *a, **kw):
+        return self.r
+
+    def release(self, seq_id):
+        pass
 
 
-def test_merge_uses_lookup_on_hit_and_the_diffusion_drafter_otherwise():
-    inner = _tiny_backend()
-    d = LookupDrafter(inner, ngram_max=2, min_tokens=2)
-    hit = d.draft("s", [1, 2, 3, 4, 1], 2, 4, SamplingParams())   # (1,2) seen -> 3, 4, 1, 2
-    assert hit.tokens.tolist() == [3, 4, 1, 2] and d.hits == 1
-    miss = d.draft("s", [1, 2, 3], 5, 4, SamplingParams())         # 5 unseen -> the drafter
-    direct = inner.draft("t", [1, 2, 3], 5, 4, SamplingParams())
-    assert miss.tokens.tolist() == direct.tokens.tolist() and d.hits == 1 and d.calls == 2
+def test_splice_keeps_the_confident_head_then_looks_up_from_its_end():
+    # context + anchor = 1 2 3 4 5 1 | 2 ; confident head: y1 = 3 (cumprod 0.9, then 0.45)
+    inner = FixedDrafter([3, 7, 7, 7, 7], [0.9, 0.5, 0.9, 0.9, 0.9])
+    d = LookupDrafter(inner, ngram_max=2, ngram_min=2)
+    r = d.draft("s", [1, 2, 3, 4, 5, 1], 2, 5, SamplingParams())
+    # ... 1 2 3: "2 3" was seen after position 1 -> 4 5 1 2 fills the block
+    assert r.tokens.tolist() == [3, 4, 5, 1, 2]
+    assert d.hits == 1 and d.spliced == 4 and d.drafted == 5
+
+
+def test_splice_falls_back_to_the_drafter_tokens_at_their_positions():
+    inner = FixedDrafter([8, 6, 6, 6, 6], [0.2, 0.9, 0.9, 0.9, 0.9])   # no confident head
+    d = LookupDrafter(inner, ngram_max=2, ngram_min=2)
+    # context + anchor = 3 4 0 3 4 : "3 4" seen at 0 -> 0 3 4 0 3 ... takes the whole block
+    r = d.draft("s", [3, 4, 0, 3], 4, 5, SamplingParams())
+    assert r.tokens.tolist() == [0, 3, 4, 0, 3]
+    # nothing to look up: the drafter's block unchanged (the same object)
+    r2 = d.draft("s", [1, 2, 3], 5, 5, SamplingParams())
+    assert r2 is inner.r and d.hits == 1 and d.calls == 2
+
+
+def test_spliced_lookup_tokens_get_one_hot_q_and_drafted_ones_keep_theirs():
+    q = torch.full((4, 10), 0.1)
+    inner = FixedDrafter([5, 5, 5, 5], [0.95, 0.3, 0.3, 0.3], probs=q)
+    d = LookupDrafter(inner, ngram_max=2, ngram_min=2)
+    # context + anchor = 7 5 1 | 7 ; head y1 = 5 -> seq ... 7 5 -> "7 5" seen at 0 -> 1 7 5 ...
+    r = d.draft("s", [7, 5, 1], 7, 4, SamplingParams(temperature=1.0))
+    assert r.tokens.tolist() == [5, 1, 7, 5]
+    assert torch.equal(r.probs[0], q[0])                      # the drafter's own token keeps q_1
+    for i in (1, 2, 3):
+        assert r.probs[i, r.tokens[i]] == 1.0 and r.probs[i].sum() == 1.0
+    assert torch.equal(q, torch.full((4, 10), 0.1))          # the inner result is not modified
+
+
+def test_splice_needs_confidences():
+    inner = FixedDrafter([1], [1.0])
+    inner.r.conf = None
+    with pytest.raises(ValueError, match="confidences"):
+        LookupDrafter(inner).draft("s", [1, 2], 3, 1, SamplingParams())
 
 
 def test_sampled_lookup_proposal_is_one_hot():
@@ -50,3 +86,39 @@ def test_sampled_lookup_proposal_is_one_hot():
     assert torch.equal(r.probs.argmax(-1), r.tokens) and torch.all(r.probs.sum(-1) == 1)
     with pytest.raises(ValueError):
         LookupDrafter(None)
+
+
+def test_deer_drafter_confidence_is_the_softmax_max():
+    from transformers import Qwen3Config
+
+    from deer_serve.drafters.deer import DeerDrafterBackend
+    from deer_serve.models import make_tiny_drafter
+
+    cfg = Qwen3Config(vocab_size=10, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    b = DeerDrafterBackend(make_tiny_drafter(cfg, hidden_size=16, num_layers=1))
+    g = b.draft("a", [1, 2, 3], 4, 3, SamplingParams())
+    s = b.draft("b", [1, 2, 3], 4, 3, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert g.conf.shape == (3,) and torch.allclose(s.probs.max(-1).values, s.conf)
+    assert torch.allclose(g.conf, s.conf, atol=1e-5)  # T=1, no top-k/p: the same softmax
+
+
+def _lookup_reference(seq, k, ngram_max, ngram_min):
+    """The definition, by brute force: largest n with an earlier match, its latest match."""
+    seq = list(seq)
+    L = len(seq)
+    for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
+        starts = [s for s in range(L - n) if seq[s:s + n] == seq[L - n:]]
+        if starts:
+            return seq[starts[-1] + n:starts[-1] + n + k]
+    return []
+
+
+def test_lookup_matches_its_definition_on_random_sequences():
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        seq = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40)))
+        lo = int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 3))
+        k = int(rng.integers(1, 8))
+        assert lookup_continuation(seq, k, hi, lo).tolist() == _lookup_reference(seq, k, hi, lo)
