@@ -20,6 +20,7 @@ draft samples and the acceptance, so a seeded run repeats exactly. Sampling runs
 
 from __future__ import annotations
 
+import copy
 import numbers
 import time
 import uuid
@@ -30,7 +31,8 @@ import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
 from deer_serve.sampling import process_logits, sample
-from deer_serve.types import Drafter, GenerationResult, SamplingParams, TargetBackend
+from deer_serve.types import (Drafter, GenerationResult, PendingDraft, SamplingParams,
+                              TargetBackend)
 
 MODES = ("deer", "ar")
 MAX_BLOCK_SIZE = 64
@@ -59,13 +61,16 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
                   detokenize: Optional[Callable[[list[int]], str]] = None,
                   seq_id: Optional[str] = None,
                   eos_token_id: Union[int, Collection[int], None] = None,
-                  adaptive_k: bool = False,
+                  adaptive_k: bool = False, pipeline: bool = False,
                   ) -> Generator[StepOutput, None, GenerationResult]:
     """Validate now (ValueError), then return the decode generator.
 
     mode: "deer" (draft k tokens per cycle with `drafter`) or "ar" (plain decoding of `target`).
     adaptive_k: block_size becomes the largest k; each cycle's k follows the request's own
     acceptance (`AdaptiveK`). Lossless either way: k depends only on past cycles.
+    pipeline: while block b is verified, pre-draft block b+1 for the most likely outcome of b
+    (`Pipeliner`); use it when the outcome is that one. Counted in `result.extra`
+    (pipeline_hits / pipeline_misses).
     detokenize: ids -> text; needed for `sampling.stop` and for `GenerationResult.text`.
     eos_token_id: None = `target.eos_token_id`; ignored with `sampling.ignore_eos`.
     """
@@ -78,7 +83,8 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
         {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
     return _decode(target, drafter, prompt, sampling, mode, int(block_size), detokenize,
                    seq_id or f"gen-{uuid.uuid4().hex}", eos,
-                   AdaptiveK(int(block_size)) if adaptive_k else None)
+                   AdaptiveK(int(block_size)) if adaptive_k else None,
+                   Pipeliner(drafter) if pipeline and mode == "deer" else None)
 
 
 class AdaptiveK:
@@ -125,8 +131,63 @@ class AdaptiveK:
             self.ar_len = self.ar_steps
 
 
+class Pipeliner:
+    """Pre-drafts block b+1 while block b is verified (DESIGN.md section 2, pipelining).
+
+    The hypothesis is the most likely outcome of b by the drafter's own confidences c_i:
+    m = argmax_m P(exactly m accepted) = prod_{i<=m} c_i * (1 - c_{m+1}), and the target's
+    correction at m+1 is the drafter's runner-up there (`DraftResult.alt`). The pre-draft
+    reads the same verified context and the block [anchor, y_1..y_m, guess, masks] (the
+    unverified tokens as the drafter's `prefix`). It is used only when block b's outcome is
+    exactly that (m accepted, next token == guess): then its context IS the verified one, and
+    any proposal drawn from the context alone keeps the acceptance rule exact. (A whole block
+    accepted needs a guess of the bonus token, which the drafter does not make: not a
+    hypothesis here.)
+
+    Remote drafters send the pre-draft at once (`draft_async`); for in-process ones it runs in
+    a thread of its own, and a missed one is waited for before the next draft of the same
+    sequence (one cache)."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+        self._pool = None
+        self.hits = self.misses = 0
+
+    def submit(self, *args, **kw) -> PendingDraft:
+        if hasattr(self.drafter, "draft_async"):
+            return self.drafter.draft_async(*args, **kw)
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="deer-predraft")
+        fut = self._pool.submit(self.drafter.draft, *args, **kw)
+
+        def drop():  # the thread may be running on this sequence's cache: let it finish
+            if not fut.cancel():
+                wait([fut])
+
+        return PendingDraft(fut.result, drop)
+
+    @staticmethod
+    def hypothesis(d, drafts: list[int]) -> Optional[tuple[int, int]]:
+        """(m, guess) for the block `drafts` drafted as `d`, or None without confidences."""
+        if d.conf is None or d.alt is None or not drafts:
+            return None
+        c = d.conf[:len(drafts)].double()
+        head = torch.cat([torch.ones(1, dtype=c.dtype), torch.cumprod(c, 0)[:-1]])  # prod_{i<m}
+        m = int(torch.argmax(head * (1 - c)))
+        guess = int(d.alt[m])
+        if guess == drafts[m]:  # a spliced-in token equals the runner-up: no such outcome
+            return None
+        return m, guess
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos,
-            adapt: Optional[AdaptiveK] = None):
+            adapt: Optional[AdaptiveK] = None, pipe: Optional[Pipeliner] = None):
     gen = torch.Generator()  # CPU: see the module docstring
     if sampling.seed is not None:
         gen.manual_seed(sampling.seed)
@@ -142,6 +203,8 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
     out: list[int] = []       # emitted tokens, EOS excluded
     accept_lengths: list[int] = []
     cycles, finish = 0, None
+    pending = None            # (PendingDraft, m, guess): block b+1 drafted for one outcome of b
+    ready = None              # the pre-draft whose outcome came true: this cycle's draft
 
     def pick(res) -> list[int]:  # a ScoreResult of n_query 1 -> its token, from p alone
         if sampling.greedy:
@@ -190,6 +253,9 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             k = min(kmax, sampling.max_new_tokens - len(out) - 1) if use_drafter else 0
             cycles += 1
             if k == 0:
+                if ready is not None:  # (the budget ended drafting)
+                    ready.cancel()
+                    ready = None
                 # 2a. Plain AR step: the anchor alone, its row is the next token's p.
                 t0 = time.perf_counter()
                 res = target.score(seq_id, ctx + [anchor], 1, return_hidden=use_features)
@@ -200,11 +266,20 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             else:
                 # 2b. Draft y_1..y_k after the anchor, in one drafter forward.
                 t0 = time.perf_counter()
-                d = drafter.draft(seq_id, ctx, anchor, k, sampling, gen, feats)
-                drafts = d.tokens.tolist()
+                if ready is not None:  # pre-drafted during the last verify, for this context
+                    d, ready = ready.result(), None
+                    drafts = d.tokens.tolist()[:k]
+                    if not drafts:
+                        raise RuntimeError("the pre-draft is empty")
+                else:
+                    d = drafter.draft(seq_id, ctx, anchor, k, sampling, gen, feats)
+                    drafts = d.tokens.tolist()
                 if not 1 <= len(drafts) <= k:  # a lookup drafter may propose fewer than k
                     raise RuntimeError(f"drafter returned {len(drafts)} tokens, asked for 1..{k}")
                 k = len(drafts)
+                if pipe is not None:
+                    pending = _pre_draft(pipe, d, drafts, k, seq_id, ctx, anchor, sampling, gen,
+                                         feats, adapt, block_size, sampling.max_new_tokens - len(out))
                 t1 = time.perf_counter()
                 T["draft"] += t1 - t0
                 # 3. Verify: one target forward over anchor + drafts -> p_1..p_{k+1}.
@@ -225,6 +300,14 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                     n, nx = accept_speculative(y, lens, q, p[None], gen)
                 n_acc, nxt = int(n), int(nx)
                 accept_lengths.append(n_acc)
+                if pending is not None:
+                    pd, m, guess = pending
+                    pending = None
+                    if n_acc == m and nxt == guess:
+                        ready, pipe.hits = pd, pipe.hits + 1
+                    else:
+                        pd.cancel()
+                        pipe.misses += 1
                 if adapt is not None:
                     adapt.update(n_acc, k)
             # 5. Commit the anchor and the accepted drafts; `nxt` is the new anchor.
@@ -237,6 +320,11 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             yield StepOutput(new, n_acc, finish)
             t_mark = time.perf_counter()
     finally:
+        for pd in (pending[0] if pending else None, ready):
+            if pd is not None:
+                pd.cancel()
+        if pipe is not None:
+            pipe.close()
         target.release(seq_id)
         if use_drafter:
             drafter.release(seq_id)
@@ -248,8 +336,34 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
         if finish == "stop" and sampling.stop:
             text = text[:_first_stop(text, sampling.stop)]
     T["other"] = max(0.0, busy - sum(T.values()))
+    extra = {} if pipe is None else {"pipeline_hits": pipe.hits, "pipeline_misses": pipe.misses}
     return GenerationResult(token_ids=out, text=text, accept_lengths=accept_lengths,
-                            finish_reason=finish, elapsed_s=busy, cycles=cycles, timings=T)
+                            finish_reason=finish, elapsed_s=busy, cycles=cycles, timings=T,
+                            extra=extra)
+
+
+def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen, feats, adapt,
+               block_size, room):
+    """Send the pre-draft of the next block for the hypothesis of `pipe` (None: no pre-draft).
+    room: tokens the request may still emit before this cycle."""
+    hyp = pipe.hypothesis(d, drafts)
+    if hyp is None:
+        return None
+    m, guess = hyp
+    if adapt is not None:  # the next cycle's k if the outcome is (m, guess)
+        a = copy.copy(adapt)
+        a.update(m, k)
+        k_next = a.next_k()
+    else:
+        k_next = block_size
+    k_next = min(k_next, room - (m + 1) - 1)
+    if k_next < 1:
+        return None
+    sub = None
+    if not sampling.greedy:  # its own stream, drawn now: seeded runs repeat
+        sub = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    return pipe.submit(seq_id, ctx, anchor, k_next, sampling, sub, feats,
+                       prefix=drafts[:m] + [guess]), m, guess
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:

@@ -100,11 +100,34 @@ class DraftResult:
     conf:  (k,) float32 max_v q_i(v), the drafter's confidence at each position (at
            temperature 0 from the softmax of the raw logits), or None. It depends on the context
            only, never on the drawn y_i, so a drafter wrapper may act on it and stay lossless
-           (`deer_serve.drafters.lookup`)."""
+           (`deer_serve.drafters.lookup`).
+    alt:   (k,) int64 the drafter's most likely token other than y_i, or None: the guess of
+           the target's correction when y_i is rejected (pipelined pre-drafts, engine)."""
 
     tokens: torch.Tensor
     probs: Optional[torch.Tensor] = None
     conf: Optional[torch.Tensor] = None
+    alt: Optional[torch.Tensor] = None
+
+
+class PendingDraft:
+    """A draft call in flight: `result()` waits for its DraftResult (once); `cancel()` gives
+    it up (best effort: a call the replica already runs finishes there, unused)."""
+
+    def __init__(self, finish, cancel=None):
+        self._finish, self._cancel, self._done = finish, cancel, None
+
+    def result(self) -> DraftResult:
+        if self._done is None:
+            self._done = self._finish()
+        return self._done
+
+    def cancel(self) -> None:
+        if self._cancel is not None and self._done is None:
+            try:
+                self._cancel()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
 
 class Drafter(Protocol):
@@ -114,6 +137,10 @@ class Drafter(Protocol):
     context_hidden: (len(context_ids), F) target features of those positions, required when the
                     drafter's `context_mode` is "target-features", else None. The drafter caches
                     its own per-`seq_id` prefix KV and only computes positions it has not cached.
+    prefix: (optional keyword) tokens assumed to follow the anchor, not verified yet; the k
+            drafts come after them. The engine's pipelining uses it (pre-drafts); drafters
+            that take it may also offer `draft_async(...)` -> `PendingDraft`, sending the call
+            without waiting (the engine runs `draft` in a thread for those that do not).
     """
 
     context_mode: str  # "tokens" | "target-features"
@@ -134,6 +161,7 @@ class GenerationResult:
     elapsed_s: float = 0.0
     cycles: int = 0
     timings: dict = field(default_factory=dict)  # seconds spent: draft / verify / other
+    extra: dict = field(default_factory=dict)    # e.g. pipeline_hits / pipeline_misses
 
     @property
     def mean_accepted(self) -> float:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from deer_serve.types import DraftResult, SamplingParams
+from deer_serve.types import DraftResult, PendingDraft, SamplingParams
 from deployments.batching import CombiningBatcher
 from deployments.telemetry import replica_id
 from deployments.verifier import as_tensor, replica_info
@@ -35,6 +35,7 @@ class DraftReply:
     tokens: Optional[np.ndarray] = None   # (k,) int32 draft tokens y_1..y_k
     probs: Optional[np.ndarray] = None    # (k, V) float32 q_i; None at temperature 0
     conf: Optional[np.ndarray] = None     # (k,) float32 max_v q_i(v) (DraftResult.conf)
+    alt: Optional[np.ndarray] = None      # (k,) int32 the runner-up tokens (DraftResult.alt)
     need_rows_from: Optional[int] = None  # set (and nothing else) when feature rows are missing
     replica: Optional[str] = None         # the Serve replica that answered (tracing)
 
@@ -93,11 +94,14 @@ class Drafter:
 
     def draft(self, seq_id: str, context_ids: np.ndarray, anchor: int, k: int,
               sampling: SamplingParams, seed: Optional[int] = None,
-              hidden: Optional[np.ndarray] = None, hidden_start: int = 0) -> DraftReply:
+              hidden: Optional[np.ndarray] = None, hidden_start: int = 0,
+              prefix: Optional[np.ndarray] = None) -> DraftReply:
         """context_ids: (n,) int32 verified tokens before the anchor.
         hidden: (n - hidden_start, F) float16 features of context rows [hidden_start, n), in
-        target-features mode. seed: draws y ~ q when sampling (ignored at temperature 0)."""
+        target-features mode. seed: draws y ~ q when sampling (ignored at temperature 0).
+        prefix: (j,) int32 unverified tokens after the anchor (a pipelined pre-draft)."""
         ids = np.asarray(context_ids).tolist()
+        pre = () if prefix is None else tuple(int(t) for t in np.asarray(prefix).tolist())
         gen = None
         if seed is not None and not sampling.greedy:
             gen = torch.Generator().manual_seed(int(seed))
@@ -107,34 +111,39 @@ class Drafter:
             ctx_hidden = _RowsFrom(rows, int(hidden_start))
         try:
             if self._batcher is not None:
-                d = self._batcher.submit((seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden))
+                d = self._batcher.submit((seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
+                                          pre))
             else:
                 with self._lock:
-                    d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden)
+                    d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
+                                           pre)
         except _MissingRows as miss:
             return DraftReply(need_rows_from=miss.start)
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
         conf = None if d.conf is None else d.conf.float().cpu().numpy()        # (k,)
+        alt = None if d.alt is None else d.alt.cpu().numpy().astype(np.int32)  # (k,)
         return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs, conf=conf,
-                          replica=replica_id())
+                          alt=alt, replica=replica_id())
 
     def _draft_rows(self, items: list) -> list:
-        """The batch function: items (seq_id, ids, anchor, k, sampling, generator, hidden).
-        One drafter forward per block size (`draft_batch`); a group that fails (e.g. a row
+        """The batch function: items (seq_id, ids, anchor, k, sampling, generator, hidden,
+        prefix). One drafter forward per (block size, prefix length) (`draft_batch`); a group
+        that fails (e.g. a row
         whose feature rows this replica lacks) runs row by row, so each row gets its own
         result or error."""
         out: list = [None] * len(items)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(it[3], []).append(i)
+            groups.setdefault((it[3], len(it[7])), []).append(i)
         with self._lock:
-            for k, idx in groups.items():
+            for (k, _), idx in groups.items():
                 rows = [items[i] for i in idx]
                 if len(rows) > 1 and len({r[0] for r in rows}) == len(rows):
                     try:
                         res = self.backend.draft_batch([r[0] for r in rows], [r[1] for r in rows],
                                                        [r[2] for r in rows], k, [r[4] for r in rows],
-                                                       [r[5] for r in rows], [r[6] for r in rows])
+                                                       [r[5] for r in rows], [r[6] for r in rows],
+                                                       [r[7] for r in rows])
                         for i, d in zip(idx, res):
                             out[i] = d
                         continue
@@ -142,7 +151,7 @@ class Drafter:
                         pass
                 for i, r in zip(idx, rows):
                     try:
-                        out[i] = self.backend.draft(r[0], r[1], r[2], k, r[4], r[5], r[6])
+                        out[i] = self.backend.draft(r[0], r[1], r[2], k, r[4], r[5], r[6], r[7])
                     except Exception as e:  # noqa: BLE001 - incl. _MissingRows for this row
                         out[i] = e
         return out
@@ -178,31 +187,57 @@ class RemoteDrafter:
 
     def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
               sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
+              context_hidden: Optional[torch.Tensor] = None,
+              prefix: Sequence[int] = ()) -> DraftResult:
+        return self.draft_async(seq_id, context_ids, anchor, k, sampling, generator,
+                                context_hidden, prefix).result()
+
+    def draft_async(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
+                    sampling: SamplingParams, generator: Optional[torch.Generator] = None,
+                    context_hidden: Optional[torch.Tensor] = None,
+                    prefix: Sequence[int] = ()) -> "PendingDraft":
+        """Send the draft call now; `.result()` waits for it (a pipelined pre-draft is sent
+        before the verify and waited for, or cancelled, after it)."""
         # the remote drafter gets a seed drawn from the request's generator, not the generator
         seed = None if sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=generator))
         ids = np.asarray(context_ids, dtype=np.int32)                               # (n,)
         n = len(ids)
-        start = self._sent.get(seq_id, 0) if self.caches_prefix else 0
-        for _ in range(3):  # normally one call; a replica that lacks rows asks once for them
+        pre = np.asarray(prefix, dtype=np.int32) if len(prefix) else None          # (j,)
+        state = {"start": self._sent.get(seq_id, 0) if self.caches_prefix else 0}
+
+        def send():
             rows = None
             if context_hidden is not None:
-                rows = context_hidden[start:n].to(torch.float16).numpy()           # (n-start, F)
+                rows = context_hidden[state["start"]:n].to(torch.float16).numpy()  # (n-start, F)
             try:
-                r = self.handle.draft.remote(seq_id, ids, int(anchor), int(k), sampling, seed,
-                                             rows, start).result(timeout_s=self.timeout_s)
+                return self.handle.draft.remote(seq_id, ids, int(anchor), int(k), sampling, seed,
+                                                rows, state["start"], pre)
             except Exception as e:
                 raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
-            if r.need_rows_from is None:
-                break
-            start = min(int(r.need_rows_from), start)
-        else:
-            raise DrafterUnavailable("the drafter kept asking for feature rows")
-        self._sent[seq_id] = n
-        self.last_replica = r.replica
-        probs = None if r.probs is None else as_tensor(r.probs)                    # (k, V)
-        conf = None if r.conf is None else as_tensor(r.conf)                       # (k,)
-        return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs, conf=conf)  # (k,)
+
+        resp = send()
+
+        def finish() -> DraftResult:
+            nonlocal resp
+            for _ in range(3):  # normally one call; a replica that lacks rows asks once for them
+                try:
+                    r = resp.result(timeout_s=self.timeout_s)
+                except Exception as e:
+                    raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
+                if r.need_rows_from is None:
+                    break
+                state["start"] = min(int(r.need_rows_from), state["start"])
+                resp = send()
+            else:
+                raise DrafterUnavailable("the drafter kept asking for feature rows")
+            self._sent[seq_id] = n
+            self.last_replica = r.replica
+            probs = None if r.probs is None else as_tensor(r.probs)                # (k, V)
+            conf = None if r.conf is None else as_tensor(r.conf)                   # (k,)
+            alt = None if r.alt is None else as_tensor(r.alt).long()               # (k,)
+            return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs, conf=conf, alt=alt)
+
+        return PendingDraft(finish, lambda: resp.cancel())
 
     def release(self, seq_id: str) -> None:
         self._sent.pop(seq_id, None)

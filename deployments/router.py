@@ -81,6 +81,7 @@ class Prepared:
     sampling: SamplingParams
     block_size: int
     adaptive_k: bool = False
+    pipeline: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     protocol: str = "http"
     headers: Optional[dict] = None      # W3C trace context to join, if the client sent one
@@ -112,12 +113,15 @@ class Outcome:
     finish_reason: str
     fallback: bool
     timings: dict = field(default_factory=dict)
+    pipeline: Optional[dict] = None  # {"hits", "misses"} when the request pipelined
 
     def stats(self) -> DeerStats:
         a = self.accept_lengths
+        pipe = self.pipeline or {}
         return DeerStats(accept_lengths=a, mean_accepted=sum(a) / len(a) if a else 0.0,
                          cycles=self.cycles, fallback=self.fallback,
-                         timings={k: round(v, 6) for k, v in self.timings.items()})
+                         timings={k: round(v, 6) for k, v in self.timings.items()},
+                         pipeline_hits=pipe.get("hits"), pipeline_misses=pipe.get("misses"))
 
 
 class TextStream:
@@ -239,7 +243,8 @@ class Router:
         except ValueError as e:
             raise RequestError(str(e), 400) from None
         return Prepared(req, ids, sampling, req.block_size or s.block_size,
-                        s.adaptive_k if req.adaptive_k is None else req.adaptive_k)
+                        s.adaptive_k if req.adaptive_k is None else req.adaptive_k,
+                        s.pipeline if req.pipeline is None else req.pipeline)
 
     def render_chat(self, req: GenerationRequest) -> str:
         msgs = [{"role": m.role, "content": m.text} for m in req.messages]
@@ -270,6 +275,7 @@ class Router:
         out: list[int] = []
         accepts: list[int] = []
         cycles, resumes, give_up_at = 0, 0, None
+        pipe = {"hits": 0, "misses": 0} if p.pipeline and mode == "deer" else None
         for seg in range(s.verifier_resumes + 2):  # (+1 drafter fallback)
             prev = list(out)
             rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
@@ -289,7 +295,7 @@ class Router:
                     d = TracedDrafter(d, spans) if d is not None else None
                 it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
                                    block_size=p.block_size, seq_id=f"{p.id}-{seg}",
-                                   adaptive_k=p.adaptive_k,
+                                   adaptive_k=p.adaptive_k, pipeline=p.pipeline,
                                    detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
             steps = 0
             try:
@@ -298,9 +304,9 @@ class Router:
                         step = next(it)
                     except StopIteration as stop:
                         r = stop.value
-                        self._pipeline_counts(r)
+                        self._pipeline_counts(r, pipe)
                         return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
-                                       r.finish_reason, fallback, r.timings)
+                                       r.finish_reason, fallback, r.timings, pipe)
                     except DrafterUnavailable as e:
                         log.warning("request %s: %s; finishing with plain AR", p.id, e)
                         mode, fallback = "ar", True
@@ -346,7 +352,7 @@ class Router:
         stream = handle.options(stream=True).decode.remote(
             np.asarray(p.prompt_ids + prev, dtype=np.int32), sampling, mode, p.block_size, seq_id,
             p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k,
-            np.asarray(prev, dtype=np.int32), s.lookup)
+            np.asarray(prev, dtype=np.int32), s.lookup, p.pipeline)
         try:
             for kind, val in stream:
                 if kind == "step":
@@ -380,9 +386,12 @@ class Router:
         if kind == "drafter_to_ar":
             self.counts["fallbacks"] += 1
 
-    def _pipeline_counts(self, r) -> None:
+    def _pipeline_counts(self, r, pipe: Optional[dict]) -> None:
         extra = getattr(r, "extra", None) or {}
         hits, misses = int(extra.get("pipeline_hits", 0)), int(extra.get("pipeline_misses", 0))
+        if pipe is not None:
+            pipe["hits"] += hits
+            pipe["misses"] += misses
         if hits:
             self.metrics.pipeline_hits.inc(hits)
         if misses:

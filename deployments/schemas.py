@@ -89,6 +89,10 @@ class ServiceOptions(BaseModel):
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
+    pipeline: bool = Field(
+        False, description="default of the request field `pipeline`: while block b is "
+        "verified, the Drafter pre-drafts block b+1 for b's most likely outcome "
+        "(deer_serve.engine.Pipeliner)")
     lookup: bool = Field(
         True, description="prompt lookup spliced into each drafted block after its confident "
         "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
@@ -155,6 +159,9 @@ class GenerationRequest(BaseModel):
         None, description="block size per cycle from this request's acceptance (block_size is "
         "the largest), with plain AR stretches where drafting does not pay; None = server "
         "default")
+    pipeline: Optional[bool] = Field(
+        None, description="pre-draft the next block while this one is verified (used when the "
+        "verifier's outcome is the one it was drafted for); None = server default")
     seed: Optional[int] = Field(None, ge=0, lt=1 << 64, description="reproducible sampling")
     stop: Optional[Union[str, list[str]]] = Field(
         None, description=f"up to {MAX_STOP} strings; the text is cut before the first one")
@@ -293,6 +300,8 @@ class DeerStats(BaseModel):
     mean_accepted: float = Field(0.0, description="tau: mean of accept_lengths")
     cycles: int = Field(0, description="target forwards after the prefill")
     fallback: bool = Field(False, description="the drafter failed; plain AR finished the request")
+    pipeline_hits: Optional[int] = Field(None, description="pre-drafts used (pipelining on)")
+    pipeline_misses: Optional[int] = Field(None, description="pre-drafts dropped (pipelining on)")
     timings: dict[str, float] = Field(default_factory=dict,
                                       description="seconds in prefill / draft / verify / other")
 

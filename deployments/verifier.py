@@ -147,7 +147,8 @@ class Verifier:
     def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
                       seq_id: str, session: Optional[str] = None, transport: str = "direct",
                       drafter_timeout_s: float = 30.0, adaptive_k: bool = False,
-                      emitted: Optional[np.ndarray] = None, lookup: bool = False):
+                      emitted: Optional[np.ndarray] = None, lookup: bool = False,
+                      pipeline: bool = False):
         """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
         verifier`): `deer_serve.engine.iter_generate` over this replica's target (through the
         batcher, so concurrent loops share forwards) and the Drafter deployment; a cycle costs
@@ -156,7 +157,8 @@ class Verifier:
         when the Drafter fails: the Router then goes on in plain AR from the tokens emitted so
         far, with the segments it uses for `loop: router` too. emitted: the tail of prompt_ids
         the request has already generated (stop strings look at it). lookup: splice prompt
-        lookup into the drafts (`ServiceOptions.lookup`)."""
+        lookup into the drafts (`ServiceOptions.lookup`); pipeline: pre-draft the next block
+        during each verify (`deer_serve.engine.Pipeliner`)."""
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
@@ -181,7 +183,7 @@ class Verifier:
             detokenize = lambda ids: detok(before + ids)  # noqa: E731
         it = iter_generate(_LocalTarget(self), drafter, np.asarray(prompt_ids).tolist(), sampling,
                            mode=mode, block_size=block_size, seq_id=seq_id,
-                           adaptive_k=adaptive_k, detokenize=detokenize)
+                           adaptive_k=adaptive_k, pipeline=pipeline, detokenize=detokenize)
         try:
             while True:
                 try:
@@ -190,7 +192,7 @@ class Verifier:
                     r = stop.value
                     yield "done", {"token_ids": r.token_ids, "accept_lengths": r.accept_lengths,
                                    "cycles": r.cycles, "finish_reason": r.finish_reason,
-                                   "timings": r.timings}
+                                   "timings": r.timings, "extra": r.extra}
                     return
                 except DrafterUnavailable as e:
                     yield "drafter_unavailable", str(e)

@@ -195,6 +195,8 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
         elif name == "deer-adaptive":
             out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
                                     adaptive_k=True))
+        elif name == "deer-pipe":
+            out.append(EngineMethod("deer-pipe", models, "deer", k0, lookup=True, pipeline=True))
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))

@@ -5,6 +5,8 @@
                    the DeerDrafterBackend's block with prompt lookup spliced in after its
                    confident head (`LookupDrafter`); one per block size
   deer-nolookup    the DeerDrafterBackend's block alone (no lookup); main k
+  deer-pipe        deer with pipelining (engine `pipeline`: the next block is pre-drafted in a
+                   thread while the target verifies); main k
   deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
                    the main k is the largest)
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
@@ -38,7 +40,7 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive")
+ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive", "deer-pipe")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -131,8 +133,9 @@ class EngineMethod:
     process."""
 
     def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
-                 lookup: bool = False, adaptive_k: bool = False):
+                 lookup: bool = False, adaptive_k: bool = False, pipeline: bool = False):
         self.name, self.models, self.mode, self.adaptive_k = name, models, mode, adaptive_k
+        self.pipeline = pipeline
         self.block_size = block_size if mode == "deer" else None
         self.target = models.hf_target
         self.drafter = models.drafter if mode == "deer" else None
@@ -149,13 +152,15 @@ class EngineMethod:
         t0 = time.perf_counter()
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
-                     seq_id=f"bench-{uuid.uuid4().hex}", adaptive_k=self.adaptive_k)
+                     seq_id=f"bench-{uuid.uuid4().hex}", adaptive_k=self.adaptive_k,
+                     pipeline=self.pipeline)
         wall = time.perf_counter() - t0
         extra = {}
         if hasattr(d, "hits"):  # LookupDrafter: cycles / draft tokens that came from lookup
             now = [getattr(d, a, 0) for a in ("hits", "calls", "spliced", "drafted")]
             extra = {f"lookup_{a}": n - b for a, n, b in
                      zip(("hits", "calls", "tokens", "drafted"), now, before)}
+        extra.update(r.extra)  # pipeline_hits / pipeline_misses
         return Sample(token_ids=list(r.token_ids), wall_s=wall,
                       accept_lengths=list(r.accept_lengths) if self.mode == "deer" else None,
                       timings=dict(r.timings), cycles=r.cycles, target_forwards=r.cycles + 1,

@@ -109,7 +109,7 @@ def sample_of(resp: dict, wall: float, eos: Optional[int]) -> Sample:
     d = resp.get("deer") or {}
     extra = {}
     for key in ("pipeline_hits", "pipeline_misses", "fallback"):
-        if key in d:
+        if d.get(key) is not None:  # null: the request did not pipeline
             extra[key] = d[key]
     timings = {k: float(v) for k, v in (d.get("timings") or {}).items()
                if isinstance(v, (int, float))}

@@ -58,7 +58,10 @@ class DeerDrafterBackend:
 
     def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
               sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
+              context_hidden: Optional[torch.Tensor] = None,
+              prefix: Sequence[int] = ()) -> DraftResult:
+        """prefix: tokens after the anchor that are not verified yet (a pipelined pre-draft;
+        `DeerDrafter.draft_logits`); the k drafts follow them."""
         cache, c = self._cache_for(seq_id, context_ids)
         new = list(context_ids[c:])
         new_ids = torch.tensor(new, dtype=torch.long) if (new and self.context_mode == "tokens") else None
@@ -67,15 +70,18 @@ class DeerDrafterBackend:
             if context_hidden is None or context_hidden.shape[0] < len(context_ids):
                 raise ValueError("target-features drafter needs context_hidden for every context position")
             new_feats = context_hidden[c:len(context_ids)]
-        logits = self.model.draft_logits(cache, new_ids, new_feats, int(anchor), int(k))  # (k, V)
+        logits = self.model.draft_logits(cache, new_ids, new_feats, int(anchor), int(k),
+                                         prefix)                                    # (k, V)
         cache.token_ids.extend(new)
         return draft_from_logits(logits, sampling, generator)
 
     def draft_batch(self, seq_ids: Sequence[str], contexts: Sequence[Sequence[int]],
                     anchors: Sequence[int], k: int, sampling: Sequence[SamplingParams],
                     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-                    context_hiddens: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[DraftResult]:
-        """`draft` for several sequences (one block size k) in ONE drafter forward."""
+                    context_hiddens: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                    prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[DraftResult]:
+        """`draft` for several sequences (one block size k, one prefix length) in ONE drafter
+        forward."""
         B = len(seq_ids)
         if not B == len(contexts) == len(anchors) == len(sampling):
             raise ValueError("seq_ids, contexts, anchors and sampling must have the same length")
@@ -97,7 +103,8 @@ class DeerDrafterBackend:
             caches.append(cache)
             srcs.append(src)
             news.append(new)
-        logits = self.model.draft_logits_batch(caches, srcs, list(anchors), int(k))   # (B, k, V)
+        logits = self.model.draft_logits_batch(caches, srcs, list(anchors), int(k),
+                                               None if prefixes is None else list(prefixes))  # (B, k, V)
         for cache, new in zip(caches, news):
             cache.token_ids.extend(new)
         return [draft_from_logits(logits[i], sp, g) for i, (sp, g) in enumerate(zip(sampling, generators))]
@@ -109,13 +116,17 @@ class DeerDrafterBackend:
 def draft_from_logits(logits: torch.Tensor, sampling: SamplingParams,
                       generator: Optional[torch.Generator]) -> DraftResult:
     """logits (k, V) -> draft tokens y_i = argmax q_i (T=0) or y_i ~ q_i, drawn independently,
-    and each position's confidence max_v q_i(v)."""
+    each position's confidence max_v q_i(v) and its most likely token other than y_i."""
     if sampling.greedy:
         logits = logits.float()
-        top, ids = logits.max(-1)                                            # (k,), (k,)
+        y = logits.argmax(-1)                                                # (k,)
+        top = logits.gather(-1, y[:, None])[:, 0]
         conf = torch.exp(top - torch.logsumexp(logits, -1))                  # softmax at the argmax
-        return DraftResult(tokens=ids.cpu(), conf=conf.cpu())
+        alt = logits.scatter(-1, y[:, None], float("-inf")).argmax(-1)
+        return DraftResult(tokens=y.cpu(), conf=conf.cpu(), alt=alt.cpu())
     from deer_serve.sampling import process_logits, sample
 
     q = process_logits(logits.float().cpu(), sampling.temperature, sampling.top_k, sampling.top_p)
-    return DraftResult(tokens=sample(q, generator), probs=q, conf=q.max(-1).values)
+    y = sample(q, generator)
+    alt = q.scatter(-1, y[:, None], -1.0).argmax(-1)
+    return DraftResult(tokens=y, probs=q, conf=q.max(-1).values, alt=alt)

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from deer_serve.types import Drafter, DraftResult, SamplingParams
+from deer_serve.types import Drafter, DraftResult, PendingDraft, SamplingParams
 
 
 def lookup_continuation(seq: np.ndarray, k: int, ngram_max: int = 3, ngram_min: int = 1) -> np.ndarray:
@@ -75,12 +75,40 @@ class LookupDrafter:
 
     def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
               sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-              context_hidden: Optional[torch.Tensor] = None) -> DraftResult:
-        self.calls += 1
-        seq = np.fromiter((*context_ids, anchor), dtype=np.int64, count=len(context_ids) + 1)
+              context_hidden: Optional[torch.Tensor] = None,
+              prefix: Sequence[int] = ()) -> DraftResult:
+        seq = self._seq(context_ids, anchor, prefix)
         if self.inner is None:
-            return self._lookup_only(seq, anchor, k, sampling)
-        d = self.inner.draft(seq_id, context_ids, anchor, k, sampling, generator, context_hidden)
+            return self._lookup_only(seq, anchor if not len(prefix) else prefix[-1], k, sampling)
+        kw = {"prefix": prefix} if len(prefix) else {}
+        return self._splice(seq, self.inner.draft(seq_id, context_ids, anchor, k, sampling,
+                                                  generator, context_hidden, **kw))
+
+    @property
+    def draft_async(self):
+        """Only when the inner drafter sends calls without waiting (a remote one): then the
+        inner call is in flight and the lookup runs when the result is asked for."""
+        if not hasattr(self.inner, "draft_async"):
+            raise AttributeError("draft_async")  # hasattr() is False: the engine uses a thread
+        return self._draft_async
+
+    def _draft_async(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
+                     sampling: SamplingParams, generator: Optional[torch.Generator] = None,
+                     context_hidden: Optional[torch.Tensor] = None,
+                     prefix: Sequence[int] = ()) -> PendingDraft:
+        seq = self._seq(context_ids, anchor, prefix)
+        inner = self.inner.draft_async(seq_id, context_ids, anchor, k, sampling, generator,
+                                       context_hidden, prefix)
+        return PendingDraft(lambda: self._splice(seq, inner.result()), inner.cancel)
+
+    @staticmethod
+    def _seq(context_ids, anchor, prefix) -> np.ndarray:
+        return np.fromiter((*context_ids, anchor, *prefix), dtype=np.int64,
+                           count=len(context_ids) + 1 + len(prefix))
+
+    def _splice(self, seq: np.ndarray, d: DraftResult) -> DraftResult:
+        """seq: the context, anchor (and prefix) the block follows; d: the inner block."""
+        self.calls += 1
         if d.conf is None:
             raise ValueError("the inner drafter gives no confidences (DraftResult.conf)")
         y = d.tokens.tolist()
@@ -108,10 +136,11 @@ class LookupDrafter:
             idx = torch.tensor(from_lookup)
             probs[idx] = 0.0
             probs[idx, tokens[idx]] = 1.0  # a lookup token is deterministic: q is one-hot
-        return DraftResult(tokens=tokens, probs=probs, conf=d.conf)
+        return DraftResult(tokens=tokens, probs=probs, conf=d.conf, alt=d.alt)
 
     def _lookup_only(self, seq: np.ndarray, anchor: int, k: int,
                      sampling: SamplingParams) -> DraftResult:
+        self.calls += 1
         cont = lookup_continuation(seq, k, self.ngram_max, self.ngram_min)
         self.hits += len(cont) > 0
         if len(cont) == 0:  # nothing to propose: repeat the anchor (a cheap, valid guess)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -238,23 +238,31 @@ class DeerDrafter(PreTrainedModel):
 
     @torch.inference_mode()
     def draft_logits(self, cache: DrafterCache, new_ids: Optional[torch.Tensor],
-                     new_features: Optional[torch.Tensor], anchor: int, k: int) -> torch.Tensor:
+                     new_features: Optional[torch.Tensor], anchor: int, k: int,
+                     prefix: Sequence[int] = ()) -> torch.Tensor:
         """Append n new verified context positions (new_ids (n,) or new_features (n, F)) to
-        `cache`, and draft the block after `anchor`. Returns logits (k, V) for m_1..m_k."""
+        `cache`, and draft the block after `anchor`. Returns logits (k, V) for m_1..m_k.
+
+        prefix: j tokens assumed to follow the anchor that are not verified yet (a pipelined
+        pre-draft): the block is [anchor, prefix, m_1..m_k] with the prefix as token
+        embeddings (as Stage I's revealed block tokens), and the k masks come after it."""
         P = cache.length
         dev = self.embed_tokens.weight.device
         src = new_ids if self.config.context_mode == "tokens" else new_features
         n = 0 if src is None else int(src.shape[0])
-        blk_ids = torch.full((k + 1,), self.config.mask_token_id, dtype=torch.long, device=dev)
+        j = len(prefix)
+        blk_ids = torch.full((1 + j + k,), self.config.mask_token_id, dtype=torch.long, device=dev)
         blk_ids[0] = anchor
-        blk = self.embed_tokens(blk_ids)[None]                               # (1, k+1, H)
+        if j:
+            blk_ids[1:1 + j] = torch.tensor([int(t) for t in prefix], dtype=torch.long, device=dev)
+        blk = self.embed_tokens(blk_ids)[None]                               # (1, 1+j+k, H)
         if n:
             ctx = self.embed_context(None if new_ids is None else new_ids.to(dev)[None],
                                      None if new_features is None else new_features.to(dev)[None])
-            x = torch.cat([ctx, blk], dim=1)                                 # (1, n+k+1, H)
+            x = torch.cat([ctx, blk], dim=1)                                 # (1, n+1+j+k, H)
         else:
             x = blk
-        T = n + k + 1
+        T = n + 1 + j + k
         if P + T > cache.capacity:
             self._grow(cache, max(2 * cache.capacity, P + T + 256))
         pos = torch.arange(P, P + T, device=dev)                             # anchor at P+n
@@ -266,13 +274,14 @@ class DeerDrafter(PreTrainedModel):
         for layer, kv in zip(self.layers, cache.kv):
             x = layer(x, cos, sin, mask[None, None], kv, P)
         cache.length = P + n
-        return self.logits(x[0, n + 1:]).float()                             # (k, V)
-
+        return self.logits(x[0, n + 1 + j:]).float()                         # (k, V)
 
     @torch.inference_mode()
-    def draft_logits_batch(self, caches: list, new_srcs: list, anchors: list, k: int) -> torch.Tensor:
+    def draft_logits_batch(self, caches: list, new_srcs: list, anchors: list, k: int,
+                           prefixes: Optional[list] = None) -> torch.Tensor:
         """`draft_logits` for B sequences in ONE forward. new_srcs[i]: the new verified context
         of row i (ids (n_i,) in tokens mode, features (n_i, F) in target-features mode, or None).
+        prefixes: per row, the unverified tokens after its anchor (all of one length j).
         Rows are left-padded so every block sits at the end; cached context KV is left-padded
         to a common length and a per-row mask hides all padding. Returns logits (B, k, V)."""
         B = len(caches)
@@ -282,9 +291,16 @@ class DeerDrafter(PreTrainedModel):
         ns = [0 if s is None else int(s.shape[0]) for s in new_srcs]
         Ps = [c.length for c in caches]
         nmax, Pmax = max(ns), max(Ps)
-        Tm = nmax + k + 1
-        blk_ids = torch.full((B, k + 1), cfg.mask_token_id, dtype=torch.long, device=dev)
+        prefixes = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in caches]
+        j = len(prefixes[0])
+        if any(len(p) != j for p in prefixes):
+            raise ValueError("all rows of a batch need prefixes of one length")
+        kb = j + k                                               # block positions after the anchor
+        Tm = nmax + kb + 1
+        blk_ids = torch.full((B, kb + 1), cfg.mask_token_id, dtype=torch.long, device=dev)
         blk_ids[:, 0] = torch.tensor([int(a) for a in anchors], device=dev)
+        if j:
+            blk_ids[:, 1:1 + j] = torch.tensor([[int(t) for t in p] for p in prefixes], device=dev)
         x = torch.zeros(B, Tm, cfg.hidden_size, dtype=self.embed_tokens.weight.dtype, device=dev)
         x[:, nmax:] = self.embed_tokens(blk_ids)
         pos = torch.zeros(B, Tm, dtype=torch.long, device=dev)
@@ -296,7 +312,7 @@ class DeerDrafter(PreTrainedModel):
                 src = src.to(dev)
                 x[i, s0:nmax] = self.embed_context(src[None] if tokens_mode else None,
                                                    None if tokens_mode else src[None])[0]
-            pos[i, s0:] = torch.arange(P, P + n + k + 1, device=dev)
+            pos[i, s0:] = torch.arange(P, P + n + kb + 1, device=dev)
             mask[i, s0:, Pmax - P:Pmax] = True                   # the row's cached context
             mask[i, s0:nmax, Pmax + s0:Pmax + nmax] = causal[:n, :n]
             mask[i, nmax:, Pmax + s0:] = True                    # the block sees all of it
@@ -316,13 +332,13 @@ class DeerDrafter(PreTrainedModel):
             for i, (c, n, P) in enumerate(zip(caches, ns, Ps)):   # keep the new context KV
                 if not n:
                     continue
-                if P + n + k + 1 > c.capacity:
-                    self._grow(c, max(2 * c.capacity, P + n + k + 1 + 256))
+                if P + n + kb + 1 > c.capacity:
+                    self._grow(c, max(2 * c.capacity, P + n + kb + 1 + 256))
                 c.kv[li][0][:, :, P:P + n] = kk[i:i + 1, :, nmax - n:nmax]
                 c.kv[li][1][:, :, P:P + n] = vv[i:i + 1, :, nmax - n:nmax]
         for c, n in zip(caches, ns):
             c.length += n
-        return self.logits(x[:, nmax + 1:]).float()                         # (B, k, V)
+        return self.logits(x[:, nmax + 1 + j:]).float()                     # (B, k, V)
 
 
 def make_tiny_drafter(target_config, context_mode: str = "tokens", seed: int = 0,

@@ -329,3 +329,21 @@ def test_adaptive_k_requests_through_the_router_are_plain_ar(tiny_checkpoints, d
     assert fixed.token_ids == ref.token_ids
     # the tiny random drafter is rarely right: adaptive requests take plain AR stretches
     assert len(o.accept_lengths) < len(fixed.accept_lengths)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "target-features"])
+def test_pipelined_requests_through_the_router_are_plain_ar(tiny_checkpoints, drafters, verifier,
+                                                            reference, mode):
+    """The request field `pipeline` (and the server default): pre-drafts go through the
+    Drafter's `prefix` and the RemoteDrafter's `draft_async`; hits and misses reach the stats."""
+    ref = reference(PROMPT, 40)
+    router = make_router(tiny_checkpoints, drafters[mode], verifier, lookup=False)
+    o, text = complete(router, {"prompt": PROMPT, "max_tokens": 40, "pipeline": True})
+    assert o.token_ids == ref.token_ids and text == ref.text and not o.fallback
+    s = o.stats()
+    assert s.pipeline_hits is not None and s.pipeline_hits + s.pipeline_misses > 0
+    plain, _ = complete(router, {"prompt": PROMPT, "max_tokens": 40})  # server default: off
+    assert plain.token_ids == ref.token_ids and plain.stats().pipeline_hits is None
+    on = make_router(tiny_checkpoints, drafters[mode], verifier, pipeline=True)
+    o2, _ = complete(on, {"prompt": PROMPT, "max_tokens": 40})
+    assert o2.token_ids == ref.token_ids and o2.stats().pipeline_hits is not None

@@ -40,7 +40,7 @@ class FixedDrafter:
 def test_splice_keeps_the_confident_head_then_looks_up_from_its_end():
     # context + anchor = 1 2 3 4 5 1 | 2 ; confident head: y1 = 3 (cumprod 0.9, then 0.45)
     inner = FixedDrafter([3, 7, 7, 7, 7], [0.9, 0.5, 0.9, 0.9, 0.9])
-    d = LookupDrafter(inner, ngram_max=2, ngram_min=2)
+    d = LookupDrafter(inner, ngram_max=2, ngram_min=2, min_conf=0.5)
     r = d.draft("s", [1, 2, 3, 4, 5, 1], 2, 5, SamplingParams())
     # ... 1 2 3: "2 3" was seen after position 1 -> 4 5 1 2 fills the block
     assert r.tokens.tolist() == [3, 4, 5, 1, 2]
