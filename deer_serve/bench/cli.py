@@ -407,6 +407,8 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
             except Exception as e:
                 out[m.name]["throughput_error"] = f"{type(e).__name__}: {e}"
                 warnings.append(f"T={T:g} {m.name} concurrency phase failed: {e}")
+            # single-stream rate from the samples (summarize); null: the service sent no counters
+            out[m.name].setdefault("pipeline_hit_rate", None)
     if "deer-ray-nopipe" in out and "error" not in out["deer-ray-nopipe"] \
             and out.get("deer-ray", {}).get("pipeline_hit_rate") is None:
         warnings.append(f"T={T:g}: the service reports no pipeline counters (deer.pipeline_hits/"
@@ -453,7 +455,6 @@ def service_throughput(m, s, prompt_ids, sp, ar_grid) -> dict:
         out["concurrent_identical_to_ar"] = bad == 0
     if hits + misses:
         out["concurrent_pipeline_hit_rate"] = round(hits / (hits + misses), 4)
-    out.setdefault("pipeline_hit_rate", None)
     return out
 
 

@@ -1,7 +1,7 @@
 """`deer-serve bench` end to end on tiny random models, plus its pure parts (stats, suites).
 
 The end-to-end test runs the real command in a subprocess (as scripts do) on a 2-prompt JSONL
-suite with ar, deer (two block sizes), hf-assisted and pld at temperatures 0 and 0.6, and checks
+suite with ar, deer (two block sizes), deer-pipe, hf-assisted and pld at temperatures 0 and 0.6, and checks
 the three kinds of output and the results.json contract.
 """
 
@@ -45,7 +45,7 @@ def bench_run(tmp_path_factory, tiny_checkpoints, tokenizer):
                      + json.dumps({"prompt": "for i in range(10):\n    print(i)\n"}) + "\n")
     out = root / "out"
     cmd = [sys.executable, "-m", "deer_serve", "bench", "--suite", str(suite), "--limit", "2",
-           "--methods", "ar,deer,hf-assisted,pld", "--temperature", "0,0.6",
+           "--methods", "ar,deer,deer-pipe,hf-assisted,pld", "--temperature", "0,0.6",
            "--block-size", "4,2", "--max-new-tokens", "12", "--repeats", "2", "--out", str(out),
            "--target", str(root / "target"), "--drafter", str(root / "drafter"),
            "--ar-draft", str(root / "ar-draft"), "--threads", "1"]
@@ -79,7 +79,10 @@ def test_results_contract(bench_run):
     assert r["methods"] == r["runs"][0]["methods"]  # top level = the first temperature
     for run in r["runs"]:
         methods = run["methods"]
-        assert set(methods) == {"ar", "deer", "deer@k2", "hf-assisted", "pld"}
+        assert set(methods) == {"ar", "deer", "deer@k2", "deer-pipe", "hf-assisted", "pld"}
+        # pipelining reports its pre-drafts: hits + misses > 0, so a rate in [0, 1]
+        assert 0.0 <= methods["deer-pipe"]["pipeline_hit_rate"] <= 1.0
+        assert methods["deer"].get("pipeline_hit_rate") is None
         for name, m in methods.items():
             assert "error" not in m, (name, m.get("error"))
             for key in CONTRACT:
