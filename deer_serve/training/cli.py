@@ -69,7 +69,12 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         generate_teacher(target_dir, teacher_path, c["teacher"], out / "target" / "data_cache",
                          limit_files=c["limit_files"])
     if "drafter" in stages:
-        results["drafter"] = train_drafter(c["d2a"], target_dir, teacher_path, out / drafter_name)
+        corpus_ids = None
+        if c["d2a"].stage0_steps:  # Stage 0 reads the tokenized train split (cached by the target)
+            corpus_ids = corpus.tokenize_split("train", tok_dir, out / "target" / "data_cache",
+                                               limit_files=c["limit_files"])
+        results["drafter"] = train_drafter(c["d2a"], target_dir, teacher_path, out / drafter_name,
+                                           corpus_ids)
     if "ar-draft" in stages and not (out / "ar-draft" / "final" / "metrics.json").exists():
         results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")
     return results
@@ -111,11 +116,16 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, default=None, help="Stage II weight base")
     ap.add_argument("--init-layers", choices=["first", "last", "none"], default=None,
                     help="which target layers initialise the drafter's")
+    ap.add_argument("--stage0-steps", type=int, default=None,
+                    help="optional Stage 0: masked-diffusion steps on raw corpus windows first")
     ap.add_argument("--stage1-steps", type=int, default=None)
     ap.add_argument("--stage2-steps", type=int, default=None)
     ap.add_argument("--lr2", type=float, default=None, help="Stage II peak learning rate")
     ap.add_argument("--init-from", default=None,
                     help="continue D2A from a trained drafter directory (e.g. deer_serve/assets/drafter)")
+    ap.add_argument("--no-docstring-data", action="store_true",
+                    help="D2A on the teacher's corpus continuations only (as the runs before the "
+                         "docstring-prompt data; the Stage I only row of the model card)")
     ap.add_argument("--ar-steps", type=int, default=None, help="AR draft baseline steps")
     ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
     a = ap.parse_args(argv)
@@ -123,9 +133,12 @@ def main(argv=None) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stages {bad}")
-    ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers), ("stage1_steps", a.stage1_steps),
+    ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers),
+                            ("stage0_steps", a.stage0_steps), ("stage1_steps", a.stage1_steps),
                             ("stage2_steps", a.stage2_steps), ("lr2", a.lr2),
                             ("init_from", a.init_from)] if v is not None}
+    if a.no_docstring_data:
+        ov["use_docstring_data"] = False
     res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},
                      indent=1, default=str))

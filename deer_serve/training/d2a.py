@@ -4,6 +4,9 @@ Every step trains many blocks of each teacher sequence in ONE forward (BD3-LM la
 sequence's causal context stream, then the blocks; block b sees the context before its anchor
 and itself). A block is [anchor x_s, m_1..m_k] and learns x_{s+1..s+k}.
 
+  Stage 0  (optional, ours): the same masked-diffusion loss on raw corpus windows instead of
+           teacher text, blocks anywhere in the window (features by teacher-forcing the
+           target on the window in target-features mode).
   Stage I  (AR-style distillation): each block position is masked with probability t ~ U(0,1],
            unmasked ones show the true token; loss = (1/t) * CE summed over masked positions.
   Stage II (refinement): the whole block is masked (the single-step regime of inference);
@@ -39,8 +42,10 @@ class D2AConfig:
     block_sizes: tuple = (8, 16, 32)       # k is drawn from these each step
     block_tokens: int = 160                # blocks per sequence = block_tokens // (k+1)
     batch_size: int = 16                   # teacher sequences per step
+    stage0_steps: int = 0                  # optional Stage 0 on raw corpus windows (0 = off)
     stage1_steps: int = 400
     stage2_steps: int = 1200
+    lr0: float = 1e-3
     lr1: float = 1e-3
     lr2: float = 5e-4
     warmup_steps: int = 30
@@ -56,7 +61,8 @@ class D2AConfig:
 
     @classmethod
     def smoke(cls, **kw) -> "D2AConfig":
-        base = dict(block_sizes=(4, 8), eval_block_sizes=(4, 8), block_tokens=40, batch_size=4, stage1_steps=6,
+        base = dict(block_sizes=(4, 8), eval_block_sizes=(4, 8), block_tokens=40, batch_size=4,
+                    stage0_steps=3, stage1_steps=6,
                     stage2_steps=6, eval_every=6, eval_blocks=16, ckpt_every=4)
         base.update(kw)
         return cls(**base)
@@ -176,9 +182,25 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def corpus_window_loss(model, target, corpus_ids: np.ndarray, n: int, cfg: "D2AConfig", k: int,
+                       mask_id: int, rng: np.random.Generator):
+    """Stage 0: Stage I's masked-diffusion loss on cfg.batch_size raw corpus windows of n
+    tokens (blocks anywhere after the first token)."""
+    starts = rng.integers(0, len(corpus_ids) - n, cfg.batch_size)
+    win = torch.from_numpy(np.stack([corpus_ids[s:s + n] for s in starts]).astype(np.int64))
+    feats = None
+    if model.config.context_mode == "target-features":
+        with torch.no_grad():
+            hs = target(win, output_hidden_states=True).hidden_states
+            feats = select_features(hs, model.config.target_feature_layers).half()
+    nb = max(1, cfg.block_tokens // (k + 1))
+    return block_loss(model, win, feats, 1, k, nb, mask_id, rng, 1)
+
+
 def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Path,
-                  out_dir: str | Path) -> dict:
-    """Stage I then Stage II; resumable from out_dir/ckpt.pt; final weights in out_dir/final."""
+                  out_dir: str | Path, corpus_ids: Optional[np.ndarray] = None) -> dict:
+    """Stage 0 (optional, on `corpus_ids`: the tokenized train split), Stage I, Stage II;
+    resumable from out_dir/ckpt.pt; final weights in out_dir/final."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cfg.num_threads)
@@ -206,7 +228,11 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         feats, val_feats = target_features(target, ids, layers), target_features(target, val_ids, layers)
         if val_doc is not None:
             val_doc_feats = target_features(target, val_doc, layers)
-    del target
+    if cfg.stage0_steps:
+        if corpus_ids is None or len(corpus_ids) <= ids.shape[1]:
+            raise ValueError("Stage 0 needs the tokenized corpus (corpus_ids)")
+    else:
+        del target
 
     def run_eval():
         r = evaluate(model, val_ids, val_feats, P, mask_id, cfg.eval_block_sizes, cfg.eval_blocks)
@@ -217,7 +243,8 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
 
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    total = cfg.stage1_steps + cfg.stage2_steps
+    s0n, s1n = cfg.stage0_steps, cfg.stage1_steps
+    total = s0n + s1n + cfg.stage2_steps
     opt = torch.optim.AdamW(params, lr=cfg.lr1, betas=(0.9, 0.95), weight_decay=0.01)
     step, elapsed = 0, 0.0
     ckpt = out / "ckpt.pt"
@@ -231,18 +258,22 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     t0 = time.time() - elapsed
     result = {}
     while step < total:
-        stage = 1 if step < cfg.stage1_steps else 2
-        s0 = step if stage == 1 else step - cfg.stage1_steps
-        n_stage = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
-        lr = lr_at(s0, n_stage, cfg.lr1 if stage == 1 else cfg.lr2, cfg.warmup_steps)
+        stage = 0 if step < s0n else 1 if step < s0n + s1n else 2
+        first = (0, s0n, s0n + s1n)[stage]                               # the stage's first step
+        n_stage = (s0n, s1n, cfg.stage2_steps)[stage]
+        lr = lr_at(step - first, n_stage, (cfg.lr0, cfg.lr1, cfg.lr2)[stage], cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([cfg.seed, step])                  # batches are f(seed, step)
-        rows = torch.from_numpy(rng.integers(0, len(ids), cfg.batch_size))
-        k = int(rng.choice(cfg.block_sizes))
-        nb = max(1, cfg.block_tokens // (k + 1))
-        loss = block_loss(model, ids[rows], None if feats is None else feats[rows], P, k, nb,
-                          mask_id, rng, stage, cfg.alpha)
+        if stage == 0:
+            k = int(rng.choice(cfg.block_sizes))
+            loss = corpus_window_loss(model, target, corpus_ids, ids.shape[1], cfg, k, mask_id, rng)
+        else:
+            rows = torch.from_numpy(rng.integers(0, len(ids), cfg.batch_size))
+            k = int(rng.choice(cfg.block_sizes))
+            nb = max(1, cfg.block_tokens // (k + 1))
+            loss = block_loss(model, ids[rows], None if feats is None else feats[rows], P, k, nb,
+                              mask_id, rng, stage, cfg.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,14 +283,16 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         bar.set_postfix(stage=stage, k=k, loss=f"{loss.item():.3f}")
         rec = {"step": step, "stage": stage, "k": k, "loss": round(loss.item(), 4), "lr": lr,
                "elapsed_s": round(time.time() - t0, 1)}
-        if step % cfg.eval_every == 0 or step == total or step == cfg.stage1_steps:
+        if step % cfg.eval_every == 0 or step == total or step in (s0n, s0n + s1n):
             rec["val"] = run_eval()
             bar.write(f"step {step} stage {stage}: " +
                       ", ".join(f"k={k}: tau~{v['tau']}" for k, v in rec["val"].items() if k != "docstring")
                       + ("; docstring prompts: " + ", ".join(
                           f"k={k}: tau~{v['tau']}" for k, v in rec["val"]["docstring"].items())
                          if "docstring" in rec["val"] else ""))
-            if step == cfg.stage1_steps and cfg.stage1_steps:  # the "Stage I only" row of the ablation
+            if step == s0n and s0n:
+                result["after_stage0"] = rec["val"]
+            if step == s0n + s1n and s1n:  # the "Stage I only" row of the ablation
                 result["after_stage1"] = rec["val"]
                 model.save_pretrained(out / "stage1", safe_serialization=True)
         log.write(json.dumps(rec) + "\n")

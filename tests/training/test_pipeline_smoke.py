@@ -19,10 +19,13 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
         assert (tmp_path / "assets" / d / "model.safetensors").is_file()
     metrics = json.loads((out / "drafter" / "final" / "metrics.json").read_text())
     assert set(metrics["final"]) == {"4", "8", "docstring"} and "after_stage1" in metrics
+    assert "after_stage0" in metrics  # the smoke preset runs Stage 0 (raw corpus windows) too
     assert set(metrics["final"]["docstring"]) == {"4", "8"}   # tau on docstring-ended prompts
     assert (out / "drafter" / "stage1" / "model.safetensors").is_file()
     lines = (out / "drafter" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 12 and all("loss" in json.loads(l) for l in lines)
+    recs = [json.loads(l) for l in lines]
+    assert len(recs) == 15 and all("loss" in r for r in recs)
+    assert [r["stage"] for r in recs] == [0] * 3 + [1] * 6 + [2] * 6
 
     from transformers import AutoTokenizer
 
