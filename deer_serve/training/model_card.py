@@ -48,6 +48,54 @@ def ablation_rows(run: Path) -> list[tuple[str, str, dict]]:
     return rows
 
 
+ALPHA_RUNS = ("drafter-a101", "drafter-a105")  # Stage II continuations differing only in alpha
+
+
+def alpha_section(run: Path) -> str:
+    """The Stage II weighting measured: runs that continue one drafter with the same steps, lr,
+    seed and data and differ only in alpha."""
+    ms = [(n, _load(run / n / "final" / "metrics.json")) for n in ALPHA_RUNS]
+    ms = [(n, m) for n, m in ms if m]
+    if len(ms) < 2:
+        return ""
+    c0 = ms[0][1].get("config", {})
+    out = ("\n## Stage II weighting: alpha\n\nSame start (`" + str(c0.get("init_from")) + "`), "
+           f"{c0.get('stage2_steps')} Stage II steps, lr2 {c0.get('lr2')}, seed {c0.get('seed')}, "
+           "teacher + docstring data; only alpha differs (`deer-serve train --stages drafter "
+           "--init-from deer_serve/assets/drafter --stage1-steps 0 --stage2-steps 300 --lr2 3e-4 "
+           "--alpha A --drafter-name NAME`).\n\n| alpha | " + " | ".join(f"tau k={k}" for k in KS)
+           + " | " + " | ".join(f"docstring tau k={k}" for k in KS) + " |\n|---|"
+           + "---|" * (2 * len(KS)) + "\n")
+    for _, m in ms:
+        f = m.get("final", {})
+        doc = f.get("docstring", {})
+        out += (f"| {m.get('config', {}).get('alpha')} | "
+                + " | ".join(str(f[k]["tau"]) if k in f else "n/a" for k in KS) + " | "
+                + " | ".join(str(doc[k]["tau"]) if k in doc else "n/a" for k in KS) + " |\n")
+    return out
+
+
+def stage0_section(run: Path) -> str:
+    """Stage 0 (raw corpus windows) before Stage I, against Stage I alone from the same start."""
+    with0 = _load(run / "drafter-s0s1" / "final" / "metrics.json")
+    alone = _load(run / "drafter-stage1" / "final" / "metrics.json")
+    if not with0 or not alone:
+        return ""
+    c = with0.get("config", {})
+    rows = [("Stage I only", alone.get("after_stage1", {})),
+            (f"Stage 0 ({c.get('stage0_steps')} steps) only", with0.get("after_stage0", {})),
+            (f"Stage 0 + Stage I", with0.get("after_stage1", {}))]
+    out = ("\n## Stage 0\n\nOptional masked-diffusion steps on raw corpus windows (target "
+           "features by teacher forcing) before Stage I; both runs initialised from the target, "
+           f"{c.get('stage1_steps')} Stage I steps, corpus continuations only "
+           "(`--stage0-steps 300 --stage1-steps 300 --stage2-steps 0 --no-docstring-data`). "
+           "Not used for the shipped drafter.\n\n| training | " + " | ".join(f"tau k={k}" for k in KS)
+           + " |\n|---|" + "---|" * len(KS) + "\n")
+    for name, m in rows:
+        out += f"| {name} | " + " | ".join(str(m[k]["tau"]) if k in m else "n/a" for k in KS) + " |\n"
+    return out
+
+
 def continuations(run: Path) -> list[str]:
     """D2A continuation runs (`--init-from`), in order: drafter-v2, drafter-v3, ..."""
     out, i = [], 2
@@ -184,6 +232,7 @@ Stored in float32 (it defines the output distribution).
                      f"| {m.get('steps')} | {cfg.get('lr2')} | {m.get('train_seconds', 0) / 60:.0f} | "
                      + " | ".join(str(f[k]["tau"]) if k in f else "n/a" for k in KS) + " | "
                      + " | ".join(str(doc[k]["tau"]) if k in doc else "n/a" for k in KS) + " |\n")
+    cont += alpha_section(run) + stage0_section(run)
     he = ""
     if bench:
         he = "\n## On HumanEval (the bench, end to end)\n\n" + bench.get("_card", "")
