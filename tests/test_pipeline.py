@@ -12,10 +12,9 @@ import torch
 from deer_serve.drafters.deer import DeerDrafterBackend
 from deer_serve.engine import Pipeliner, generate
 from deer_serve.models import make_tiny_drafter
-from deer_serve.targets.hf import HFTarget
 from deer_serve.types import DraftResult, SamplingParams
 
-from tiny_models import make_target
+from test_engine import model, target  # noqa: F401  (the same tiny target fixtures)
 
 MODES = ("tokens", "target-features")
 
@@ -23,16 +22,6 @@ MODES = ("tokens", "target-features")
 def prompt_of(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(2, vocab) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_target(vocab_size=300, layers=2, hidden=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def target(model):
-    return HFTarget(model)
 
 
 class PredictableDrafter:

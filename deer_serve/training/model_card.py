@@ -22,6 +22,11 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _taus(m: dict) -> str:
+    """The tau cells of one table row, k in KS ("n/a" where a k was not evaluated)."""
+    return " | ".join(str(m[k]["tau"]) if k in m else "n/a" for k in KS)
+
+
 def ablation_rows(run: Path) -> list[tuple[str, str, dict]]:
     rows = []
     for name, mode in (("drafter-tokens", "tokens"), ("drafter", "target-features")):
@@ -70,8 +75,8 @@ def alpha_section(run: Path) -> str:
         f = m.get("final", {})
         doc = f.get("docstring", {})
         out += (f"| {m.get('config', {}).get('alpha')} | "
-                + " | ".join(str(f[k]["tau"]) if k in f else "n/a" for k in KS) + " | "
-                + " | ".join(str(doc[k]["tau"]) if k in doc else "n/a" for k in KS) + " |\n")
+                + _taus(f) + " | "
+                + _taus(doc) + " |\n")
     return out
 
 
@@ -92,7 +97,7 @@ def stage0_section(run: Path) -> str:
            "Not used for the shipped drafter.\n\n| training | " + " | ".join(f"tau k={k}" for k in KS)
            + " |\n|---|" + "---|" * len(KS) + "\n")
     for name, m in rows:
-        out += f"| {name} | " + " | ".join(str(m[k]["tau"]) if k in m else "n/a" for k in KS) + " |\n"
+        out += f"| {name} | " + _taus(m) + " |\n"
     return out
 
 
@@ -208,8 +213,7 @@ Stored in float32 (it defines the output distribution).
     table = "| context mode | training | " + " | ".join(f"tau k={k}" for k in KS) + " |\n"
     table += "|---|---|" + "---|" * len(KS) + "\n"
     for mode, stage, m in rows:
-        table += f"| {mode} | {stage} | " + " | ".join(
-            str(m[k]["tau"]) if k in m else "n/a" for k in KS) + " |\n"
+        table += f"| {mode} | {stage} | " + _taus(m) + " |\n"
     tok_cfg = _load(run / "drafter-tokens" / "final" / "metrics.json").get("config", {})
     cont = ""
     chain = continuations(run)
@@ -230,8 +234,8 @@ Stored in float32 (it defines the output distribution).
             doc = f.get("docstring", {})
             cont += (f"| {c} (from {Path(cfg.get('init_from') or '?').parent.name if cfg.get('init_from', '').endswith('final') else cfg.get('init_from')}) "
                      f"| {m.get('steps')} | {cfg.get('lr2')} | {m.get('train_seconds', 0) / 60:.0f} | "
-                     + " | ".join(str(f[k]["tau"]) if k in f else "n/a" for k in KS) + " | "
-                     + " | ".join(str(doc[k]["tau"]) if k in doc else "n/a" for k in KS) + " |\n")
+                     + _taus(f) + " | "
+                     + _taus(doc) + " |\n")
     cont += alpha_section(run) + stage0_section(run)
     he = ""
     if bench:
