@@ -27,7 +27,7 @@ import torch
 from deer_serve.types import DraftResult, PendingDraft, SamplingParams
 from deployments.batching import CombiningBatcher
 from deployments.telemetry import replica_id
-from deployments.verifier import as_tensor, replica_info
+from deployments.verifier import as_tensor, open_channel, replica_info
 
 
 @dataclass
@@ -158,6 +158,10 @@ class Drafter:
 
     def batch_stats(self) -> dict:
         return self._batcher.stats() if self._batcher is not None else {"batching": False}
+
+    def channel(self) -> dict:
+        """This replica's channel address (`transport: channel`; opened on first ask)."""
+        return open_channel(self, ("draft", "release", "meta"))
 
     def release(self, seq_id: str) -> None:
         with self._lock:

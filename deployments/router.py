@@ -58,7 +58,7 @@ from deployments.schemas import (
     _now, check_prompt, parse_request)
 from deployments.security import ApiKeys, grpc_key, http_key
 from deployments.telemetry import CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing
-from deployments.verifier import RemoteTarget, VerifierUnavailable, route_handle
+from deployments.verifier import RemoteTarget, VerifierUnavailable, close_channels, route_handle
 
 log = logging.getLogger("deer_serve.router")
 
@@ -272,6 +272,14 @@ class Router:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
                 self._fallback("drafter_to_ar")
+        try:
+            return (yield from self._decode(p, mode, drafter, fallback, verifier_h))
+        finally:
+            close_channels(verifier_h, drafter)
+
+    def _decode(self, p: Prepared, mode: str, drafter, fallback: bool,
+                verifier_h) -> Generator[StepOutput, None, Outcome]:
+        s, spans = self.settings, p.spans
         out: list[int] = []
         accepts: list[int] = []
         cycles, resumes, give_up_at = 0, 0, None

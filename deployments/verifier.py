@@ -119,6 +119,10 @@ class Verifier:
         """Forwards run and calls served by the batcher (mean batch size = items / batches)."""
         return self._batcher.stats() if self._batcher is not None else {"batching": False}
 
+    def channel(self) -> dict:
+        """This replica's channel address (`transport: channel`; opened on first ask)."""
+        return open_channel(self, ("score", "release", "meta"))
+
     def release(self, seq_id: str) -> None:
         with self._lock:
             self.backend.release(seq_id)
@@ -166,7 +170,7 @@ class Verifier:
         if mode == "deer":
             if self.drafter is None:
                 raise ValueError("this Verifier was built without a Drafter handle")
-            h = route_handle(self.drafter, transport, session)
+            h = route_handle(self.drafter, transport, session, drafter_timeout_s)
             try:
                 drafter = RemoteDrafter(h, h.meta.remote().result(timeout_s=drafter_timeout_s),
                                         drafter_timeout_s)
@@ -200,6 +204,7 @@ class Verifier:
                 yield "step", step
         finally:
             it.close()
+            close_channels(drafter)
 
     def _detokenizer(self):
         if self._tokenizer is None:
@@ -237,6 +242,18 @@ class _LocalTarget:
         self.v.release(seq_id)
 
 
+def open_channel(replica, methods) -> dict:
+    from deployments.channel import ChannelServer
+
+    with _CHANNEL_LOCK:
+        if getattr(replica, "_channel", None) is None:
+            replica._channel = ChannelServer(replica, methods)
+    return replica._channel.address()
+
+
+_CHANNEL_LOCK = threading.Lock()
+
+
 def reply_to_result(r: ScoreReply) -> ScoreResult:
     hidden = None if r.hidden is None else as_tensor(r.hidden)                     # (n, F) fp16
     if r.argmax is not None:
@@ -244,16 +261,34 @@ def reply_to_result(r: ScoreReply) -> ScoreResult:
     return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
 
 
-def route_handle(handle, transport: str, session: Optional[str]):
+def route_handle(handle, transport: str, session: Optional[str], timeout_s: float = 30.0):
     """The handle one request's calls go through: by value over Serve's gRPC channel
-    (`transport: direct`) and, given a session (the request id, with `affinity`), kept on one
-    replica by Serve's consistent-hash request router."""
+    (`transport: direct`), or over a socket to the one replica its `channel()` call reached
+    (`transport: channel`, deployments.channel; `close_channels` when the request ends) and,
+    given a session (the request id, with `affinity`), kept on one replica by Serve's
+    consistent-hash request router."""
     kw: dict = {}
-    if transport == "direct":
+    if transport in ("direct", "channel"):
         kw["_by_reference"] = False
     if session is not None:
         kw["session_id"] = session
-    return handle.options(**kw) if kw else handle
+    h = handle.options(**kw) if kw else handle
+    if transport == "channel":
+        from deployments.channel import ChannelHandle
+
+        return ChannelHandle(h, timeout_s)
+    return h
+
+
+def close_channels(*users) -> None:
+    """Close the channels of a request's handles, RemoteTarget/RemoteDrafter (or a wrapper
+    with `.inner`); anything else is left alone."""
+    from deployments.channel import ChannelHandle
+
+    for u in users:
+        for h in (u, getattr(u, "handle", None), getattr(getattr(u, "inner", None), "handle", None)):
+            if isinstance(h, ChannelHandle):
+                h.close()
 
 
 # ---- the router's side ------------------------------------------------------------------------

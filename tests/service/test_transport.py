@@ -71,7 +71,10 @@ def test_affinity_keeps_each_request_on_one_replica_per_pool(app, reference):
     {"transport": "object-store", "greedy_argmax": False, "affinity": False},
     {"transport": "direct", "greedy_argmax": False, "affinity": False},
     {"transport": "object-store", "greedy_argmax": True, "affinity": True},
-], ids=["object-store+logits", "direct+logits", "object-store+argmax"])
+    {"transport": "channel", "greedy_argmax": False, "affinity": False},
+    {"transport": "channel", "greedy_argmax": True, "affinity": True, "pipeline": True},
+], ids=["object-store+logits", "direct+logits", "object-store+argmax", "channel+logits",
+        "channel+argmax+pipeline"])
 def test_every_transport_gives_the_plain_ar_text(service, reference, service_opts):
     a = deploy(service, "transport-alt", own_models=False,
                service={"tracing": {"exporter": "memory"}, **service_opts})
@@ -91,12 +94,16 @@ def test_sampled_requests_get_logits_and_stay_seeded(app):
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
 
 
-def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service, reference):
+@pytest.mark.parametrize("transport", ["direct", "channel"])
+def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service, reference,
+                                                                        transport):
     """`loop: verifier`: one streaming call per request, the Verifier replica drafts through
-    the Drafter deployment; greedy text is plain AR's, streamed or not, stop strings hold."""
+    the Drafter deployment (Serve calls, or a channel to one Drafter replica); greedy text is
+    plain AR's, streamed or not, stop strings hold."""
     import openai
 
-    a = deploy(service, "transport-vloop", own_models=False, service={"loop": "verifier"})
+    a = deploy(service, "transport-vloop", own_models=False,
+               service={"loop": "verifier", "transport": transport})
     try:
         for p in PROMPTS[:3]:
             body, _ = complete(a, p, temperature=0)
