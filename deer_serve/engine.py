@@ -62,6 +62,7 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
                   seq_id: Optional[str] = None,
                   eos_token_id: Union[int, Collection[int], None] = None,
                   adaptive_k: bool = False, pipeline: bool = False,
+                  pipeline_min_p: float = 0.0,
                   ) -> Generator[StepOutput, None, GenerationResult]:
     """Validate now (ValueError), then return the decode generator.
 
@@ -70,7 +71,8 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
     acceptance (`AdaptiveK`). Lossless either way: k depends only on past cycles.
     pipeline: while block b is verified, pre-draft block b+1 for the most likely outcome of b
     (`Pipeliner`); use it when the outcome is that one. Counted in `result.extra`
-    (pipeline_hits / pipeline_misses).
+    (pipeline_hits / pipeline_misses / pipeline_skipped). pipeline_min_p: pre-draft only when
+    the hypothesis's probability by the drafter's confidences is at least this (`Pipeliner`).
     detokenize: ids -> text; needed for `sampling.stop` and for `GenerationResult.text`.
     eos_token_id: None = `target.eos_token_id`; ignored with `sampling.ignore_eos`.
     """
@@ -84,7 +86,7 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
     return _decode(target, drafter, prompt, sampling, mode, int(block_size), detokenize,
                    seq_id or f"gen-{uuid.uuid4().hex}", eos,
                    AdaptiveK(int(block_size)) if adaptive_k else None,
-                   Pipeliner(drafter) if pipeline and mode == "deer" else None)
+                   Pipeliner(drafter, pipeline_min_p) if pipeline and mode == "deer" else None)
 
 
 class AdaptiveK:
@@ -148,10 +150,15 @@ class Pipeliner:
     a thread of its own, and a missed one is waited for before the next draft of the same
     sequence (one cache)."""
 
-    def __init__(self, drafter):
+    def __init__(self, drafter, min_p: float = 0.0):
+        """min_p: pre-draft only when the hypothesis's probability P(exactly m) is at least
+        this (0 = always); below it the next block is drafted after the verify, as without
+        pipelining, and no compute is spent on a likely miss."""
         self.drafter = drafter
+        self.min_p = float(min_p)
         self._pool = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.skipped = 0
+        self.record: Optional[list] = None  # [(P(hypothesis), hit)] when a list (calibration)
 
     def submit(self, *args, **kw) -> PendingDraft:
         if hasattr(self.drafter, "draft_async"):
@@ -169,17 +176,19 @@ class Pipeliner:
         return PendingDraft(fut.result, drop)
 
     @staticmethod
-    def hypothesis(d, drafts: list[int]) -> Optional[tuple[int, int]]:
-        """(m, guess) for the block `drafts` drafted as `d`, or None without confidences."""
+    def hypothesis(d, drafts: list[int]) -> Optional[tuple[int, int, float]]:
+        """(m, guess, P(exactly m accepted)) for the block `drafts` drafted as `d`, or None
+        without confidences."""
         if d.conf is None or d.alt is None or not drafts:
             return None
         c = d.conf[:len(drafts)].double()
         head = torch.cat([torch.ones(1, dtype=c.dtype), torch.cumprod(c, 0)[:-1]])  # prod_{i<m}
-        m = int(torch.argmax(head * (1 - c)))
+        pm = head * (1 - c)                                                         # (k,)
+        m = int(torch.argmax(pm))
         guess = int(d.alt[m])
         if guess == drafts[m]:  # a spliced-in token equals the runner-up: no such outcome
             return None
-        return m, guess
+        return m, guess, float(pm[m])
 
     def close(self) -> None:
         if self._pool is not None:
@@ -301,9 +310,12 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 n_acc, nxt = int(n), int(nx)
                 accept_lengths.append(n_acc)
                 if pending is not None:
-                    pd, m, guess = pending
+                    pd, m, guess, p_hyp = pending
                     pending = None
-                    if n_acc == m and nxt == guess:
+                    hit = n_acc == m and nxt == guess
+                    if pipe.record is not None:
+                        pipe.record.append((p_hyp, hit))
+                    if hit:
                         ready, pipe.hits = pd, pipe.hits + 1
                     else:
                         pd.cancel()
@@ -336,7 +348,8 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
         if finish == "stop" and sampling.stop:
             text = text[:_first_stop(text, sampling.stop)]
     T["other"] = max(0.0, busy - sum(T.values()))
-    extra = {} if pipe is None else {"pipeline_hits": pipe.hits, "pipeline_misses": pipe.misses}
+    extra = {} if pipe is None else {"pipeline_hits": pipe.hits, "pipeline_misses": pipe.misses,
+                                     "pipeline_skipped": pipe.skipped}
     return GenerationResult(token_ids=out, text=text, accept_lengths=accept_lengths,
                             finish_reason=finish, elapsed_s=busy, cycles=cycles, timings=T,
                             extra=extra)
@@ -349,7 +362,10 @@ def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen
     hyp = pipe.hypothesis(d, drafts)
     if hyp is None:
         return None
-    m, guess = hyp
+    m, guess, p_hyp = hyp
+    if p_hyp < pipe.min_p:
+        pipe.skipped += 1
+        return None
     if adapt is not None:  # the next cycle's k if the outcome is (m, guess)
         a = copy.copy(adapt)
         a.update(m, k)
@@ -363,7 +379,7 @@ def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen
     if not sampling.greedy:  # its own stream, drawn now: seeded runs repeat
         sub = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
     return pipe.submit(seq_id, ctx, anchor, k_next, sampling, sub, feats,
-                       prefix=drafts[:m] + [guess]), m, guess
+                       prefix=drafts[:m] + [guess]), m, guess, p_hyp
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:

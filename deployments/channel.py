@@ -245,7 +245,11 @@ class ChannelHandle:
         self._lock = threading.Lock()
 
     def _client(self) -> ChannelClient:
+        """The open channel; a broken one (a dead replica, a timeout) is replaced by a new one
+        through Serve, which routes it to a live replica (as a resumed request's next call)."""
         with self._lock:
+            if self._conn is not None and self._conn.broken:
+                self._conn = None
             if self._conn is None:
                 try:
                     addr = self.handle.channel.remote().result(timeout_s=self.timeout_s)

@@ -73,11 +73,14 @@ class ServiceOptions(BaseModel):
                                 "has not resumed within this many seconds")
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     # the decode loop's transport (issue: every draft and verify is a call between replicas)
-    transport: Literal["direct", "object-store", "channel"] = Field(
-        "direct", description="draft and verify calls: 'direct' = Serve's gRPC channel "
-        "between replicas, arguments and replies by value (a handle option); 'object-store' = "
-        "through Ray's object store (Serve's default); 'channel' = one Serve call per request "
-        "picks the replica, the rest go over a socket to it (deployments.channel)")
+    transport: Literal["channel", "direct", "object-store"] = Field(
+        "channel", description="draft and verify calls: 'channel' = one Serve call per request "
+        "and pool picks the replica (with `affinity`, by the request's hash), the request's "
+        "calls then go over an authenticated socket to it (deployments.channel; Serve's "
+        "ongoing-request count does not see them: autoscale by the busy fraction, "
+        "deployments.autoscaling); 'direct' = every call through Serve's gRPC channel, "
+        "arguments and replies by value (a handle option); 'object-store' = every call "
+        "through Ray's object store (Serve's default)")
     affinity: bool = Field(
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "

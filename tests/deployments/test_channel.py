@@ -146,3 +146,42 @@ def test_greedy_deer_over_channels_is_plain_ar(tiny_checkpoints, drafters, verif
     # one channel per pool and request, each closed when its request ended
     for obj in (drafters["target-features"], verifier):
         assert obj._channel.connections >= 4 and obj._channel.calls > obj._channel.connections
+
+
+def test_channel_is_the_default_transport_and_keeps_the_session(tiny_checkpoints, drafters,
+                                                                verifier):
+    from deployments.router import Router, RouterSettings
+
+    settings = RouterSettings(served_model_name="target", block_size=4,
+                              tokenizer_path=str(tiny_checkpoints["target"]))
+    assert settings.transport == "channel"
+    router = Router(LocalHandle(drafters["tokens"]), LocalHandle(verifier), settings.model_dump())
+    h = router.call_handle(LocalHandle(verifier), "req-1")
+    assert isinstance(h, ChannelHandle)
+    # the one Serve call (channel()) goes by value, routed by the request's hash
+    assert h.handle.last_options == {"_by_reference": False, "session_id": "req-1"}
+
+
+def test_a_broken_channel_is_reopened_through_serve(echo):
+    """A replica that died: the next call asks Serve again (which routes to a live replica)."""
+    obj, first = echo
+
+    class Replica:
+        def __init__(self):
+            self.server, self.asked = first, 0
+
+        def channel(self):
+            self.asked += 1
+            return self.server.address()
+
+    rep = Replica()
+    h = ChannelHandle(LocalHandle(rep))
+    assert h.add.remote(1, 2).result(5) == 3 and rep.asked == 1
+    first.close()
+    with pytest.raises(ChannelError):
+        h.add.remote(1, 2).result(5)
+    rep.server = ChannelServer(obj, ("add",), host="127.0.0.1")  # the replacement replica
+    try:
+        assert h.add.remote(2, 2).result(5) == 4 and rep.asked == 2
+    finally:
+        rep.server.close()

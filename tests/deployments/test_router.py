@@ -85,6 +85,9 @@ def drafters(tiny_checkpoints):
 
 
 def make_router(tiny_checkpoints, drafter, verifier, **kw) -> Router:
+    """transport defaults to `direct` here: every call through the LocalHandle (whose hooks
+    play failing replicas); tests/deployments/test_channel.py runs `channel`."""
+    kw.setdefault("transport", "direct")
     settings = RouterSettings(served_model_name="target", tokenizer_path=str(
         tiny_checkpoints["target"]), block_size=4, **kw)
     d = drafter if isinstance(drafter, LocalHandle) else LocalHandle(drafter)
