@@ -1,6 +1,6 @@
 """`deer-serve train`: the whole pipeline of the embedded default, or any one stage.
 
-  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~75 min, 2 cores)
+  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~135 min, 2 cores)
   deer-serve train --preset smoke --out /tmp/smoke                    # end to end in < 2 min
   deer-serve train --preset tiny-code --out runs/tiny-code --stages drafter --context-mode tokens
   deer-serve train ... --export deer_serve/assets                     # ship the final weights
@@ -8,7 +8,8 @@
       --stage1-steps 0 --stage2-steps 900 --lr2 4e-4                # continue D2A from a drafter
 
 Stages, in order (each resumes or is skipped when its output exists):
-  tokenizer -> target -> teacher -> drafter (D2A Stage I + II) -> ar-draft
+  tokenizer -> target -> teacher -> drafter (D2A Stage I + II, then the preset's Stage II
+  continuation phases drafter-v2.. unless --no-continuation or a D2A flag) -> ar-draft
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 STAGES = ("tokenizer", "target", "teacher", "drafter", "ar-draft")
@@ -30,16 +32,38 @@ def _configs(preset: str):
 
     if preset == "smoke":
         return dict(vocab=512, limit_files=30, target=TargetTrainConfig.smoke(),
-                    teacher=TeacherConfig.smoke(), d2a=D2AConfig.smoke(), ar=ARDraftConfig.smoke())
+                    teacher=TeacherConfig.smoke(), d2a=D2AConfig.smoke(), ar=ARDraftConfig.smoke(),
+                    continuation=[Phase("v2", 3, 4e-4, from_export=True), Phase("v3", 2, 3e-4)])
     if preset == "tiny-code":
+        # the shipped drafter (its model card): a base D2A run on the corpus continuations, then
+        # Stage II continuations on those plus the docstring-prompt set, the first from the
+        # base's float16 export (the weights that were shipped then), each from the last
         return dict(vocab=4096, limit_files=None, target=TargetTrainConfig(), teacher=TeacherConfig(),
-                    d2a=D2AConfig(), ar=ARDraftConfig())
+                    d2a=D2AConfig(stage1_steps=300, stage2_steps=900), base={"use_docstring_data": False},
+                    ar=ARDraftConfig(),
+                    continuation=[Phase("v2", 900, 4e-4, from_export=True), Phase("v3", 900, 3e-4),
+                                  Phase("v4", 900, 3e-4)])
     raise SystemExit(f"unknown preset {preset!r} (smoke, tiny-code)")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One Stage II continuation of the preset's drafter: `deer-serve train --stages drafter
+    --init-from PREVIOUS --stage1-steps 0 --stage2-steps STEPS --lr2 LR2 --drafter-name
+    drafter-NAME` (docstring data on), PREVIOUS being the last phase's final weights, or their
+    float16 export with from_export."""
+    name: str
+    stage2_steps: int
+    lr2: float
+    from_export: bool = False
 
 
 def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         drafter_name: str = "drafter", overrides: dict | None = None,
-        ar_steps: int | None = None) -> dict:
+        ar_steps: int | None = None, continuation: bool | None = None) -> dict:
+    """The preset's stages into `out`. continuation (default: when the drafter's recipe is the
+    preset's own: no context mode or D2A overrides) runs the preset's Stage II continuation
+    phases after the base drafter; results["drafter_final"] names the drafter run to export."""
     from deer_serve.training import corpus
     from deer_serve.training.ar_draft import train_ar_draft
     from deer_serve.training.d2a import train_drafter
@@ -73,8 +97,23 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         if c["d2a"].stage0_steps:  # Stage 0 reads the tokenized train split (cached by the target)
             corpus_ids = corpus.tokenize_split("train", tok_dir, out / "target" / "data_cache",
                                                limit_files=c["limit_files"])
-        results["drafter"] = train_drafter(c["d2a"], target_dir, teacher_path, out / drafter_name,
+        if continuation is None:
+            continuation = not context_mode and not overrides
+        base = replace(c["d2a"], **c.get("base", {})) if continuation else c["d2a"]
+        results["drafter"] = train_drafter(base, target_dir, teacher_path, out / drafter_name,
                                            corpus_ids)
+        name = drafter_name
+        for ph in (c["continuation"] if continuation else []):
+            prev = out / name / "final"
+            if ph.from_export:
+                prev = export_model(prev, out / name / "export-fp16", "drafter")
+            cfg = replace(c["d2a"], init_from=str(prev), stage0_steps=0, stage1_steps=0,
+                          stage2_steps=ph.stage2_steps, lr2=ph.lr2, use_docstring_data=True)
+            name = f"{drafter_name}-{ph.name}"
+            print(f"D2A continuation {ph.name}: {ph.stage2_steps} Stage II steps, lr2 {ph.lr2}, "
+                  f"from {prev}", file=sys.stderr)
+            results[name] = train_drafter(cfg, target_dir, teacher_path, out / name)
+        results["drafter_final"] = name
     if "ar-draft" in stages and not (out / "ar-draft" / "final" / "metrics.json").exists():
         results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")
     return results
@@ -83,26 +122,32 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
 def export(out: Path, assets: Path, drafter_name: str = "drafter") -> None:
     """Copy the final weights into the package: target in float32 (it defines the output),
     drafters in float16 (half the bytes; loaded back as float32)."""
+    for name, src in [("target", out / "target" / "final"), ("drafter", out / drafter_name / "final"),
+                      ("ar-draft", out / "ar-draft" / "final")]:
+        if not src.exists():
+            print(f"skip {name}: {src} missing", file=sys.stderr)
+            continue
+        export_model(src, assets / name, name)
+        print(f"exported {name} -> {assets / name}")
+
+
+def export_model(src: Path, dst: Path, kind: str) -> Path:
+    """One model dir as shipped: the target in float32, drafters in float16."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     import deer_serve.models  # noqa: F401  (registers DeerDrafter)
 
-    for name, src, loader, dtype in [("target", out / "target" / "final", AutoModelForCausalLM, torch.float32),
-                                     ("drafter", out / drafter_name / "final", AutoModel, torch.float16),
-                                     ("ar-draft", out / "ar-draft" / "final", AutoModelForCausalLM, torch.float16)]:
-        if not src.exists():
-            print(f"skip {name}: {src} missing", file=sys.stderr)
-            continue
-        dst = assets / name
-        if dst.exists():
-            shutil.rmtree(dst)
-        model = loader.from_pretrained(src)
-        model.to(dtype).save_pretrained(dst, safe_serialization=True)
-        for f in src.iterdir():
-            if f.suffix in (".json", ".txt") and not (dst / f.name).exists():
-                shutil.copy2(f, dst / f.name)
-        print(f"exported {name} -> {dst}")
+    loader = AutoModel if kind == "drafter" else AutoModelForCausalLM
+    dtype = torch.float32 if kind == "target" else torch.float16
+    if dst.exists():
+        shutil.rmtree(dst)
+    model = loader.from_pretrained(src)
+    model.to(dtype).save_pretrained(dst, safe_serialization=True)
+    for f in Path(src).iterdir():
+        if f.suffix in (".json", ".txt") and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    return dst
 
 
 def main(argv=None) -> None:
@@ -126,6 +171,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-docstring-data", action="store_true",
                     help="D2A on the teacher's corpus continuations only (as the runs before the "
                          "docstring-prompt data; the Stage I only row of the model card)")
+    ap.add_argument("--no-continuation", action="store_true",
+                    help="the base drafter run only, without the preset's Stage II continuation "
+                         "phases (they run by default when no D2A flag changes the recipe)")
     ap.add_argument("--ar-steps", type=int, default=None, help="AR draft baseline steps")
     ap.add_argument("--export", type=Path, default=None, help="copy final weights to this assets dir")
     a = ap.parse_args(argv)
@@ -139,11 +187,13 @@ def main(argv=None) -> None:
                             ("init_from", a.init_from)] if v is not None}
     if a.no_docstring_data:
         ov["use_docstring_data"] = False
-    res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps)
+    res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps,
+              continuation=False if a.no_continuation else None)
+    final = res.pop("drafter_final", a.drafter_name)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "config"} for k, v in res.items()},
                      indent=1, default=str))
     if a.export:
-        export(a.out, a.export, a.drafter_name)
+        export(a.out, a.export, final)
 
 
 if __name__ == "__main__":

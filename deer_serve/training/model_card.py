@@ -224,7 +224,11 @@ Stored in float32 (it defines the output distribution).
                 "function's docstring (HumanEval's prompt shape, cut from the corpus's train files; "
                 f"{len(teacher.get('val_doc_ids', [])):,} from validation files for the metrics). "
                 "Each row is one run of `deer-serve train --stages drafter --init-from PREVIOUS "
-                "--stage1-steps 0 --stage2-steps N --lr2 LR`; the last one is shipped.\n\n"
+                "--stage1-steps 0 --stage2-steps N --lr2 LR` (the first from the base drafter's "
+                "float16 export, as it was shipped then); the last one is shipped. `deer-serve "
+                "train --preset tiny-code` runs these phases after the base drafter: one command "
+                "gives the shipped weights (the phases equal these commands bit for bit: "
+                "tests/training/test_pipeline_smoke.py).\n\n"
                 "| run | steps | lr2 | minutes | " + " | ".join(f"tau k={k}" for k in KS)
                 + " | " + " | ".join(f"docstring tau k={k}" for k in KS) + " |\n|---|---|---|---|"
                 + "---|" * (2 * len(KS)) + "\n")
@@ -274,7 +278,9 @@ initialised from the target's {tok_cfg.get('init_layers')} layers); it is here t
 |---|---|---|---|---|---|---|
 | {costs['plain_step_ms']} | {costs['verify_k8_ms']} | {costs['verify_k16_ms']} | {costs['verify_k32_ms']} | {costs['draft_k8_ms']} | {costs['draft_k16_ms']} | {costs['draft_k32_ms']} |
 {he}
-Reproduce: `deer-serve train --preset tiny-code --out runs/tiny-code --export deer_serve/assets`.
+Reproduce: `deer-serve train --preset tiny-code --out runs/tiny-code --export deer_serve/assets`
+(target, teacher data, base drafter, the three continuation phases, AR draft: about 135 min on 2
+cores, over the 90 minutes of one sitting; every stage resumes from its checkpoints).
 """)
     (assets / "ar-draft" / "README.md").write_text(f"""# deer-serve tiny-code AR draft baseline
 

@@ -45,3 +45,30 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     ar = generate(target, None, ids, sp, mode="ar")
     deer = generate(target, drafter, ids, sp, mode="deer", block_size=8)
     assert deer.token_ids == ar.token_ids and len(ar.token_ids) > 0
+
+    # the preset's Stage II continuation phases ran after the base drafter, each from the last
+    # (the first from the base's float16 export), and the last one is what was exported
+    from safetensors.torch import load_file
+
+    v2 = json.loads((out / "drafter-v2" / "final" / "metrics.json").read_text())["config"]
+    v3 = json.loads((out / "drafter-v3" / "final" / "metrics.json").read_text())["config"]
+    assert v2["init_from"] == str(out / "drafter" / "export-fp16") and v2["stage1_steps"] == 0
+    assert v3["init_from"] == str(out / "drafter-v2" / "final") and v3["lr2"] == 3e-4
+    recs = [json.loads(l) for l in (out / "drafter-v3" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == [2, 2]
+    shipped = load_file(tmp_path / "assets" / "drafter" / "model.safetensors")
+    last = load_file(out / "drafter-v3" / "final" / "model.safetensors")
+    assert shipped.keys() == last.keys()
+    assert all(torch.equal(shipped[k], last[k].half()) for k in shipped)
+
+    # one command == the chain of commands the phases stand for (the same weights, bit for bit)
+    manual = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
+                             "--out", str(out), "--stages", "drafter", "--drafter-name", "manual-v2",
+                             "--init-from", str(out / "drafter" / "export-fp16"),
+                             "--stage0-steps", "0", "--stage1-steps", "0", "--stage2-steps", "3",
+                             "--lr2", "4e-4"], capture_output=True, text=True, timeout=600)
+    assert manual.returncode == 0, manual.stderr[-3000:]
+    assert not (out / "manual-v2-v2").exists()  # D2A flags given: no continuation phases
+    a = load_file(out / "manual-v2" / "final" / "model.safetensors")
+    b = load_file(out / "drafter-v2" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
