@@ -187,6 +187,20 @@ def check_models(cfg: AppConfig) -> Optional[list[int]]:
     return None
 
 
+def pool_options(d: DeploymentConfig, transport: str) -> dict:
+    """A Drafter or Verifier pool's Serve options. Under `transport: channel` an autoscaling
+    pool without its own `policy` scales by `deployments.autoscaling.PoolPolicy` (queue rule
+    raised by the measured busy fraction): Serve does not see the calls that come over a
+    channel."""
+    from deployments.autoscaling import POOL_POLICY
+
+    opts = d.options()
+    ac = opts.get("autoscaling_config")
+    if transport == "channel" and ac is not None and "policy" not in ac:
+        opts["autoscaling_config"] = {**ac, "policy": dict(POOL_POLICY)}
+    return opts
+
+
 def build_app(args: Optional[dict] = None):
     """Serve application builder (`serve run deployments.app:build_app key=value ...` works too)."""
     from ray import serve
@@ -211,12 +225,14 @@ def build_app(args: Optional[dict] = None):
 
         pool_opts["request_router_config"] = RequestRouterConfig(request_router_class=AFFINITY_ROUTER)
     drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
-                               **cfg.drafter.options(), **pool_opts).bind(
+                               **pool_options(cfg.drafter, cfg.service.transport),
+                               **pool_opts).bind(
         cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
         use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
-                                **cfg.verifier.options(), **pool_opts).bind(
+                                **pool_options(cfg.verifier, cfg.service.transport),
+                                **pool_opts).bind(
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,

@@ -144,6 +144,30 @@ def default_replicas(ctx: Any) -> float:
     return ctx.total_num_requests / target
 
 
+class PoolPolicy:
+    """Serve deployment-level autoscaling policy (`autoscaling_config.policy`) for one pool:
+    Serve's queue rule raised by the pool's measured busy fraction (`own_replicas`). With
+    `transport: channel` a request's draft and verify calls reach the replica over its socket,
+    not through Serve, so Serve's ongoing-request count sees only their `channel()` calls; the
+    busy fraction (`measured`, timed in the replica) sees them all. `build_app` gives it to the
+    Drafter and Verifier pools that autoscale under that transport; an application-level
+    policy (DrafterVerifierRatioPolicy) takes precedence where one is configured."""
+
+    def __init__(self, target_utilization: float = 0.8):
+        if not 0 < target_utilization <= 1:
+            raise ValueError("target_utilization must be in (0, 1]")
+        self.target_utilization = target_utilization
+
+    def __call__(self, ctx: Any) -> tuple[float, dict]:
+        if ctx.current_num_replicas == 0:
+            return ctx.target_num_replicas, {}
+        return own_replicas(pool_load(ctx), self.target_utilization), {}
+
+
+POOL_POLICY = {"policy_function": "deployments.autoscaling:PoolPolicy",
+               "policy_kwargs": {"target_utilization": 0.8}}
+
+
 class DrafterVerifierRatioPolicy:
     """Serve application-level autoscaling policy (`policy_function` of the application's
     `autoscaling_policy`). Serve instantiates it once with `policy_kwargs` and calls it with

@@ -164,6 +164,39 @@ def test_serve_wrapper_holds_the_downscale_delay():
     assert decisions[d_id] == 3                 # wants 1, waits 30 s first
 
 
+def test_pool_policy_scales_on_work_serve_does_not_see():
+    """`transport: channel`: the calls come over sockets, so Serve counts no ongoing requests;
+    the deployment-level PoolPolicy (through Serve's deployment wrapper: delays, factors)
+    scales by the measured busy fraction, and by the queue when that is the larger."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingPolicy
+
+    from deployments.autoscaling import POOL_POLICY
+
+    raw = pickle.loads(pickle.dumps(AutoscalingPolicy(**POOL_POLICY)))
+    policy = _apply_autoscaling_config(_resolve_policy_callable(raw))
+    _, busy = serve_ctx("Drafter", replicas=2, ongoing=0, work=1.9, calls=50, max_r=4)
+    assert policy(busy)[0] == 3                   # 1.9 / 0.8 = 2.4 -> 3; Serve's rule: 0 -> 1
+    _, idle = serve_ctx("Drafter", replicas=2, ongoing=0, work=0.0, calls=0)
+    assert policy(idle)[0] == 1
+    _, queued = serve_ctx("Verifier", replicas=1, ongoing=7, work=0.5, calls=5, max_r=8)
+    assert policy(queued)[0] == 4                 # 7 / 2 -> 4
+
+
+def test_channel_pools_get_the_pool_policy_unless_they_name_one():
+    from deployments.app import DeploymentConfig, pool_options
+
+    auto = DeploymentConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 3})
+    assert pool_options(auto, "channel")["autoscaling_config"]["policy"]["policy_function"] \
+        == "deployments.autoscaling:PoolPolicy"
+    assert "policy" not in pool_options(auto, "direct")["autoscaling_config"]
+    own = DeploymentConfig(autoscaling_config={"max_replicas": 3, "policy": {
+        "policy_function": "x:y"}})
+    assert pool_options(own, "channel")["autoscaling_config"]["policy"] == {"policy_function": "x:y"}
+    assert "autoscaling_config" not in pool_options(DeploymentConfig(num_replicas=2), "channel")
+
+
 def test_policy_without_a_drafter_is_serves_rule():
     policy = DrafterVerifierRatioPolicy()
     v_id, v_ctx = serve_ctx("Verifier", replicas=2, ongoing=9)
