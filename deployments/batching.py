@@ -14,14 +14,17 @@ failed alone; an exception it raises fails every item of that batch.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 
 class _Slot:
-    __slots__ = ("item", "done", "result", "error")
+    __slots__ = ("item", "done", "result", "error", "t_in", "t_start", "t_end")
 
     def __init__(self, item):
         self.item, self.done, self.result, self.error = item, False, None, None
+        self.t_in = time.perf_counter()
+        self.t_start = self.t_end = None
 
 
 class CombiningBatcher:
@@ -36,9 +39,19 @@ class CombiningBatcher:
         self.items = 0            # calls served (items / batches = mean batch size)
         self.max_seen = 0
 
-    def submit(self, item):
-        """Run `item` in a batch and return its result (or raise its error)."""
+    def submit(self, item, timing: Optional[dict] = None):
+        """Run `item` in a batch and return its result (or raise its error). timing: a dict
+        that receives "wait" (seconds queued behind other batches) and "run" (seconds of the
+        batch that ran it)."""
         slot = _Slot(item)
+        try:
+            return self._submit(slot)
+        finally:
+            if timing is not None and slot.t_start is not None and slot.t_end is not None:
+                timing["wait"] = slot.t_start - slot.t_in
+                timing["run"] = slot.t_end - slot.t_start
+
+    def _submit(self, slot: "_Slot"):
         with self._cond:
             self._queue.append(slot)
         while True:
@@ -54,6 +67,9 @@ class CombiningBatcher:
             self._run(batch)
 
     def _run(self, batch: list) -> None:
+        t_start = time.perf_counter()
+        for s in batch:
+            s.t_start = t_start
         try:
             try:
                 results = list(self.run_batch([s.item for s in batch]))
@@ -68,9 +84,10 @@ class CombiningBatcher:
                 for s in batch:
                     s.error = e
         finally:
+            t_end = time.perf_counter()
             with self._cond:
                 for s in batch:
-                    s.done = True
+                    s.done, s.t_end = True, t_end
                 self.batches += 1
                 self.items += len(batch)
                 self.max_seen = max(self.max_seen, len(batch))

@@ -18,6 +18,7 @@ deployment (it keeps the per-sequence count of rows sent).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,6 +39,7 @@ class DraftReply:
     alt: Optional[np.ndarray] = None      # (k,) int32 the runner-up tokens (DraftResult.alt)
     need_rows_from: Optional[int] = None  # set (and nothing else) when feature rows are missing
     replica: Optional[str] = None         # the Serve replica that answered (tracing)
+    server: Optional[tuple] = None        # (wait, compute) seconds in the replica (ScoreReply)
 
 
 class _MissingRows(Exception):
@@ -100,6 +102,7 @@ class Drafter:
         hidden: (n - hidden_start, F) float16 features of context rows [hidden_start, n), in
         target-features mode. seed: draws y ~ q when sampling (ignored at temperature 0).
         prefix: (j,) int32 unverified tokens after the anchor (a pipelined pre-draft)."""
+        t0, timing = time.perf_counter(), {}
         ids = np.asarray(context_ids).tolist()
         pre = () if prefix is None else tuple(int(t) for t in np.asarray(prefix).tolist())
         gen = None
@@ -112,9 +115,10 @@ class Drafter:
         try:
             if self._batcher is not None:
                 d = self._batcher.submit((seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
-                                          pre))
+                                          pre), timing)
             else:
                 with self._lock:
+                    timing["wait"] = time.perf_counter() - t0
                     d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
                                            pre)
         except _MissingRows as miss:
@@ -122,8 +126,10 @@ class Drafter:
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
         conf = None if d.conf is None else d.conf.float().cpu().numpy()        # (k,)
         alt = None if d.alt is None else d.alt.cpu().numpy().astype(np.int32)  # (k,)
+        wait = timing.get("wait", 0.0)
         return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs, conf=conf,
-                          alt=alt, replica=replica_id())
+                          alt=alt, replica=replica_id(),
+                          server=(wait, time.perf_counter() - t0 - wait))
 
     def _draft_rows(self, items: list) -> list:
         """The batch function: items (seq_id, ids, anchor, k, sampling, generator, hidden,
@@ -188,6 +194,7 @@ class RemoteDrafter:
         self.context_mode = meta["context_mode"]
         self.caches_prefix = bool(meta.get("caches_prefix", True))
         self._sent: dict[str, int] = {}  # seq_id -> feature rows the drafter has been sent
+        self.server_s = [0.0, 0.0]       # the replica's (wait, compute) seconds, replies read
 
     def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
               sampling: SamplingParams, generator: Optional[torch.Generator] = None,
@@ -228,6 +235,9 @@ class RemoteDrafter:
                     r = resp.result(timeout_s=self.timeout_s)
                 except Exception as e:
                     raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
+                if r.server:
+                    self.server_s[0] += r.server[0]
+                    self.server_s[1] += r.server[1]
                 if r.need_rows_from is None:
                     break
                 state["start"] = min(int(r.need_rows_from), state["start"])

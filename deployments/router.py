@@ -58,7 +58,8 @@ from deployments.schemas import (
     _now, check_prompt, parse_request)
 from deployments.security import ApiKeys, grpc_key, http_key
 from deployments.telemetry import CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing
-from deployments.verifier import RemoteTarget, VerifierUnavailable, close_channels, route_handle
+from deployments.verifier import (RemoteTarget, VerifierUnavailable, close_channels, route_handle,
+                                  split_timings)
 
 log = logging.getLogger("deer_serve.router")
 
@@ -291,6 +292,8 @@ class Router:
                 max(1.0, min(s.verifier_timeout_s, give_up_at - time.monotonic()))
             target = RemoteTarget(verifier_h, self._target_meta, timeout,
                                   argmax_only=s.greedy_argmax and p.sampling.greedy)
+            remote_t, remote_d = target, getattr(drafter, "inner", drafter)
+            d_server0 = tuple(getattr(remote_d, "server_s", (0.0, 0.0)))  # this segment's own
             d = drafter if mode == "deer" else None
             if s.loop == "verifier":
                 d = None  # the Verifier replica drafts (and falls back to AR) itself
@@ -313,8 +316,15 @@ class Router:
                     except StopIteration as stop:
                         r = stop.value
                         self._pipeline_counts(r, pipe)
+                        timings = r.timings
+                        if s.loop == "router":  # (the Verifier's loop splits its own)
+                            ds = getattr(remote_d, "server_s", (0.0, 0.0)) if d is not None \
+                                else d_server0
+                            timings = split_timings(timings, (ds[0] - d_server0[0],
+                                                              ds[1] - d_server0[1]),
+                                                    remote_t.calls[1:])
                         return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
-                                       r.finish_reason, fallback, r.timings, pipe)
+                                       r.finish_reason, fallback, timings, pipe)
                     except DrafterUnavailable as e:
                         log.warning("request %s: %s; finishing with plain AR", p.id, e)
                         mode, fallback = "ar", True

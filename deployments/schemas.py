@@ -306,8 +306,11 @@ class DeerStats(BaseModel):
     fallback: bool = Field(False, description="the drafter failed; plain AR finished the request")
     pipeline_hits: Optional[int] = Field(None, description="pre-drafts used (pipelining on)")
     pipeline_misses: Optional[int] = Field(None, description="pre-drafts dropped (pipelining on)")
-    timings: dict[str, float] = Field(default_factory=dict,
-                                      description="seconds in prefill / draft / verify / other")
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="seconds: prefill, draft and verify (compute in the "
+        "replicas), waiting (queued in a replica behind other requests' forwards), transport "
+        "(the rest of the remote calls: network, serialization, Serve), other (the loop's own "
+        "work)")
 
 
 class Usage(BaseModel):

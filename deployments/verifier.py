@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,6 +32,8 @@ class ScoreReply:
     hidden: Optional[np.ndarray] = None  # (n_hidden, F) float16 target features, when asked
     replica: Optional[str] = None        # the Serve replica that answered (tracing)
     argmax: Optional[np.ndarray] = None  # (n_query,) int32 greedy tokens, with argmax_only
+    server: Optional[tuple] = None       # (wait, compute) seconds in the replica: queued behind
+                                         # other calls' forwards / this call's (timing split)
 
 
 class Verifier:
@@ -75,21 +78,28 @@ class Verifier:
         """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`. argmax_only: reply
         with each query position's greedy token instead of its logits (greedy decoding: n_query
         ints cross the network instead of n_query x V floats)."""
+        t0, timing = time.perf_counter(), {}
         ids = np.asarray(token_ids).tolist()
         if self._batcher is not None:
-            res = self._batcher.submit((seq_id, ids, int(n_query), bool(return_hidden), n_hidden))
+            res = self._batcher.submit((seq_id, ids, int(n_query), bool(return_hidden), n_hidden),
+                                       timing)
         else:
             with self._lock:
+                timing["wait"] = time.perf_counter() - t0
                 res = self.backend.score(seq_id, ids, int(n_query), return_hidden=bool(return_hidden),
                                          n_hidden=n_hidden)
         hidden = None
         if res.hidden is not None:
             hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
         if argmax_only:
-            return ScoreReply(logits=None, hidden=hidden, replica=replica_id(),
-                              argmax=res.logits.argmax(-1).to(torch.int32).cpu().numpy())
-        return ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,   # (n_query, V)
-                          replica=replica_id())
+            reply = ScoreReply(logits=None, hidden=hidden, replica=replica_id(),
+                               argmax=res.logits.argmax(-1).to(torch.int32).cpu().numpy())
+        else:
+            reply = ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,  # (n_query, V)
+                               replica=replica_id())
+        wait = timing.get("wait", 0.0)
+        reply.server = (wait, time.perf_counter() - t0 - wait)
+        return reply
 
     def _score_rows(self, items: list) -> list:
         """The batch function: items (seq_id, ids, n_query, return_hidden, n_hidden). One ragged
@@ -166,7 +176,7 @@ class Verifier:
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
-        drafter = None
+        drafter = remote = None
         if mode == "deer":
             if self.drafter is None:
                 raise ValueError("this Verifier was built without a Drafter handle")
@@ -177,6 +187,7 @@ class Verifier:
             except Exception as e:  # noqa: BLE001 - the Router falls back to AR
                 yield "drafter_unavailable", f"drafter meta failed: {e!r}"
                 return
+            remote = drafter
             if lookup:
                 from deer_serve.drafters.lookup import LookupDrafter
 
@@ -185,7 +196,8 @@ class Verifier:
         if sampling.stop:
             detok, before = self._detokenizer(), [] if emitted is None else np.asarray(emitted).tolist()
             detokenize = lambda ids: detok(before + ids)  # noqa: E731
-        it = iter_generate(_LocalTarget(self), drafter, np.asarray(prompt_ids).tolist(), sampling,
+        local = _LocalTarget(self)
+        it = iter_generate(local, drafter, np.asarray(prompt_ids).tolist(), sampling,
                            mode=mode, block_size=block_size, seq_id=seq_id,
                            adaptive_k=adaptive_k, pipeline=pipeline, detokenize=detokenize)
         try:
@@ -194,9 +206,11 @@ class Verifier:
                     step = next(it)
                 except StopIteration as stop:
                     r = stop.value
+                    timings = split_timings(r.timings, remote.server_s if remote else (0, 0),
+                                            local.calls[1:])
                     yield "done", {"token_ids": r.token_ids, "accept_lengths": r.accept_lengths,
                                    "cycles": r.cycles, "finish_reason": r.finish_reason,
-                                   "timings": r.timings, "extra": r.extra}
+                                   "timings": timings, "extra": r.extra}
                     return
                 except DrafterUnavailable as e:
                     yield "drafter_unavailable", str(e)
@@ -232,10 +246,12 @@ class _LocalTarget:
         meta = v.meta()
         self.vocab_size, self.eos_token_id = int(meta["vocab_size"]), meta["eos_token_id"]
         self.feature_dim = int(meta["feature_dim"])
+        self.calls: list = []  # per call (wait, compute), as RemoteTarget
 
     def score(self, seq_id, token_ids, n_query, return_hidden=False, n_hidden=None) -> ScoreResult:
         r = self.v.score(seq_id, np.asarray(token_ids, dtype=np.int32), n_query, return_hidden,
                          n_hidden)
+        self.calls.append(r.server)
         return reply_to_result(r)
 
     def release(self, seq_id: str) -> None:
@@ -252,6 +268,31 @@ def open_channel(replica, methods) -> dict:
 
 
 _CHANNEL_LOCK = threading.Lock()
+
+
+def split_timings(t: dict, draft_server: Sequence[float], verify_calls: Sequence) -> dict:
+    """The engine's timings (seconds; draft and verify as the decode loop saw its calls) with
+    each of draft and verify split by what the replicas reported (`server`: wait, compute):
+    draft / verify = compute in the replicas, waiting = queued there behind other calls'
+    forwards, transport = the rest of the call (network, serialization, Serve). verify_calls:
+    the (wait, compute) of each verify after the prefill. A pipelined draft overlaps the verify,
+    so its wait in the loop can be shorter than its compute: then the loop's time is split in
+    the replica's proportions and transport is 0. The sum of draft, verify, waiting and
+    transport is the loop's draft + verify."""
+    out = dict(t)
+    vw = sum(c[0] for c in verify_calls if c)
+    vc = sum(c[1] for c in verify_calls if c)
+    waiting = transport = 0.0
+    for key, (w, c) in (("draft", tuple(draft_server)), ("verify", (vw, vc))):
+        obs = float(t.get(key, 0.0))
+        if w + c <= 0:
+            continue
+        if obs >= w + c:
+            out[key], waiting, transport = c, waiting + w, transport + obs - w - c
+        else:
+            out[key], waiting = obs * c / (w + c), waiting + obs * w / (w + c)
+    out["waiting"], out["transport"] = waiting, transport
+    return out
 
 
 def reply_to_result(r: ScoreReply) -> ScoreResult:
@@ -314,6 +355,7 @@ class RemoteTarget:
         self.vocab_size = int(meta["vocab_size"])
         self.eos_token_id = meta["eos_token_id"]
         self.feature_dim = int(meta["feature_dim"])
+        self.calls: list = []  # per call, the replica's (wait, compute) seconds (split_timings)
 
     def score(self, seq_id: str, token_ids: Sequence[int], n_query: int,
               return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
@@ -324,6 +366,7 @@ class RemoteTarget:
         except Exception as e:
             raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
         self.last_replica = r.replica
+        self.calls.append(r.server)
         return reply_to_result(r)
 
     def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:

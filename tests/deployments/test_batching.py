@@ -152,3 +152,54 @@ def test_drafter_batches_by_block_size_and_a_row_missing_features_fails_alone(ti
         else:
             assert got.need_rows_from is None and got.tokens.shape == (c[3],)
             assert np.array_equal(got.tokens, ref.tokens)
+
+
+def test_batcher_reports_each_callers_wait_and_run():
+    """A caller that arrives while a batch runs waits for it ("wait"), then its own batch runs
+    ("run"); the first caller waits for nothing."""
+    gate, started = threading.Event(), threading.Event()
+
+    def run(items):
+        if "slow" in items:
+            started.set()
+            gate.wait(10)
+        time.sleep(0.02)
+        return list(items)
+
+    b = CombiningBatcher(run, max_batch_size=4)
+    timings = [{}, {}]
+
+    def first():
+        return b.submit("slow", timings[0])
+
+    def second():
+        started.wait(10)
+        threading.Timer(0.15, gate.set).start()
+        return b.submit("fast", timings[1])
+
+    ts, out, errs = _run_threads([first, second])
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert errs == [None, None] and out == ["slow", "fast"]
+    assert timings[0]["wait"] < 0.05 and timings[0]["run"] >= 0.15
+    assert timings[1]["wait"] >= 0.1 and 0.015 <= timings[1]["run"] < 0.15
+
+
+def test_split_timings_keeps_the_loops_total():
+    from deployments.verifier import split_timings
+
+    t = {"prefill": 0.5, "draft": 1.0, "verify": 2.0, "other": 0.1}
+    s = split_timings(t, (0.2, 0.7), [(0.1, 0.8), None, (0.1, 0.6)])
+    assert s["draft"] == pytest.approx(0.7) and s["verify"] == pytest.approx(1.4)
+    assert s["waiting"] == pytest.approx(0.4) and s["transport"] == pytest.approx(0.5)
+    assert s["prefill"] == 0.5 and s["other"] == 0.1
+    # a pipelined draft overlapped the verify: the loop waited 0.3 s for 0.9 s of replica time
+    o = split_timings(t | {"draft": 0.3}, (0.3, 0.6), [])
+    assert o["draft"] == pytest.approx(0.2) and o["waiting"] == pytest.approx(0.1)
+    assert o["transport"] == 0 and o["verify"] == 2.0
+    for x in (s, o):
+        keys = ("draft", "verify", "waiting", "transport")
+        assert sum(x[k] for k in keys) == pytest.approx(
+            sum(t[k] for k in ("draft", "verify")) - (0.7 if x is o else 0))

@@ -350,3 +350,14 @@ def test_pipelined_requests_through_the_router_are_plain_ar(tiny_checkpoints, dr
     on = make_router(tiny_checkpoints, drafters[mode], verifier, pipeline=True)
     o2, _ = complete(on, {"prompt": PROMPT, "max_tokens": 40})
     assert o2.token_ids == ref.token_ids and o2.stats().pipeline_hits is not None
+
+
+@pytest.mark.parametrize("transport", ["direct", "channel"])
+def test_request_timings_split_compute_waiting_and_transport(tiny_checkpoints, drafters, verifier,
+                                                            transport):
+    router = make_router(tiny_checkpoints, drafters["target-features"], verifier,
+                         transport=transport)
+    o, _ = complete(router, {"prompt": PROMPT, "max_tokens": 24})
+    t = o.timings
+    assert {"prefill", "draft", "verify", "other", "waiting", "transport"} <= set(t)
+    assert t["draft"] > 0 and t["verify"] > 0 and t["waiting"] >= 0 and t["transport"] >= 0
