@@ -33,8 +33,9 @@ PROMPTS = [f"{WORDS[i % 8]} x{i} in range({i}):\n" for i in range(N_STREAMS)]
 
 @pytest.fixture(scope="module")
 def app(service):
+    # max_tokens up to 1024: the cancel test's requests must outlast its client's timeout
     a = deploy(service, APP, drafter={"num_replicas": 2}, verifier={"num_replicas": 2},
-               service={"verifier_resume_window_s": 20.0})
+               service={"verifier_resume_window_s": 20.0}, limits={"max_tokens": 1024})
     try:
         yield a
     finally:
@@ -148,7 +149,8 @@ def test_a_client_that_goes_away_cancels_its_decode(app):
 
     router = app.handle("Router")
     before = router.ops_state.remote().result(timeout_s=30)["cancelled"]
-    body = {"prompt": PROMPTS[0], "max_tokens": 256, "mode": "ar", "stream": True}
+    # 800 plain AR steps: several seconds even over the fast `channel` transport
+    body = {"prompt": PROMPTS[0], "max_tokens": 800, "mode": "ar", "stream": True}
     with requests.post(app.http + "/v1/completions", json=body, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(3):
