@@ -363,9 +363,6 @@ def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen
     if hyp is None:
         return None
     m, guess, p_hyp = hyp
-    if p_hyp < pipe.min_p:
-        pipe.skipped += 1
-        return None
     if adapt is not None:  # the next cycle's k if the outcome is (m, guess)
         a = copy.copy(adapt)
         a.update(m, k)
@@ -374,6 +371,9 @@ def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen
         k_next = block_size
     k_next = min(k_next, room - (m + 1) - 1)
     if k_next < 1:
+        return None
+    if p_hyp < pipe.min_p:  # a likely miss: no forward spent on it
+        pipe.skipped += 1
         return None
     sub = None
     if not sampling.greedy:  # its own stream, drawn now: seeded runs repeat

@@ -124,7 +124,8 @@ def test_hypothesis_is_the_most_likely_outcome():
     d = DraftResult(tokens=torch.tensor([1, 2, 3, 4]), conf=torch.tensor([0.9, 0.8, 0.3, 0.9]),
                     alt=torch.tensor([5, 6, 7, 8]))
     # P(n=0)=.1, P(n=1)=.9*.2=.18, P(n=2)=.72*.7=.504, P(n=3)=.216*.1=.0216
-    assert Pipeliner.hypothesis(d, [1, 2, 3, 4]) == (2, 7)
+    m, guess, p = Pipeliner.hypothesis(d, [1, 2, 3, 4])
+    assert (m, guess) == (2, 7) and p == pytest.approx(0.504)
     assert Pipeliner.hypothesis(DraftResult(tokens=torch.tensor([1])), [1]) is None
     # a runner-up equal to the block's own token (a spliced-in token) is no outcome
     assert Pipeliner.hypothesis(d, [1, 2, 7, 4]) is None
@@ -154,3 +155,19 @@ def test_prefix_drafts_batch_like_single_calls(model):
         other = m.draft_logits(cache2, ctx, f0, 9, 4, [13, 14])
         assert with_prefix.shape == (4, m.config.vocab_size)
         assert not torch.allclose(with_prefix, other)
+
+
+def test_pre_drafts_below_min_p_are_skipped(model, target):
+    """`pipeline_min_p`: a hypothesis less likely than the bound gets no pre-draft (counted as
+    skipped); above every hypothesis's probability nothing is pre-drafted, output unchanged."""
+    drafter = DeerDrafterBackend(make_tiny_drafter(model.config, context_mode="tokens", seed=1))
+    prompt, sp = prompt_of(9, seed=3), SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ar = generate(target, None, prompt, sp, mode="ar")
+    none = generate(target, drafter, prompt, sp, block_size=8, pipeline=True, pipeline_min_p=1.01)
+    assert none.token_ids == ar.token_ids
+    assert none.extra["pipeline_hits"] + none.extra["pipeline_misses"] == 0
+    assert none.extra["pipeline_skipped"] > 0
+    every = generate(target, drafter, prompt, sp, block_size=8, pipeline=True)
+    assert every.token_ids == ar.token_ids and every.extra["pipeline_skipped"] == 0
+    assert every.extra["pipeline_hits"] + every.extra["pipeline_misses"] == \
+        none.extra["pipeline_skipped"]
