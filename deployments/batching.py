@@ -104,3 +104,23 @@ class CombiningBatcher:
         with self._cond:
             return {"batches": self.batches, "items": self.items, "max_batch": self.max_seen,
                     "mean_batch": round(self.items / self.batches, 3) if self.batches else 0.0}
+
+
+def run_call(batcher: Optional[CombiningBatcher], lock: threading.Lock, item: tuple,
+             run_one: Callable, timing: dict):
+    """One replica call: `batcher.submit(item)`, or without batching `run_one(*item)` under
+    `lock`. timing["wait"] receives the seconds the call was queued (behind other batches, or
+    for the lock); with a batcher also "run"."""
+    if batcher is not None:
+        return batcher.submit(item, timing)
+    t0 = time.perf_counter()
+    with lock:
+        timing["wait"] = time.perf_counter() - t0
+        return run_one(*item)
+
+
+def server_time(t0: float, timing: dict) -> tuple[float, float]:
+    """(wait, compute) of a replica call that began at t0 (perf_counter): what it reports in
+    its reply's `server` field."""
+    wait = timing.get("wait", 0.0)
+    return wait, time.perf_counter() - t0 - wait

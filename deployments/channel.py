@@ -81,7 +81,8 @@ class ChannelServer:
                     finally:
                         c.close()
                 else:
-                    socket.socket(fileno=os.dup(c.fileno())).shutdown(socket.SHUT_RDWR)
+                    with _on_dup(c.fileno()) as d:
+                        d.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -101,7 +102,8 @@ class ChannelServer:
         try:
             deliver_challenge(conn, self.key)
             answer_challenge(conn, self.key)
-            _recv_timeout(socket.socket(fileno=os.dup(conn.fileno())), 0.0)  # then: blocking
+            with _on_dup(conn.fileno()) as d:
+                _recv_timeout(d, 0.0)  # then: blocking
         except Exception:  # noqa: BLE001 - a stranger or a dead peer: drop it
             conn.close()
             return
@@ -126,6 +128,23 @@ class ChannelServer:
         finally:
             self._live.discard(conn)
             conn.close()
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def open_channel(replica, methods: Iterable[str]) -> dict:
+    """The address of `replica`'s ChannelServer (started on the first ask) for `methods`."""
+    with _OPEN_LOCK:
+        if getattr(replica, "_channel", None) is None:
+            replica._channel = ChannelServer(replica, methods)
+    return replica._channel.address()
+
+
+def _on_dup(fd: int) -> socket.socket:
+    """A socket object over a duplicate of `fd` (to set options on or shut down a socket that a
+    Connection owns); close it (`with`) when done: the socket itself stays open."""
+    return socket.socket(fileno=os.dup(fd))
 
 
 class ChannelError(RuntimeError):

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from deer_serve.types import DraftResult, PendingDraft, SamplingParams
-from deployments.batching import CombiningBatcher
+from deployments.batching import CombiningBatcher, run_call, server_time
 from deployments.telemetry import replica_id
-from deployments.verifier import as_tensor, open_channel, replica_info
+from deployments.verifier import as_tensor, replica_info
 
 
 @dataclass
@@ -113,23 +113,16 @@ class Drafter:
             rows = torch.tensor(np.asarray(hidden), device=self.device, dtype=self.dtype)
             ctx_hidden = _RowsFrom(rows, int(hidden_start))
         try:
-            if self._batcher is not None:
-                d = self._batcher.submit((seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
-                                          pre), timing)
-            else:
-                with self._lock:
-                    timing["wait"] = time.perf_counter() - t0
-                    d = self.backend.draft(seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden,
-                                           pre)
+            d = run_call(self._batcher, self._lock,
+                         (seq_id, ids, int(anchor), int(k), sampling, gen, ctx_hidden, pre),
+                         self.backend.draft, timing)
         except _MissingRows as miss:
             return DraftReply(need_rows_from=miss.start)
         probs = None if d.probs is None else d.probs.float().cpu().numpy()     # (k, V)
         conf = None if d.conf is None else d.conf.float().cpu().numpy()        # (k,)
         alt = None if d.alt is None else d.alt.cpu().numpy().astype(np.int32)  # (k,)
-        wait = timing.get("wait", 0.0)
         return DraftReply(tokens=d.tokens.cpu().numpy().astype(np.int32), probs=probs, conf=conf,
-                          alt=alt, replica=replica_id(),
-                          server=(wait, time.perf_counter() - t0 - wait))
+                          alt=alt, replica=replica_id(), server=server_time(t0, timing))
 
     def _draft_rows(self, items: list) -> list:
         """The batch function: items (seq_id, ids, anchor, k, sampling, generator, hidden,
@@ -167,6 +160,8 @@ class Drafter:
 
     def channel(self) -> dict:
         """This replica's channel address (`transport: channel`; opened on first ask)."""
+        from deployments.channel import open_channel
+
         return open_channel(self, ("draft", "release", "meta"))
 
     def release(self, seq_id: str) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deer_serve.types import ScoreResult
-from deployments.batching import CombiningBatcher
+from deployments.batching import CombiningBatcher, run_call, server_time
 from deployments.telemetry import replica_id
 
 
@@ -80,14 +80,9 @@ class Verifier:
         ints cross the network instead of n_query x V floats)."""
         t0, timing = time.perf_counter(), {}
         ids = np.asarray(token_ids).tolist()
-        if self._batcher is not None:
-            res = self._batcher.submit((seq_id, ids, int(n_query), bool(return_hidden), n_hidden),
-                                       timing)
-        else:
-            with self._lock:
-                timing["wait"] = time.perf_counter() - t0
-                res = self.backend.score(seq_id, ids, int(n_query), return_hidden=bool(return_hidden),
-                                         n_hidden=n_hidden)
+        res = run_call(self._batcher, self._lock,
+                       (seq_id, ids, int(n_query), bool(return_hidden), n_hidden),
+                       self.backend.score, timing)
         hidden = None
         if res.hidden is not None:
             hidden = res.hidden.to(torch.float16).cpu().numpy()                  # (n_hidden, F)
@@ -97,8 +92,7 @@ class Verifier:
         else:
             reply = ScoreReply(logits=res.logits.float().cpu().numpy(), hidden=hidden,  # (n_query, V)
                                replica=replica_id())
-        wait = timing.get("wait", 0.0)
-        reply.server = (wait, time.perf_counter() - t0 - wait)
+        reply.server = server_time(t0, timing)
         return reply
 
     def _score_rows(self, items: list) -> list:
@@ -131,6 +125,8 @@ class Verifier:
 
     def channel(self) -> dict:
         """This replica's channel address (`transport: channel`; opened on first ask)."""
+        from deployments.channel import open_channel
+
         return open_channel(self, ("score", "release", "meta"))
 
     def release(self, seq_id: str) -> None:
@@ -256,18 +252,6 @@ class _LocalTarget:
 
     def release(self, seq_id: str) -> None:
         self.v.release(seq_id)
-
-
-def open_channel(replica, methods) -> dict:
-    from deployments.channel import ChannelServer
-
-    with _CHANNEL_LOCK:
-        if getattr(replica, "_channel", None) is None:
-            replica._channel = ChannelServer(replica, methods)
-    return replica._channel.address()
-
-
-_CHANNEL_LOCK = threading.Lock()
 
 
 def split_timings(t: dict, draft_server: Sequence[float], verify_calls: Sequence) -> dict:

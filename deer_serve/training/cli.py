@@ -100,8 +100,9 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         if continuation is None:
             continuation = not context_mode and not overrides
         base = replace(c["d2a"], **c.get("base", {})) if continuation else c["d2a"]
+        feature_cache: dict = {}  # teacher-data target features, computed once for all runs
         results["drafter"] = train_drafter(base, target_dir, teacher_path, out / drafter_name,
-                                           corpus_ids)
+                                           corpus_ids, feature_cache)
         name = drafter_name
         for ph in (c["continuation"] if continuation else []):
             prev = out / name / "final"
@@ -112,7 +113,8 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
             name = f"{drafter_name}-{ph.name}"
             print(f"D2A continuation {ph.name}: {ph.stage2_steps} Stage II steps, lr2 {ph.lr2}, "
                   f"from {prev}", file=sys.stderr)
-            results[name] = train_drafter(cfg, target_dir, teacher_path, out / name)
+            results[name] = train_drafter(cfg, target_dir, teacher_path, out / name,
+                                          feature_cache=feature_cache)
         results["drafter_final"] = name
     if "ar-draft" in stages and not (out / "ar-draft" / "final" / "metrics.json").exists():
         results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")

@@ -198,9 +198,12 @@ def corpus_window_loss(model, target, corpus_ids: np.ndarray, n: int, cfg: "D2AC
 
 
 def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Path,
-                  out_dir: str | Path, corpus_ids: Optional[np.ndarray] = None) -> dict:
+                  out_dir: str | Path, corpus_ids: Optional[np.ndarray] = None,
+                  feature_cache: Optional[dict] = None) -> dict:
     """Stage 0 (optional, on `corpus_ids`: the tokenized train split), Stage I, Stage II;
-    resumable from out_dir/ckpt.pt; final weights in out_dir/final."""
+    resumable from out_dir/ckpt.pt; final weights in out_dir/final. feature_cache: a dict
+    shared by runs on the same target and teacher data (the preset's continuation phases): the
+    target features of each teacher set are computed once (a few minutes on a CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cfg.num_threads)
@@ -211,7 +214,8 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     teacher = torch.load(teacher_path)
     ids, val_ids, P = teacher["ids"], teacher["val_ids"], teacher["prompt_len"]
-    if cfg.use_docstring_data and "doc_ids" in teacher:
+    with_doc = cfg.use_docstring_data and "doc_ids" in teacher
+    if with_doc:
         ids = torch.cat([ids, teacher["doc_ids"]])
     val_doc = teacher.get("val_doc_ids")
     torch.manual_seed(cfg.seed)
@@ -225,9 +229,17 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     feats = val_feats = val_doc_feats = None
     if cfg.context_mode == "target-features":
         layers = model.config.target_feature_layers
-        feats, val_feats = target_features(target, ids, layers), target_features(target, val_ids, layers)
+        cache = {} if feature_cache is None else feature_cache
+
+        def features(name: str, x: torch.Tensor) -> torch.Tensor:
+            key = (str(teacher_path), name, tuple(layers))
+            if key not in cache:
+                cache[key] = target_features(target, x, layers)
+            return cache[key]
+        feats = features("train+docstring" if with_doc else "train", ids)
+        val_feats = features("val", val_ids)
         if val_doc is not None:
-            val_doc_feats = target_features(target, val_doc, layers)
+            val_doc_feats = features("val_doc", val_doc)
     if cfg.stage0_steps:
         if corpus_ids is None or len(corpus_ids) <= ids.shape[1]:
             raise ValueError("Stage 0 needs the tokenized corpus (corpus_ids)")
