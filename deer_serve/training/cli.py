@@ -1,6 +1,6 @@
 """`deer-serve train`: the whole pipeline of the embedded default, or any one stage.
 
-  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~135 min, 2 cores)
+  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~130 min, 2 cores)
   deer-serve train --preset smoke --out /tmp/smoke                    # end to end in < 2 min
   deer-serve train --preset tiny-code --out runs/tiny-code --stages drafter --context-mode tokens
   deer-serve train ... --export deer_serve/assets                     # ship the final weights

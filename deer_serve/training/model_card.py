@@ -279,7 +279,7 @@ initialised from the target's {tok_cfg.get('init_layers')} layers); it is here t
 | {costs['plain_step_ms']} | {costs['verify_k8_ms']} | {costs['verify_k16_ms']} | {costs['verify_k32_ms']} | {costs['draft_k8_ms']} | {costs['draft_k16_ms']} | {costs['draft_k32_ms']} |
 {he}
 Reproduce: `deer-serve train --preset tiny-code --out runs/tiny-code --export deer_serve/assets`
-(target, teacher data, base drafter, the three continuation phases, AR draft: about 135 min on 2
+(target, teacher data, base drafter, the three continuation phases, AR draft: about 130 min on 2
 cores, over the 90 minutes of one sitting; every stage resumes from its checkpoints).
 """)
     (assets / "ar-draft" / "README.md").write_text(f"""# deer-serve tiny-code AR draft baseline
