@@ -236,7 +236,11 @@ def build_app(args: Optional[dict] = None):
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
-        drafter=drafter, tokenizer_path=cfg.tokenizer_path)  # (drafter: for `loop: verifier`)
+        drafter=drafter, tokenizer_path=cfg.tokenizer_path,  # (drafter: for `loop: verifier`)
+        colocated_drafter=dict(
+            drafter_path=cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
+            use_cache=cfg.drafter_prefix_cache, batching=cfg.batching,
+            max_batch_size=cfg.max_batch_size) if cfg.service.loop == "colocated" else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, adaptive_k=cfg.adaptive_k, limits=cfg.limits,

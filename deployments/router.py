@@ -295,7 +295,7 @@ class Router:
             remote_t, remote_d = target, getattr(drafter, "inner", drafter)
             d_server0 = tuple(getattr(remote_d, "server_s", (0.0, 0.0)))  # this segment's own
             d = drafter if mode == "deer" else None
-            if s.loop == "verifier":
+            if s.loop != "router":
                 d = None  # the Verifier replica drafts (and falls back to AR) itself
                 it = self._verifier_loop(verifier_h, p, prev, rest,
                                          "deer" if drafter is not None and mode == "deer"
@@ -370,15 +370,16 @@ class Router:
         stream = handle.options(stream=True).decode.remote(
             np.asarray(p.prompt_ids + prev, dtype=np.int32), sampling, mode, p.block_size, seq_id,
             p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k,
-            np.asarray(prev, dtype=np.int32), s.lookup, p.pipeline)
+            np.asarray(prev, dtype=np.int32), s.lookup, p.pipeline, s.loop == "colocated")
         try:
-            for kind, val in stream:
-                if kind == "step":
-                    yield val
-                elif kind == "drafter_unavailable":
-                    raise DrafterUnavailable(val)
-                else:
-                    return GenerationResult(**val)
+            for batch in stream:  # the events since the last batch (Verifier.decode)
+                for kind, val in batch:
+                    if kind == "step":
+                        yield val
+                    elif kind == "drafter_unavailable":
+                        raise DrafterUnavailable(val)
+                    else:
+                        return GenerationResult(**val)
         except DrafterUnavailable:
             raise
         except Exception as e:

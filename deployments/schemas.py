@@ -85,11 +85,13 @@ class ServiceOptions(BaseModel):
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "
         "their KV caches are hits; off = Serve's power-of-two-choices per call")
-    loop: Literal["router", "verifier"] = Field(
+    loop: Literal["router", "verifier", "colocated"] = Field(
         "router", description="where a request's decode loop runs: 'router' (the Router calls "
-        "the Drafter and the Verifier every cycle: two remote calls) or 'verifier' (one "
+        "the Drafter and the Verifier every cycle: two remote calls), 'verifier' (one "
         "streaming call to a Verifier replica, which runs the loop and calls the Drafter: one "
-        "remote call per cycle; spans then stop at the request)")
+        "remote call per cycle; spans then stop at the request) or 'colocated' (as 'verifier', "
+        "but each Verifier replica holds its own drafter in its process: no remote call in the "
+        "cycle; drafter and target then scale together, as one pool)")
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")

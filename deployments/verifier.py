@@ -41,10 +41,13 @@ class Verifier:
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
                  torch_threads: Optional[int] = None, batching: bool = True,
                  max_batch_size: int = 16, backend: str = "torch", drafter=None,
-                 tokenizer_path: Optional[str] = None):
+                 tokenizer_path: Optional[str] = None, colocated_drafter: Optional[dict] = None):
         """drafter: a handle to the Drafter deployment, for `decode` (the loop in this replica,
-        `ServiceOptions.loop: verifier`); tokenizer_path: for the stop strings of `decode`."""
+        `ServiceOptions.loop: verifier`); tokenizer_path: for the stop strings of `decode`.
+        colocated_drafter: the keyword arguments of a `Drafter` that this replica holds in its
+        own process (`loop: colocated`; its torch threads are this replica's)."""
         self.drafter = drafter
+        self.local_drafter = self._local_pool = None
         self.tokenizer_path = tokenizer_path or str(target_path)
         self._tokenizer = None
         if torch_threads:
@@ -65,6 +68,14 @@ class Verifier:
         self._lock = threading.Lock()
         # concurrent requests' verify calls -> one ragged forward (off: one forward per call)
         self._batcher = CombiningBatcher(self._score_rows, max_batch_size) if batching else None
+        if colocated_drafter is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from deployments.drafter import Drafter
+
+            self.local_drafter = Drafter(**{**colocated_drafter, "torch_threads": None})
+            self._local_pool = ThreadPoolExecutor(2 * max_batch_size,
+                                                  thread_name_prefix="deer-local-draft")
 
     def meta(self) -> dict:
         """What a remote `TargetBackend` proxy needs to know about this target."""
@@ -134,31 +145,68 @@ class Verifier:
             self.backend.release(seq_id)
 
     async def decode(self, *args, **kwargs):
-        """`_decode_steps` as an async generator that advances the loop in a thread of its own:
-        when the Router cancels the stream (its client went away), Serve cancels this coroutine
-        and the loop stops after its current step (Serve does not stop a sync generator)."""
+        """`_decode_steps` as an async generator of BATCHES of events (lists): the loop runs
+        freely in a thread of its own (it never waits for the stream's consumer), and each
+        batch carries every event that came since the last one, so a cycle costs no hop
+        through this replica's event loop and a slow consumer gets fewer, larger messages.
+        When the Router cancels the stream (its client went away), Serve cancels this coroutine
+        and the loop stops after its current step and releases its caches."""
         import asyncio
-        from concurrent.futures import ThreadPoolExecutor
 
         loop = asyncio.get_running_loop()
         it = self._decode_steps(*args, **kwargs)
-        ex = ThreadPoolExecutor(1, thread_name_prefix="deer-vloop")
+        wake, stop, lock = asyncio.Event(), threading.Event(), threading.Lock()
+        box: dict = {"items": [], "armed": False}
         end = object()
+
+        def put(item) -> None:
+            with lock:
+                box["items"].append(item)
+                ring, box["armed"] = not box["armed"], True
+            if ring:  # one wake-up per batch, not per event
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the event loop is gone
+                    stop.set()
+
+        def run() -> None:
+            try:
+                for item in it:
+                    put(item)
+                    if stop.is_set():
+                        break
+            except BaseException as e:  # noqa: BLE001 - raised in the stream below
+                put(("__error__", e))
+            finally:
+                it.close()  # the caches of this segment
+                put(end)
+
+        threading.Thread(target=run, name="deer-vloop", daemon=True).start()
         try:
             while True:
-                item = await loop.run_in_executor(ex, next, it, end)
-                if item is end:
-                    return
-                yield item
+                await wake.wait()
+                wake.clear()
+                with lock:
+                    items, box["items"], box["armed"] = box["items"], [], False
+                batch = []
+                for item in items:
+                    if item is end:
+                        if batch:
+                            yield batch
+                        return
+                    if item[0] == "__error__":
+                        raise item[1]
+                    batch.append(item)
+                if batch:
+                    yield batch
         finally:
-            ex.submit(it.close)  # after the step in flight, in the same thread: releases caches
-            ex.shutdown(wait=False)
+            stop.set()
 
     def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
                       seq_id: str, session: Optional[str] = None, transport: str = "direct",
                       drafter_timeout_s: float = 30.0, adaptive_k: bool = False,
                       emitted: Optional[np.ndarray] = None, lookup: bool = False,
-                      pipeline: bool = False):
+                      pipeline: bool = False, colocated: bool = False):
         """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
         verifier`): `deer_serve.engine.iter_generate` over this replica's target (through the
         batcher, so concurrent loops share forwards) and the Drafter deployment; a cycle costs
@@ -168,15 +216,22 @@ class Verifier:
         far, with the segments it uses for `loop: router` too. emitted: the tail of prompt_ids
         the request has already generated (stop strings look at it). lookup: splice prompt
         lookup into the drafts (`ServiceOptions.lookup`); pipeline: pre-draft the next block
-        during each verify (`deer_serve.engine.Pipeliner`)."""
+        during each verify (`deer_serve.engine.Pipeliner`). colocated: draft with this replica's
+        own drafter (`loop: colocated`) instead of the Drafter deployment: no remote call in
+        the cycle."""
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
         drafter = remote = None
         if mode == "deer":
-            if self.drafter is None:
+            if colocated:
+                if self.local_drafter is None:
+                    raise ValueError("loop: colocated, but this Verifier holds no drafter")
+                h = LocalHandle(self.local_drafter, self._local_pool)
+            elif self.drafter is None:
                 raise ValueError("this Verifier was built without a Drafter handle")
-            h = route_handle(self.drafter, transport, session, drafter_timeout_s)
+            else:
+                h = route_handle(self.drafter, transport, session, drafter_timeout_s)
             try:
                 drafter = RemoteDrafter(h, h.meta.remote().result(timeout_s=drafter_timeout_s),
                                         drafter_timeout_s)
@@ -229,6 +284,58 @@ class Verifier:
 
     def info(self) -> dict:
         return replica_info("verifier", self.target_path, str(self.backend.device))
+
+
+class LocalHandle:
+    """The decode loop's subset of a Serve handle over an object in this process (`loop:
+    colocated`): `h.method.remote(...)` runs the method in a thread of `pool` and returns a
+    response with `.result(timeout_s)` and `.cancel()`, so `RemoteDrafter` runs over it
+    unchanged and a pipelined pre-draft still overlaps the verify. One-way calls (release)
+    run at once."""
+
+    oneway = frozenset({"release"})
+
+    def __init__(self, obj, pool):
+        self.obj, self.pool = obj, pool
+
+    def __getattr__(self, name: str) -> "_LocalMethod":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _LocalMethod(self, name)
+
+    def options(self, **kw) -> "LocalHandle":
+        return self
+
+
+class _LocalMethod:
+    def __init__(self, owner: LocalHandle, name: str):
+        self.owner, self.name = owner, name
+
+    def remote(self, *args, **kwargs) -> "_LocalResponse":
+        fn = getattr(self.owner.obj, self.name)
+        if self.name in self.owner.oneway:
+            fn(*args, **kwargs)
+            return _LocalResponse(None)
+        return _LocalResponse(self.owner.pool.submit(fn, *args, **kwargs))
+
+
+class _LocalResponse:
+    def __init__(self, fut):
+        self.fut = fut
+
+    def result(self, timeout_s: Optional[float] = None):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        if self.fut is None:
+            return None
+        try:
+            return self.fut.result(timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"no result in {timeout_s} s") from None
+
+    def cancel(self) -> None:
+        if self.fut is not None:
+            self.fut.cancel()  # a call that already runs finishes; its result is dropped
 
 
 class _LocalTarget:

@@ -361,3 +361,46 @@ def test_request_timings_split_compute_waiting_and_transport(tiny_checkpoints, d
     t = o.timings
     assert {"prefill", "draft", "verify", "other", "waiting", "transport"} <= set(t)
     assert t["draft"] > 0 and t["verify"] > 0 and t["waiting"] >= 0 and t["transport"] >= 0
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, reference, pipeline):
+    """`loop: colocated`: the Verifier replica drafts with a Drafter in its own process (through
+    `deployments.verifier.LocalHandle`: RemoteDrafter's calls in a thread pool, so a pre-draft
+    overlaps the verify); greedy output is plain AR's, the replica reports its draft compute,
+    and a Verifier without a drafter refuses the loop instead of hanging."""
+    from transformers import AutoTokenizer
+
+    from deployments.app import AppConfig, check_models
+
+    cfg = AppConfig(target_path=str(tiny_checkpoints["target"]),
+                    drafter_path=str(tiny_checkpoints["drafter-target-features"])).resolved()
+    v = Verifier(str(tiny_checkpoints["target"]), device="cpu", feature_layers=check_models(cfg),
+                 colocated_drafter={"drafter_path": cfg.drafter_path, "device": "cpu"})
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoints["target"]))
+    ids = np.asarray(tok.encode(PROMPT, add_special_tokens=False), dtype=np.int32)
+    ref = reference(PROMPT, 32)
+    events = list(v._decode_steps(ids, SamplingParams(max_new_tokens=32), "deer", 4, "s-1",
+                                  pipeline=pipeline, colocated=True))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and "drafter_unavailable" not in kinds, events[-1]
+    done = events[-1][1]
+    assert done["token_ids"] == ref.token_ids
+    assert [t for k, s in events[:-1] for t in s.new_token_ids] == ref.token_ids
+    assert done["accept_lengths"] and done["timings"]["draft"] > 0
+    if pipeline:
+        assert done["extra"]["pipeline_hits"] + done["extra"]["pipeline_misses"] > 0
+    assert "s-1" not in v.local_drafter.backend._caches  # released at the end
+
+    async def streamed():  # Verifier.decode: batches of these events, the loop in a thread
+        return [e async for batch in v.decode(ids, SamplingParams(max_new_tokens=32), "deer", 4,
+                                              "s-3", pipeline=pipeline, colocated=True)
+                for e in batch]
+    events = asyncio.run(streamed())
+    assert events[-1][0] == "done" and events[-1][1]["token_ids"] == ref.token_ids
+    assert [t for k, s in events[:-1] for t in s.new_token_ids] == ref.token_ids
+    plain = Verifier(str(tiny_checkpoints["target"]), device="cpu",
+                     feature_layers=check_models(cfg))
+    with pytest.raises(ValueError, match="holds no drafter"):
+        list(plain._decode_steps(ids, SamplingParams(max_new_tokens=8), "deer", 4, "s-2",
+                                 colocated=True))

@@ -94,16 +94,19 @@ def test_sampled_requests_get_logits_and_stay_seeded(app):
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("transport", ["direct", "channel"])
+@pytest.mark.parametrize("loop,transport", [("verifier", "direct"), ("verifier", "channel"),
+                                            ("colocated", "channel")])
 def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service, reference,
-                                                                        transport):
+                                                                        loop, transport):
     """`loop: verifier`: one streaming call per request, the Verifier replica drafts through
-    the Drafter deployment (Serve calls, or a channel to one Drafter replica); greedy text is
-    plain AR's, streamed or not, stop strings hold."""
+    the Drafter deployment (Serve calls, or a channel to one Drafter replica); `loop:
+    colocated`: with its own drafter. Greedy text is plain AR's, streamed or not, pipelined or
+    not; stop strings hold."""
     import openai
 
-    a = deploy(service, "transport-vloop", own_models=False,
-               service={"loop": "verifier", "transport": transport})
+    # (colocated: a Verifier that holds a drafter, so an app of its own)
+    a = deploy(service, "transport-vloop", own_models=loop == "colocated",
+               service={"loop": loop, "transport": transport})
     try:
         for p in PROMPTS[:3]:
             body, _ = complete(a, p, temperature=0)
@@ -112,6 +115,9 @@ def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service,
             # every cycle but a last plain step (no room left for a draft) accepted drafts
             assert d["accept_lengths"] and d["cycles"] - len(d["accept_lengths"]) in (0, 1), d
             assert not d["fallback"]
+        piped, _ = complete(a, PROMPTS[2], temperature=0, pipeline=True)
+        assert piped["choices"][0]["token_ids"] == reference[PROMPTS[2]]
+        assert piped["deer"]["pipeline_hits"] + piped["deer"]["pipeline_misses"] > 0, piped["deer"]
         client = openai.OpenAI(base_url=a.http + "/v1", api_key="unused", max_retries=0)
         ids = []
         for chunk in client.completions.create(model=a.model, prompt=PROMPTS[3],
