@@ -124,7 +124,10 @@ class ChannelServer:
                         reply = (call_id, False, f"{type(e).__name__}: {e}")
                 self.calls += 1
                 if call_id is not None:  # None: a one-way call (release)
-                    conn.send(reply)
+                    try:
+                        conn.send(reply)
+                    except OSError:  # the caller went away (closed, reset): the request is over
+                        return
         finally:
             self._live.discard(conn)
             conn.close()
