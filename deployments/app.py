@@ -224,12 +224,12 @@ def build_app(args: Optional[dict] = None):
         from ray.serve.config import RequestRouterConfig
 
         pool_opts["request_router_config"] = RequestRouterConfig(request_router_class=AFFINITY_ROUTER)
+    drafter_args = dict(drafter_path=cfg.drafter_path, device=cfg.device,
+                        max_sequences=cfg.max_sequences, use_cache=cfg.drafter_prefix_cache,
+                        batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
                                **pool_options(cfg.drafter, cfg.service.transport),
-                               **pool_opts).bind(
-        cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
-        use_cache=cfg.drafter_prefix_cache, torch_threads=threads(cfg.drafter),
-        batching=cfg.batching, max_batch_size=cfg.max_batch_size)
+                               **pool_opts).bind(torch_threads=threads(cfg.drafter), **drafter_args)
     verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
                                 **pool_options(cfg.verifier, cfg.service.transport),
                                 **pool_opts).bind(
@@ -237,10 +237,7 @@ def build_app(args: Optional[dict] = None):
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
         drafter=drafter, tokenizer_path=cfg.tokenizer_path,  # (drafter: for `loop: verifier`)
-        colocated_drafter=dict(
-            drafter_path=cfg.drafter_path, device=cfg.device, max_sequences=cfg.max_sequences,
-            use_cache=cfg.drafter_prefix_cache, batching=cfg.batching,
-            max_batch_size=cfg.max_batch_size) if cfg.service.loop == "colocated" else None)
+        colocated_drafter=drafter_args if cfg.service.loop == "colocated" else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         block_size=cfg.block_size, adaptive_k=cfg.adaptive_k, limits=cfg.limits,

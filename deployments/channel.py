@@ -247,19 +247,33 @@ class ChannelClient:
 
 
 class _Method:
-    def __init__(self, owner: "ChannelHandle", name: str):
+    def __init__(self, owner: "HandleShape", name: str):
         self.owner, self.name = owner, name
 
-    def remote(self, *args, **kwargs) -> _Response:
+    def remote(self, *args, **kwargs):
         return self.owner._client().call(self.name, args, kwargs,
                                           oneway=self.name in self.owner.oneway)
 
 
-class ChannelHandle:
-    """A Serve handle's decode-loop subset over a channel to the replica that `handle`'s
-    `channel()` call reaches (connected on first use; `close()` when the request ends)."""
+class HandleShape:
+    """The part of a Serve handle the decode loop uses: `h.method.remote(...)` is
+    `self._client().call(method, args, kwargs, oneway)`, whose response has `.result(timeout_s)`
+    and `.cancel()`; release is one-way."""
 
     oneway = frozenset({"release"})
+
+    def _client(self):
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self, name)
+
+
+class ChannelHandle(HandleShape):
+    """A Serve handle's decode-loop subset over a channel to the replica that `handle`'s
+    `channel()` call reaches (connected on first use; `close()` when the request ends)."""
 
     def __init__(self, handle, timeout_s: float = 30.0):
         self.handle, self.timeout_s = handle, timeout_s
@@ -279,11 +293,6 @@ class ChannelHandle:
                 except Exception as e:  # noqa: BLE001 - as a failed call of the handle
                     raise ChannelError(f"opening the channel failed: {e!r}") from e
             return self._conn
-
-    def __getattr__(self, name: str) -> _Method:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _Method(self, name)
 
     def options(self, **kw):
         """Streams and other Serve-only calls go through Serve (the same session)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,6 +24,7 @@ import torch
 
 from deer_serve.types import ScoreResult
 from deployments.batching import CombiningBatcher, run_call, server_time
+from deployments.channel import HandleShape
 from deployments.telemetry import replica_id
 
 
@@ -73,7 +75,7 @@ class Verifier:
 
             from deployments.drafter import Drafter
 
-            self.local_drafter = Drafter(**{**colocated_drafter, "torch_threads": None})
+            self.local_drafter = Drafter(**colocated_drafter)  # (torch threads: this replica's)
             self._local_pool = ThreadPoolExecutor(2 * max_batch_size,
                                                   thread_name_prefix="deer-local-draft")
 
@@ -156,13 +158,13 @@ class Verifier:
         loop = asyncio.get_running_loop()
         it = self._decode_steps(*args, **kwargs)
         wake, stop, lock = asyncio.Event(), threading.Event(), threading.Lock()
-        box: dict = {"items": [], "armed": False}
+        pending: list = []  # the events since the last batch
         end = object()
 
         def put(item) -> None:
             with lock:
-                box["items"].append(item)
-                ring, box["armed"] = not box["armed"], True
+                ring = not pending  # the first event of a batch wakes the stream
+                pending.append(item)
             if ring:  # one wake-up per batch, not per event
                 try:
                     loop.call_soon_threadsafe(wake.set)
@@ -187,7 +189,8 @@ class Verifier:
                 await wake.wait()
                 wake.clear()
                 with lock:
-                    items, box["items"], box["armed"] = box["items"], [], False
+                    items = pending[:]
+                    pending.clear()
                 batch = []
                 for item in items:
                     if item is end:
@@ -286,37 +289,28 @@ class Verifier:
         return replica_info("verifier", self.target_path, str(self.backend.device))
 
 
-class LocalHandle:
+class LocalHandle(HandleShape):
     """The decode loop's subset of a Serve handle over an object in this process (`loop:
     colocated`): `h.method.remote(...)` runs the method in a thread of `pool` and returns a
     response with `.result(timeout_s)` and `.cancel()`, so `RemoteDrafter` runs over it
     unchanged and a pipelined pre-draft still overlaps the verify. One-way calls (release)
     run at once."""
 
-    oneway = frozenset({"release"})
-
     def __init__(self, obj, pool):
         self.obj, self.pool = obj, pool
 
-    def __getattr__(self, name: str) -> "_LocalMethod":
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _LocalMethod(self, name)
+    def _client(self) -> "LocalHandle":
+        return self
+
+    def call(self, method: str, args: tuple, kwargs: dict, oneway: bool = False):
+        fn = getattr(self.obj, method)
+        if oneway:
+            fn(*args, **kwargs)
+            return _LocalResponse(None)
+        return _LocalResponse(self.pool.submit(fn, *args, **kwargs))
 
     def options(self, **kw) -> "LocalHandle":
         return self
-
-
-class _LocalMethod:
-    def __init__(self, owner: LocalHandle, name: str):
-        self.owner, self.name = owner, name
-
-    def remote(self, *args, **kwargs) -> "_LocalResponse":
-        fn = getattr(self.owner.obj, self.name)
-        if self.name in self.owner.oneway:
-            fn(*args, **kwargs)
-            return _LocalResponse(None)
-        return _LocalResponse(self.owner.pool.submit(fn, *args, **kwargs))
 
 
 class _LocalResponse:
@@ -324,8 +318,6 @@ class _LocalResponse:
         self.fut = fut
 
     def result(self, timeout_s: Optional[float] = None):
-        from concurrent.futures import TimeoutError as FutureTimeout
-
         if self.fut is None:
             return None
         try:
