@@ -25,6 +25,7 @@ class ARDraftConfig:
     lr: float = 1e-3
     num_threads: int = 2
     seed: int = 0
+    use_docstring_data: bool = True  # the DEER drafter's data: teacher continuations + docstring set
 
     @classmethod
     def smoke(cls) -> "ARDraftConfig":
@@ -51,6 +52,8 @@ def train_ar_draft(cfg: ARDraftConfig, target_dir: str | Path, teacher_path: str
     del target
     teacher = torch.load(teacher_path)
     ids, val, P = teacher["ids"].long(), teacher["val_ids"].long(), teacher["prompt_len"]
+    if cfg.use_docstring_data and "doc_ids" in teacher:
+        ids = torch.cat([ids, teacher["doc_ids"].long()])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
 
     def loss_of(x):  # next-token loss on the teacher's continuation only

@@ -1,6 +1,6 @@
 """`deer-serve train`: the whole pipeline of the embedded default, or any one stage.
 
-  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (~130 min, 2 cores)
+  deer-serve train --preset tiny-code --out runs/tiny-code            # everything (67 min measured, 2 cores)
   deer-serve train --preset smoke --out /tmp/smoke                    # end to end in < 2 min
   deer-serve train --preset tiny-code --out runs/tiny-code --stages drafter --context-mode tokens
   deer-serve train ... --export deer_serve/assets                     # ship the final weights
@@ -18,6 +18,8 @@ import argparse
 import json
 import shutil
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -63,7 +65,9 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         ar_steps: int | None = None, continuation: bool | None = None) -> dict:
     """The preset's stages into `out`. continuation (default: when the drafter's recipe is the
     preset's own: no context mode or D2A overrides) runs the preset's Stage II continuation
-    phases after the base drafter; results["drafter_final"] names the drafter run to export."""
+    phases after the base drafter; results["drafter_final"] names the drafter run to export.
+    Each stage's wall time goes to results["timing"] and, one line per invocation, to
+    out/timing.jsonl (a stage that finds its output already there counts as its check)."""
     from deer_serve.training import corpus
     from deer_serve.training.ar_draft import train_ar_draft
     from deer_serve.training.d2a import train_drafter
@@ -81,17 +85,21 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, target_dir = out / "tokenizer", out / "target" / "final"
     results = {}
+    clock = StageClock()
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").exists():
-        files = corpus.list_files("train")
-        train_tokenizer(tok_dir, vocab_size=c["vocab"],
-                        files=files[:c["limit_files"]] if c["limit_files"] else None)
+        with clock("tokenizer"):
+            files = corpus.list_files("train")
+            train_tokenizer(tok_dir, vocab_size=c["vocab"],
+                            files=files[:c["limit_files"]] if c["limit_files"] else None)
     if "target" in stages and not (target_dir / "metrics.json").exists():
-        c["target"].train_limit_files = c["limit_files"]
-        results["target"] = train_target(c["target"], tok_dir, out / "target")
+        with clock("target"):
+            c["target"].train_limit_files = c["limit_files"]
+            results["target"] = train_target(c["target"], tok_dir, out / "target")
     teacher_path = out / "teacher.pt"
     if "teacher" in stages:
-        generate_teacher(target_dir, teacher_path, c["teacher"], out / "target" / "data_cache",
-                         limit_files=c["limit_files"])
+        with clock("teacher"):
+            generate_teacher(target_dir, teacher_path, c["teacher"], out / "target" / "data_cache",
+                             limit_files=c["limit_files"])
     if "drafter" in stages:
         corpus_ids = None
         if c["d2a"].stage0_steps:  # Stage 0 reads the tokenized train split (cached by the target)
@@ -101,24 +109,55 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
             continuation = not context_mode and not overrides
         base = replace(c["d2a"], **c.get("base", {})) if continuation else c["d2a"]
         feature_cache: dict = {}  # teacher-data target features, computed once for all runs
-        results["drafter"] = train_drafter(base, target_dir, teacher_path, out / drafter_name,
-                                           corpus_ids, feature_cache)
+        with clock(drafter_name):
+            results["drafter"] = train_drafter(base, target_dir, teacher_path, out / drafter_name,
+                                               corpus_ids, feature_cache)
         name = drafter_name
         for ph in (c["continuation"] if continuation else []):
             prev = out / name / "final"
             if ph.from_export:
                 prev = export_model(prev, out / name / "export-fp16", "drafter")
-            cfg = replace(c["d2a"], init_from=str(prev), stage0_steps=0, stage1_steps=0,
-                          stage2_steps=ph.stage2_steps, lr2=ph.lr2, use_docstring_data=True)
             name = f"{drafter_name}-{ph.name}"
-            print(f"D2A continuation {ph.name}: {ph.stage2_steps} Stage II steps, lr2 {ph.lr2}, "
-                  f"from {prev}", file=sys.stderr)
-            results[name] = train_drafter(cfg, target_dir, teacher_path, out / name,
-                                          feature_cache=feature_cache)
+            with clock(name):
+                cfg = replace(c["d2a"], init_from=str(prev), stage0_steps=0, stage1_steps=0,
+                              stage2_steps=ph.stage2_steps, lr2=ph.lr2, use_docstring_data=True)
+                print(f"D2A continuation {ph.name}: {ph.stage2_steps} Stage II steps, lr2 {ph.lr2}, "
+                      f"from {prev}", file=sys.stderr)
+                results[name] = train_drafter(cfg, target_dir, teacher_path, out / name,
+                                              feature_cache=feature_cache)
         results["drafter_final"] = name
     if "ar-draft" in stages and not (out / "ar-draft" / "final" / "metrics.json").exists():
-        results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")
+        with clock("ar-draft"):
+            results["ar-draft"] = train_ar_draft(c["ar"], target_dir, teacher_path, out / "ar-draft")
+    results["timing"] = clock.record(out, preset)
     return results
+
+
+class StageClock:
+    """Wall time of each stage of one `run`: `with clock("target"): ...`."""
+
+    def __init__(self):
+        self.started = time.time()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(time.monotonic() - t0, 2)
+
+    def record(self, out: Path, preset: str) -> dict:
+        """Append this run's times to out/timing.jsonl and print them; returns the record."""
+        total = round(time.time() - self.started, 2)
+        rec = {"preset": preset, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+               "stages_s": self.seconds, "total_s": total}
+        with (out / "timing.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{preset}: {total / 60:.1f} min in all ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in self.seconds.items()) + ")", file=sys.stderr)
+        return rec
 
 
 def export(out: Path, assets: Path, drafter_name: str = "drafter") -> None:

@@ -69,6 +69,13 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
                              "--lr2", "4e-4"], capture_output=True, text=True, timeout=600)
     assert manual.returncode == 0, manual.stderr[-3000:]
     assert not (out / "manual-v2-v2").exists()  # D2A flags given: no continuation phases
+    # each invocation appends its stages' wall times to out/timing.jsonl
+    full, drafter_only = [json.loads(l) for l in (out / "timing.jsonl").read_text().splitlines()]
+    assert list(full["stages_s"]) == ["tokenizer", "target", "teacher", "drafter", "drafter-v2",
+                                      "drafter-v3", "ar-draft"]
+    stages_sum = sum(full["stages_s"].values())
+    assert full["preset"] == "smoke" and full["total_s"] >= stages_sum - 0.05 and stages_sum > 0
+    assert list(drafter_only["stages_s"]) == ["manual-v2"]
     a = load_file(out / "manual-v2" / "final" / "model.safetensors")
     b = load_file(out / "drafter-v2" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
