@@ -148,10 +148,10 @@ def test_a_client_that_goes_away_stops_the_loop_in_the_verifier(service):
     import time
     from urllib.parse import urlparse
 
-    # a request long enough (768 tokens, ~3x the window below on a busy 2-core machine) that
-    # running on to max_tokens is told apart from stopping
+    # a request long enough (1792 tokens: ~3.3 s on a quiet 2-core machine, ~2x the window
+    # below, far more on a busy one) that running on to max_tokens is told apart from stopping
     a = deploy(service, "transport-cancel", own_models=False, service={"loop": "verifier"},
-               limits={"max_tokens": 768})
+               limits={"max_tokens": 1792})
     from ray import serve
 
     verifier = serve.get_deployment_handle("Verifier", app_name="deer")  # own_models=False
@@ -159,7 +159,7 @@ def test_a_client_that_goes_away_stops_the_loop_in_the_verifier(service):
         def served() -> int:
             return int(verifier.batch_stats.remote().result(timeout_s=30).get("items", 0))
 
-        req = {"prompt": PROMPTS[0], "max_tokens": 768, "temperature": 0, "block_size": 1}
+        req = {"prompt": PROMPTS[0], "max_tokens": 1792, "temperature": 0, "block_size": 1}
         t0, n_full0 = time.monotonic(), served()
         status, body, _ = http("POST", a.http + "/v1/completions", req)
         assert status == 200, body
