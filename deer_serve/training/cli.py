@@ -212,6 +212,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-docstring-data", action="store_true",
                     help="D2A on the teacher's corpus continuations only (as the runs before the "
                          "docstring-prompt data; the Stage I only row of the model card)")
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="train the drafter's token embeddings (= its tied output head) too; by "
+                         "default they stay the target's, frozen")
     ap.add_argument("--no-continuation", action="store_true",
                     help="the base drafter run only, without the preset's Stage II continuation "
                          "phases (they run by default when no D2A flag changes the recipe)")
@@ -228,6 +231,8 @@ def main(argv=None) -> None:
                             ("init_from", a.init_from)] if v is not None}
     if a.no_docstring_data:
         ov["use_docstring_data"] = False
+    if a.train_embeddings:
+        ov["freeze_embeddings"] = False
     res = run(a.preset, a.out, stages, a.context_mode, a.drafter_name, ov, a.ar_steps,
               continuation=False if a.no_continuation else None)
     final = res.pop("drafter_final", a.drafter_name)

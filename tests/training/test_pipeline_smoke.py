@@ -79,3 +79,17 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     a = load_file(out / "manual-v2" / "final" / "model.safetensors")
     b = load_file(out / "drafter-v2" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # --train-embeddings: the drafter's embeddings (its tied head) move; by default they do not
+    init = load_file(out / "drafter" / "export-fp16" / "model.safetensors")
+    assert torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"].float())
+    unfrozen = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
+                               "--out", str(out), "--stages", "drafter", "--drafter-name", "emb",
+                               "--init-from", str(out / "drafter" / "export-fp16"),
+                               "--stage0-steps", "0", "--stage1-steps", "0", "--stage2-steps", "2",
+                               "--train-embeddings"], capture_output=True, text=True, timeout=600)
+    assert unfrozen.returncode == 0, unfrozen.stderr[-3000:]
+    e = load_file(out / "emb" / "final" / "model.safetensors")
+    assert not torch.equal(e["embed_tokens.weight"], a["embed_tokens.weight"])
+    cfg = json.loads((out / "emb" / "final" / "metrics.json").read_text())["config"]
+    assert cfg["freeze_embeddings"] is False
