@@ -35,7 +35,8 @@ def _configs(preset: str):
     if preset == "smoke":
         return dict(vocab=512, limit_files=30, target=TargetTrainConfig.smoke(),
                     teacher=TeacherConfig.smoke(), d2a=D2AConfig.smoke(), ar=ARDraftConfig.smoke(),
-                    continuation=[Phase("v2", 3, 4e-4, from_export=True), Phase("v3", 2, 3e-4)])
+                    continuation=[Phase("v2", 3, 4e-4, from_export=True, docstring_rows=4),
+                                  Phase("v3", 2, 3e-4)])
     if preset == "tiny-code":
         # the shipped drafter (its model card): a base D2A run on the corpus continuations, then
         # Stage II continuations on those plus the docstring-prompt set, the first from the
@@ -43,8 +44,10 @@ def _configs(preset: str):
         return dict(vocab=4096, limit_files=None, target=TargetTrainConfig(), teacher=TeacherConfig(),
                     d2a=D2AConfig(stage1_steps=300, stage2_steps=900), base={"use_docstring_data": False},
                     ar=ARDraftConfig(),
-                    continuation=[Phase("v2", 900, 4e-4, from_export=True), Phase("v3", 900, 3e-4),
-                                  Phase("v4", 900, 3e-4)])
+                    continuation=[Phase("v2", 900, 4e-4, from_export=True, docstring_rows=1536),
+                                  Phase("v3", 900, 3e-4, docstring_rows=1536),
+                                  Phase("v4", 900, 3e-4, docstring_rows=1536),
+                                  Phase("v5", 900, 3e-4)])
     raise SystemExit(f"unknown preset {preset!r} (smoke, tiny-code)")
 
 
@@ -52,12 +55,13 @@ def _configs(preset: str):
 class Phase:
     """One Stage II continuation of the preset's drafter: `deer-serve train --stages drafter
     --init-from PREVIOUS --stage1-steps 0 --stage2-steps STEPS --lr2 LR2 --drafter-name
-    drafter-NAME` (docstring data on), PREVIOUS being the last phase's final weights, or their
-    float16 export with from_export."""
+    drafter-NAME [--docstring-rows N]` (docstring data on), PREVIOUS being the last phase's final
+    weights, or their float16 export with from_export."""
     name: str
     stage2_steps: int
     lr2: float
     from_export: bool = False
+    docstring_rows: int | None = None  # the first N docstring continuations (None = all)
 
 
 def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
@@ -120,7 +124,8 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
             name = f"{drafter_name}-{ph.name}"
             with clock(name):
                 cfg = replace(c["d2a"], init_from=str(prev), stage0_steps=0, stage1_steps=0,
-                              stage2_steps=ph.stage2_steps, lr2=ph.lr2, use_docstring_data=True)
+                              stage2_steps=ph.stage2_steps, lr2=ph.lr2, use_docstring_data=True,
+                              docstring_rows=ph.docstring_rows)
                 print(f"D2A continuation {ph.name}: {ph.stage2_steps} Stage II steps, lr2 {ph.lr2}, "
                       f"from {prev}", file=sys.stderr)
                 results[name] = train_drafter(cfg, target_dir, teacher_path, out / name,
@@ -212,6 +217,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-docstring-data", action="store_true",
                     help="D2A on the teacher's corpus continuations only (as the runs before the "
                          "docstring-prompt data; the Stage I only row of the model card)")
+    ap.add_argument("--docstring-rows", type=int, default=None,
+                    help="train on the first N rows of the teacher's docstring set only")
     ap.add_argument("--train-embeddings", action="store_true",
                     help="train the drafter's token embeddings (= its tied output head) too; by "
                          "default they stay the target's, frozen")
@@ -228,7 +235,8 @@ def main(argv=None) -> None:
     ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers),
                             ("stage0_steps", a.stage0_steps), ("stage1_steps", a.stage1_steps),
                             ("stage2_steps", a.stage2_steps), ("lr2", a.lr2),
-                            ("init_from", a.init_from)] if v is not None}
+                            ("init_from", a.init_from), ("docstring_rows", a.docstring_rows)]
+          if v is not None}
     if a.no_docstring_data:
         ov["use_docstring_data"] = False
     if a.train_embeddings:

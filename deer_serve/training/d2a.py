@@ -58,6 +58,7 @@ class D2AConfig:
     seed: int = 0
     init_from: Optional[str] = None        # continue from a trained drafter dir (Stage I/II weights)
     use_docstring_data: bool = True        # train on the teacher's docstring-prompt set too
+    docstring_rows: Optional[int] = None   # only its first N rows (None = all of them)
 
     @classmethod
     def smoke(cls, **kw) -> "D2AConfig":
@@ -215,8 +216,14 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     teacher = torch.load(teacher_path)
     ids, val_ids, P = teacher["ids"], teacher["val_ids"], teacher["prompt_len"]
     with_doc = cfg.use_docstring_data and "doc_ids" in teacher
+    n_doc = 0
     if with_doc:
-        ids = torch.cat([ids, teacher["doc_ids"]])
+        doc = teacher["doc_ids"][:cfg.docstring_rows] if cfg.docstring_rows else teacher["doc_ids"]
+        if cfg.docstring_rows and len(doc) < cfg.docstring_rows:
+            raise ValueError(f"docstring_rows={cfg.docstring_rows} but {teacher_path} has "
+                             f"{len(doc)} docstring continuations")
+        n_doc = len(doc)
+        ids = torch.cat([ids, doc])
     val_doc = teacher.get("val_doc_ids")
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
@@ -236,7 +243,7 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
             if key not in cache:
                 cache[key] = target_features(target, x, layers)
             return cache[key]
-        feats = features("train+docstring" if with_doc else "train", ids)
+        feats = features(f"train+docstring:{n_doc}" if with_doc else "train", ids)
         val_feats = features("val", val_ids)
         if val_doc is not None:
             val_doc_feats = features("val_doc", val_doc)

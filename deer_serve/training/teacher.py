@@ -21,7 +21,7 @@ class TeacherConfig:
     n_sampled: int = 1024       # sampled ones: the target's distribution, for T>0
     temperature: float = 0.7    # of the sampled continuations
     n_val: int = 128            # greedy continuations of validation-file prompts (metrics only)
-    n_docstring: int = 1536     # greedy continuations of prompts ending after a function's docstring
+    n_docstring: int = 4608     # greedy continuations of prompts ending after a function's docstring
     n_val_docstring: int = 128  #   (the shape of HumanEval's prompts), train and validation files
     prompt_len: int = 64        # tokens of corpus before the continuation
     gen_len: int = 128          # tokens the target continues
@@ -113,7 +113,10 @@ def generate_teacher(target_dir: str | Path, out_path: str | Path, cfg: TeacherC
     out_path = Path(out_path)
     if out_path.exists():
         data = torch.load(out_path)
-        if cfg.n_docstring and "doc_ids" not in data:   # a run made before the docstring set
+        have = len(data["doc_ids"]) if "doc_ids" in data else 0
+        if cfg.n_docstring > have:   # a run made before the docstring set, or with fewer rows:
+            # the prompts are a prefix of one shuffled list and are continued in batches, so
+            # the rows it had come out the same (the D2A phases that used them name their count)
             model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
             data.update(_docstring_sets(model, target_dir, cfg, limit_files))
             _save(data, out_path)

@@ -54,6 +54,7 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     v3 = json.loads((out / "drafter-v3" / "final" / "metrics.json").read_text())["config"]
     assert v2["init_from"] == str(out / "drafter" / "export-fp16") and v2["stage1_steps"] == 0
     assert v3["init_from"] == str(out / "drafter-v2" / "final") and v3["lr2"] == 3e-4
+    assert v2["docstring_rows"] == 4 and v3["docstring_rows"] is None  # a prefix, then all 8
     recs = [json.loads(l) for l in (out / "drafter-v3" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in recs] == [2, 2]
     shipped = load_file(tmp_path / "assets" / "drafter" / "model.safetensors")
@@ -66,7 +67,8 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
                              "--out", str(out), "--stages", "drafter", "--drafter-name", "manual-v2",
                              "--init-from", str(out / "drafter" / "export-fp16"),
                              "--stage0-steps", "0", "--stage1-steps", "0", "--stage2-steps", "3",
-                             "--lr2", "4e-4"], capture_output=True, text=True, timeout=600)
+                             "--lr2", "4e-4", "--docstring-rows", "4"],
+                            capture_output=True, text=True, timeout=600)
     assert manual.returncode == 0, manual.stderr[-3000:]
     assert not (out / "manual-v2-v2").exists()  # D2A flags given: no continuation phases
     # each invocation appends its stages' wall times to out/timing.jsonl
