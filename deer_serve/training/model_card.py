@@ -221,7 +221,8 @@ Stored in float32 (it defines the output distribution).
         cont = ("\n## Continued D2A (the shipped weights)\n\nThe Stage I + II drafter above was "
                 "continued with Stage II only, on the teacher data plus "
                 f"{len(teacher.get('doc_ids', [])):,} greedy continuations of prompts that end after a "
-                "function's docstring (HumanEval's prompt shape, cut from the corpus's train files; "
+                "function's docstring (a phase with `--docstring-rows N` uses the first N of them; "
+                "HumanEval's prompt shape, cut from the corpus's train files; "
                 f"{len(teacher.get('val_doc_ids', [])):,} from validation files for the metrics). "
                 "Each row is one run of `deer-serve train --stages drafter --init-from PREVIOUS "
                 "--stage1-steps 0 --stage2-steps N --lr2 LR` (the first from the base drafter's "
@@ -279,16 +280,16 @@ initialised from the target's {tok_cfg.get('init_layers')} layers); it is here t
 | {costs['plain_step_ms']} | {costs['verify_k8_ms']} | {costs['verify_k16_ms']} | {costs['verify_k32_ms']} | {costs['draft_k8_ms']} | {costs['draft_k16_ms']} | {costs['draft_k32_ms']} |
 {he}
 Reproduce: `deer-serve train --preset tiny-code --out runs/tiny-code --export deer_serve/assets`
-(target, teacher data, base drafter, the three continuation phases, AR draft: 67 min on 2 cores,
-measured end to end on 2026-11-26, `docs/train-preset/`; the minutes in this card are those of the
-shipped runs, on a busier machine; every stage resumes from its checkpoints). The reproduced
-drafter's tau was within 0.04 of this card's at every k (float-level differences, not bit for bit).
+(target, teacher data, base drafter, the four continuation phases, AR draft: about 81 min on 2
+cores: 67.3 min measured end to end with three phases on 2026-11-26, plus the larger docstring set
+and the v5 phase measured on 2026-11-27, 3.3 and 11.7 min; `docs/train-preset/`; every stage
+resumes from its checkpoints).
 """)
     (assets / "ar-draft" / "README.md").write_text(f"""# deer-serve tiny-code AR draft baseline
 
 A 2-layer `Qwen3ForCausalLM` initialised from the target (embeddings and first layers) and trained
 on the same teacher data as the DEER drafter (the target's corpus continuations and the docstring
-set) with the next-token loss; the peer for Hugging Face assisted generation in `deer-serve
+set, all of its rows as the drafter's last phase) with the next-token loss; the peer for Hugging Face assisted generation in `deer-serve
 bench` (`hf-assisted`). It trains for far fewer steps than the drafter and still accepts more
 tokens per cycle on HumanEval (see the README's Results).
 
