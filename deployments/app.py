@@ -182,9 +182,17 @@ def check_models(cfg: AppConfig) -> Optional[list[int]]:
     if t_vocab is not None and d.get("vocab_size") not in (None, t_vocab):
         raise ValueError(f"drafter vocabulary ({d['vocab_size']}) differs from the target's "
                          f"({t_vocab})")
-    if d.get("context_mode") == "target-features":
-        return list(d["target_feature_layers"])
-    return None
+    from deer_serve.drafters import DrafterFormatError, drafter_feature_layers, drafter_format
+
+    try:
+        if drafter_format(cfg.drafter_path) == "dflash":
+            from deer_serve.models.dflash import DFlashConfig
+
+            DFlashConfig.from_dict(d).check_target(t)
+        layers = drafter_feature_layers(cfg.drafter_path)
+    except DrafterFormatError as e:
+        raise ValueError(f"drafter {cfg.drafter_path}: {e}") from None
+    return layers or None
 
 
 def pool_options(d: DeploymentConfig, transport: str) -> dict:
@@ -224,7 +232,7 @@ def build_app(args: Optional[dict] = None):
         from ray.serve.config import RequestRouterConfig
 
         pool_opts["request_router_config"] = RequestRouterConfig(request_router_class=AFFINITY_ROUTER)
-    drafter_args = dict(drafter_path=cfg.drafter_path, device=cfg.device,
+    drafter_args = dict(drafter_path=cfg.drafter_path, target_path=cfg.target_path, device=cfg.device,
                         max_sequences=cfg.max_sequences, use_cache=cfg.drafter_prefix_cache,
                         batching=cfg.batching, max_batch_size=cfg.max_batch_size)
     drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,18 +69,20 @@ class _RowsFrom:
 
 
 class Drafter:
-    def __init__(self, drafter_path: str, *, device: Optional[str] = None,
+    def __init__(self, drafter_path: str, *, target_path: Optional[str] = None,
+                 device: Optional[str] = None,
                  max_sequences: int = 64, use_cache: bool = True,
                  torch_threads: Optional[int] = None, batching: bool = True,
                  max_batch_size: int = 16):
-        from deer_serve.drafters.deer import DeerDrafterBackend
+        """target_path: the target's directory; a DFlash drafter takes the target's embeddings
+        and LM head from it (not its layers)."""
+        from deer_serve.drafters import load_drafter
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.drafter_path = str(drafter_path)
-        self.backend = DeerDrafterBackend.from_pretrained(self.drafter_path, device=device,
-                                                          max_sequences=max_sequences,
-                                                          use_cache=use_cache)
+        self.backend = load_drafter(self.drafter_path, target_path, device=device,
+                                    max_sequences=max_sequences, use_cache=use_cache)
         p = next(self.backend.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
@@ -89,7 +91,7 @@ class Drafter:
         self._batcher = CombiningBatcher(self._draft_rows, max_batch_size) if batching else None
 
     def meta(self) -> dict:
-        return {"context_mode": self.backend.context_mode,
+        return {"context_mode": self.backend.context_mode, "format": self.backend.format,
                 "feature_layers": list(self.backend.feature_layers),
                 "vocab_size": self.backend.vocab_size,
                 "caches_prefix": bool(self.backend.use_cache)}
@@ -187,6 +189,7 @@ class RemoteDrafter:
     def __init__(self, handle, meta: dict, timeout_s: float):
         self.handle, self.timeout_s = handle, timeout_s
         self.context_mode = meta["context_mode"]
+        self.feature_layers: list[int] = list(meta.get("feature_layers") or [])  # target layers read
         self.caches_prefix = bool(meta.get("caches_prefix", True))
         self._sent: dict[str, int] = {}  # seq_id -> feature rows the drafter has been sent
         self.server_s = [0.0, 0.0]       # the replica's (wait, compute) seconds, replies read

@@ -22,7 +22,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory, tokenizer):
     """Saved tiny target (with the tokenizer) and drafters of both context modes:
-    {"target": dir, "drafter-tokens": dir, "drafter-target-features": dir}."""
+    {"target": dir, "drafter-tokens": dir, "drafter-target-features": dir,
+    "drafter-dflash": dir}."""
     from deer_serve.models import make_tiny_drafter
 
     root = tmp_path_factory.mktemp("ckpt")
@@ -34,4 +35,9 @@ def tiny_checkpoints(tmp_path_factory, tokenizer):
         d = root / f"drafter-{mode}"
         make_tiny_drafter(target.config, context_mode=mode, seed=1).save_pretrained(d)
         dirs[f"drafter-{mode}"] = d
+    from deer_serve.models.dflash import make_tiny_dflash
+
+    # a DFlash-format drafter reading the target's decoder layers 0 and 1
+    make_tiny_dflash(target, [0, 1], num_layers=1, seed=2).save_pretrained(root / "drafter-dflash")
+    dirs["drafter-dflash"] = root / "drafter-dflash"
     return dirs

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help=f"(default {DEFAULTS['repeats']}); medians reported")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--target", help="target model dir (default: embedded)")
-    p.add_argument("--drafter", help="DeerDrafter dir (default: embedded)")
+    p.add_argument("--drafter", help="drafter dir, DeerDrafter or DFlash (default: embedded)")
+    p.add_argument("--alt-drafter", help="a second drafter for deer-alt / deer-alt-nolookup "
+                                         "(either format), to compare two drafters in one run")
     p.add_argument("--ar-draft", help="AR draft model dir for hf-assisted (default: embedded)")
     p.add_argument("--url", help="a running deer-serve (http://HOST:PORT) for service methods; "
                                  "default: start one in this process")
@@ -122,6 +124,7 @@ def resolve(args: argparse.Namespace) -> dict:
             "target": str(args.target or paths["target"]),
             "drafter": str(args.drafter or paths["drafter"]),
             "ar_draft": str(args.ar_draft or paths["ar-draft"]), "url": args.url,
+            "alt_drafter": str(args.alt_drafter) if args.alt_drafter else None,
             "threads": args.threads or None, "service_args": args.service_args}
 
 
@@ -190,6 +193,12 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
             for k in s["block_sizes"]:
                 out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k,
                                         lookup=True))
+        elif name == "deer-alt":
+            for k in s["block_sizes"]:
+                out.append(EngineMethod("deer-alt" if k == k0 else f"deer-alt@k{k}", models,
+                                        "deer", k, lookup=True, alt=True))
+        elif name == "deer-alt-nolookup":
+            out.append(EngineMethod("deer-alt-nolookup", models, "deer", k0, alt=True))
         elif name == "deer-nolookup":
             out.append(EngineMethod("deer-nolookup", models, "deer", k0))
         elif name == "deer-adaptive":
@@ -258,7 +267,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                              f"(pass --{k.replace('_', '-')} PATH)")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = Models(s["target"], s["drafter"], s["ar_draft"])
+    models = Models(s["target"], s["drafter"], s["ar_draft"], s["alt_drafter"])
     max_pos = int(getattr(models.model.config, "max_position_embeddings", 1 << 30))
     keep = max(1, max_pos - s["max_new_tokens"] - 64)  # room for the output and a last block
     prompt_ids, truncated = [], 0
@@ -290,7 +299,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info()
     settings = {k: s[k] for k in ("suite", "limit", "methods", "temperatures", "block_sizes",
                                   "max_new_tokens", "repeats", "concurrency", "seed", "quick",
-                                  "target", "drafter", "ar_draft", "url", "threads", "service_args")}
+                                  "target", "drafter", "ar_draft", "alt_drafter", "url", "threads",
+                                  "service_args")}
     settings.update(eos_token_id=models.eos_token_id, interleaved=True, warmup=True,
                     prompt_tokens_mean=round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
                     main_block_size=s["block_sizes"][0],

@@ -5,6 +5,9 @@
                    the DeerDrafterBackend's block with prompt lookup spliced in after its
                    confident head (`LookupDrafter`); one per block size
   deer-nolookup    the DeerDrafterBackend's block alone (no lookup); main k
+  deer-alt         `deer` with a second drafter (`--alt-drafter`, either format): two drafters
+                   side by side in one run; one per block size
+  deer-alt-nolookup  that drafter's block alone; main k
   deer-pipe        deer with pipelining (engine `pipeline`: the next block is pre-drafted in a
                    thread while the target verifies); main k
   deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
@@ -40,7 +43,8 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive", "deer-pipe")
+ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive", "deer-pipe", "deer-alt",
+                  "deer-alt-nolookup")
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -72,10 +76,14 @@ class Models:
     """The models every method shares, loaded once: target (HF model + HFTarget), tokenizer,
     and lazily the DEER drafter and the AR draft model."""
 
-    def __init__(self, target_path: str, drafter_path: Optional[str], ar_draft_path: Optional[str]):
+    def __init__(self, target_path: str, drafter_path: Optional[str], ar_draft_path: Optional[str],
+                 alt_drafter_path: Optional[str] = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.target_path, self.drafter_path, self.ar_draft_path = target_path, drafter_path, ar_draft_path
+        self.alt_drafter_path = alt_drafter_path
+        self._alt_drafter = None
+        self._targets: dict = {}
         self.tokenizer = AutoTokenizer.from_pretrained(target_path)
         self.model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
         self._drafter = None
@@ -92,11 +100,30 @@ class Models:
         if self._drafter is None:
             if not self.drafter_path:
                 raise ValueError("method deer needs --drafter")
-            import deer_serve.models  # noqa: F401  (registers DeerDrafter with the Auto classes)
-            from deer_serve.drafters.deer import DeerDrafterBackend
+            from deer_serve.drafters import load_drafter
 
-            self._drafter = DeerDrafterBackend.from_pretrained(self.drafter_path, device="cpu")
+            self._drafter = load_drafter(self.drafter_path, self.target_path, device="cpu")
         return self._drafter
+
+    @property
+    def alt_drafter(self):
+        if self._alt_drafter is None:
+            if not self.alt_drafter_path:
+                raise ValueError("method deer-alt needs --alt-drafter")
+            from deer_serve.drafters import load_drafter
+
+            self._alt_drafter = load_drafter(self.alt_drafter_path, self.target_path, device="cpu")
+        return self._alt_drafter
+
+    def target_for(self, drafter):
+        """An HFTarget over the shared model that returns the features `drafter` reads."""
+        from deer_serve.targets.hf import HFTarget
+
+        layers = tuple(drafter.feature_layers) if drafter.context_mode == "target-features" else None
+        if layers not in self._targets:
+            self._targets[layers] = HFTarget(self.model, feature_layers=layers,
+                                             eos_token_id=self.eos_token_id)
+        return self._targets[layers]
 
     @property
     def hf_target(self):
@@ -133,12 +160,14 @@ class EngineMethod:
     process."""
 
     def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
-                 lookup: bool = False, adaptive_k: bool = False, pipeline: bool = False):
+                 lookup: bool = False, adaptive_k: bool = False, pipeline: bool = False,
+                 alt: bool = False):
+        """alt: draft with the second drafter (`Models.alt_drafter`)."""
         self.name, self.models, self.mode, self.adaptive_k = name, models, mode, adaptive_k
         self.pipeline = pipeline
         self.block_size = block_size if mode == "deer" else None
-        self.target = models.hf_target
-        self.drafter = models.drafter if mode == "deer" else None
+        self.drafter = (models.alt_drafter if alt else models.drafter) if mode == "deer" else None
+        self.target = models.target_for(self.drafter) if self.drafter is not None else models.hf_target
         if lookup:
             from deer_serve.drafters.lookup import LookupDrafter
 

@@ -1,0 +1,60 @@
+"""Drafters. `load_drafter` opens a drafter directory in either format, detected from its
+config.json: a DeerDrafter (`model_type: deer_drafter`) or a DFlash checkpoint
+(`architectures: ["DFlashDraftModel"]` / `dflash_config`; it needs its target's directory for the
+embeddings and LM head it shares)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from deer_serve.models.dflash import DrafterFormatError, is_dflash_config, read_config
+
+FORMATS = ("deer", "dflash")
+
+
+def drafter_format(path) -> str:
+    """"deer" or "dflash" from the directory's config.json (DrafterFormatError otherwise)."""
+    cfg = read_config(path)
+    if is_dflash_config(cfg):
+        return "dflash"
+    if cfg.get("model_type") == "deer_drafter":
+        return "deer"
+    raise DrafterFormatError(f"{path}: not a drafter (model_type {cfg.get('model_type')!r}; "
+                             f"expected a DeerDrafter or a DFlash checkpoint)")
+
+
+def drafter_feature_layers(path) -> list[int]:
+    """The target `hidden_states` indices the drafter in `path` reads ([] for a tokens drafter),
+    from config.json alone."""
+    cfg = read_config(path)
+    if is_dflash_config(cfg):
+        from deer_serve.models.dflash import DFlashConfig
+
+        return DFlashConfig.from_dict(cfg).target_feature_layers
+    if cfg.get("context_mode") == "target-features":
+        return list(cfg.get("target_feature_layers") or [])
+    return []
+
+
+def load_drafter(path, target_path=None, device: Optional[str] = None, **kw):
+    """A `DeerDrafterBackend` over the drafter in `path`. target_path: the target's directory,
+    required for a DFlash drafter (its embeddings and head are the target's; the target's
+    layers are not loaded). kw: DeerDrafterBackend options (max_sequences, use_cache)."""
+    import torch
+
+    from deer_serve.drafters.deer import DeerDrafterBackend
+
+    if drafter_format(path) == "deer":
+        return DeerDrafterBackend.from_pretrained(str(path), device=device, **kw)
+    from deer_serve.models.dflash import load_dflash
+
+    if target_path is None:
+        raise DrafterFormatError(f"{path} is a DFlash drafter: it needs its target's directory "
+                                 f"(embeddings and LM head)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return DeerDrafterBackend(load_dflash(Path(path), Path(target_path), device=device), **kw)
+
+
+__all__ = ["FORMATS", "DrafterFormatError", "drafter_format", "drafter_feature_layers",
+           "load_drafter"]

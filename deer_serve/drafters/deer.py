@@ -1,8 +1,11 @@
-"""The DEER drafter backend: a DeerDrafter plus per-sequence prefix caches.
+"""The block-drafter backend: a one-pass block drafter plus per-sequence prefix caches.
 
-Implements the `Drafter` protocol of `deer_serve.types`. Every call carries the full verified
-context; the backend runs only the positions its cache for `seq_id` lacks (a cache miss, or a
-mismatch after a replica change, recomputes instead of failing).
+Implements the `Drafter` protocol of `deer_serve.types` over either model format (`load_drafter`
+in `deer_serve.drafters` picks it from config.json): a `DeerDrafter`, or a `DFlashDrafter` (z-lab's
+DFlash format, `deer_serve.models.dflash`). Both offer `new_cache`, `draft_logits` and
+`draft_logits_batch` over a `DrafterCache`. Every call carries the full verified context; the
+backend runs only the positions its cache for `seq_id` lacks (a cache miss, or a mismatch after
+a replica change, recomputes instead of failing).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class DeerDrafterBackend:
-    def __init__(self, model: DeerDrafter, max_sequences: int = 64, use_cache: bool = True):
+    def __init__(self, model, max_sequences: int = 64, use_cache: bool = True):
+        """model: a DeerDrafter or a DFlashDrafter."""
         self.model = model.eval()
         self.context_mode = model.config.context_mode
         self.feature_layers = list(model.config.target_feature_layers)
@@ -42,6 +46,11 @@ class DeerDrafterBackend:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = DeerDrafter.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, **kw)
+
+    @property
+    def format(self) -> str:
+        """"deer" or "dflash": the checkpoint format of the model."""
+        return "deer" if isinstance(self.model, DeerDrafter) else "dflash"
 
     def _cache_for(self, seq_id: str, context_ids: Sequence[int]) -> tuple[DrafterCache, int]:
         cache = self._caches.pop(seq_id, None) if self.use_cache else None
