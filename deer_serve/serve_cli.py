@@ -8,6 +8,17 @@ no API key configured, a warning is printed. API keys: the app's `service.api_ke
 DEER_SERVE_API_KEYS environment variable (comma-separated) of the process that starts Ray
 (the Router replicas inherit it).
 
+Ray's own tools work against the local Ray this starts, from another shell with no setup
+(docs/ray-tools.md): the dashboard (and with it `serve status` and the state API, `ray list
+actors`) runs on 127.0.0.1:8265 unless --no-dashboard, and the head's GCS address is written to
+/tmp/ray/ray_current_cluster, as `ray start --head` does, so `ray status` finds it. Ray 2.60
+turns token authentication on for a cluster started by `ray.init()`, and its CLI sends the
+token only when RAY_AUTH_MODE=token is set in the CLI's own shell; so the local Ray starts with
+RAY_AUTH_MODE=disabled unless the environment sets RAY_AUTH_MODE (then it is respected, and the
+tools need the same setting). Ray's GCS and raylet ports listen on every interface whatever the
+mode: with auth disabled, anyone who can reach this machine's Ray ports can run code on it, and
+a note says so at start.
+
 The only module of `deer_serve` that imports Ray (lazily, inside `main`): the core stays free
 of Ray and pydantic.
 """
@@ -25,6 +36,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "cluster/serve_config.yaml"
+DASHBOARD_PORT = 8265  # Ray's default, where `serve status` and `ray list` look
 DEFAULT_SERVICERS = ["deer_serve.protos.deer_pb2_grpc.add_DeerServiceServicer_to_server",
                      "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 
@@ -42,6 +54,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help="join this Ray cluster (e.g. auto, or host:6379) instead of starting one")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default all)")
     ap.add_argument("--num-gpus", type=int, default=None, help="GPUs of a local Ray (default all)")
+    ap.add_argument("--dashboard-port", type=int, default=None,
+                    help=f"Ray dashboard port of a local Ray, on 127.0.0.1 (default "
+                         f"{DASHBOARD_PORT}, the next free one if taken; `serve status` and "
+                         "`ray list` look there)")
+    ap.add_argument("--no-dashboard", action="store_true",
+                    help="no Ray dashboard (one process less on a small machine; "
+                         "`serve status` and `ray list` then have nothing to ask)")
     ap.add_argument("--target", default=None, help="override args.target_path")
     ap.add_argument("--drafter", default=None, help="override args.drafter_path")
     return ap.parse_args(argv)
@@ -142,12 +161,23 @@ def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[st
     pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
                                                 if os.environ.get("PYTHONPATH") else []))
     init_kw = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+    gcs_address = None
     if joined:
         ray.init(address=args.address, **init_kw)
     else:
-        # address="local": always a fresh Ray, never a cluster found on this machine
-        ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                 include_dashboard=False, **init_kw)
+        # Ray's CLI sends its token only under RAY_AUTH_MODE=token in its own shell: off by
+        # default so `ray status` & co. work from any shell; an explicit setting is kept
+        auth = os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # address="local": always a fresh Ray, never a cluster found on this machine.
+        # include_dashboard=None (as `ray start --head`): started, but Serve still runs if
+        # the dashboard fails to come up; dashboard_port=None tries 8265, then the next ones.
+        ctx = ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                       include_dashboard=False if args.no_dashboard else None,
+                       dashboard_host="127.0.0.1", dashboard_port=args.dashboard_port,
+                       **init_kw)
+        gcs_address = ctx.address_info["gcs_address"]
+        record_cluster_address(gcs_address)
+        report_ray_tools(ctx.dashboard_url, args.no_dashboard, auth)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,7 +208,56 @@ def run(args: argparse.Namespace, http: dict, grpc_port: int, servicers: list[st
                 serve.shutdown()
         finally:
             ray.shutdown()
+            if gcs_address:
+                forget_cluster_address(gcs_address)
     return 0
+
+
+def record_cluster_address(gcs_address: str) -> None:
+    """Write the head's GCS address where `ray start --head` does (/tmp/ray/ray_current_cluster
+    under Ray's temp dir), so Ray's CLI (`ray status`, `ray list`, ray.init("auto")) finds
+    this cluster from any shell."""
+    from ray._private.utils import write_ray_address
+
+    try:
+        write_ray_address(gcs_address)
+    except OSError as e:  # the tools then need --address; serving is unaffected
+        print(f"deer-serve serve: note: could not record the Ray address ({e}); Ray's CLI "
+              f"needs --address {gcs_address}", file=sys.stderr)
+
+
+def forget_cluster_address(gcs_address: str) -> None:
+    """Remove the address file if it still names this cluster (as `ray stop` does), so the
+    CLI does not try a stopped cluster; a newer cluster's address is left alone."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    try:
+        if path.read_text().strip() == gcs_address:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def report_ray_tools(dashboard_url: Optional[str], no_dashboard: bool, auth: str) -> None:
+    """Print where Ray's own tools find this cluster, and how exposed it is."""
+    if dashboard_url:
+        url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+        hint = "" if url.endswith(f":{DASHBOARD_PORT}") else f" (serve status -a {url})"
+        print(f"deer-serve: Ray dashboard {url}{hint}; `serve status`, `ray status`, "
+              "`ray list actors` work from any shell here", flush=True)
+    elif not no_dashboard:
+        print("deer-serve serve: warning: the Ray dashboard did not start (see "
+              "/tmp/ray/session_latest/logs/dashboard.log); `serve status` and `ray list` "
+              "need it", file=sys.stderr)
+    if auth.lower() == "token":
+        print("deer-serve serve: note: Ray token auth is on (RAY_AUTH_MODE=token): run Ray's "
+              "CLI with RAY_AUTH_MODE=token too", file=sys.stderr)
+    else:
+        print("deer-serve serve: note: Ray token auth is off (RAY_AUTH_MODE=disabled, so "
+              "Ray's CLI needs no setup); Ray's ports listen on all interfaces: anyone who can "
+              "reach them can run code here. RAY_AUTH_MODE=token deer-serve serve turns it on",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

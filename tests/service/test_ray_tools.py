@@ -1,0 +1,140 @@
+"""Ray's own tools against `deer-serve serve` as `make serve` runs it: `serve status`, `ray
+status`, `ray list actors` from a plain shell (no RAY_ADDRESS, no RAY_AUTH_MODE, no flags) and
+the dashboard on 127.0.0.1:8265 (docs/ray-tools.md).
+
+One server start (the default config, the embedded model pair), HTTP on a free port, gRPC off;
+the dashboard must be on Ray's default port because that is where the tools look, so the test
+is skipped when something else holds 8265.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent          # .venv/bin: deer-serve, serve, ray
+DASHBOARD = "http://127.0.0.1:8265"
+START_DEADLINE_S = 900                      # a loaded 2-core machine: Ray, dashboard, 3 replicas
+TOOL_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def plain_env() -> dict:
+    """The environment of a fresh shell on this machine: nothing that points Ray's tools at a
+    cluster or sets its auth mode."""
+    env = dict(os.environ)
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+              "RAY_DASHBOARD_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(k, None)
+    return env
+
+
+def get(url: str, timeout: float = 10) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def tool(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / argv[0]), *argv[1:]], env=plain_env(), cwd="/",
+                          capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not (BIN / "serve").exists() or not (BIN / "ray").exists():
+        pytest.skip("Ray's CLI (ray[serve]) is not installed next to this Python")
+    if port_taken(8265):
+        pytest.skip("127.0.0.1:8265 is taken: Ray's tools would look there, not at this server")
+    http = f"http://127.0.0.1:{free_port()}"
+    log = tmp_path_factory.mktemp("ray-tools") / "serve.log"
+    env = plain_env()
+    # a loaded 2-core machine starts Ray's agents and dashboard slowly (Ray's 15 s / 60 s waits)
+    env.setdefault("RAY_agent_register_timeout_ms", "180000")
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "deer-serve"), "serve", "--config", str(REPO / "cluster/serve_config.yaml"),
+             "--port", http.rsplit(":", 1)[1], "--grpc-port", "0", "--num-cpus", "4"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:  # the event: /healthz answers 200 (serve.run has returned by then)
+            if proc.poll() is not None:
+                pytest.fail(f"deer-serve serve exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                if get(http + "/healthz", timeout=5) == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /healthz 200 in {START_DEADLINE_S} s:\n{log.read_text()}")
+            time.sleep(1)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown, ray.shutdown
+            try:
+                proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_ray_tools_see_the_service(server):
+    proc, log = server
+    address_file = Path("/tmp/ray/ray_current_cluster")
+    assert address_file.is_file(), log.read_text()
+    address = address_file.read_text().strip()
+
+    r = tool("serve", "status")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "deer:" in r.stdout and "RUNNING" in r.stdout, r.stdout
+    assert "Router" in r.stdout and "Verifier" in r.stdout and "Drafter" in r.stdout, r.stdout
+
+    r = tool("ray", "status")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Active:" in r.stdout and "node_" in r.stdout, r.stdout
+    assert "CPU" in r.stdout, r.stdout
+
+    r = tool("ray", "list", "actors")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ServeController" in r.stdout, r.stdout
+    assert "Router" in r.stdout and "ALIVE" in r.stdout, r.stdout
+
+    assert get(DASHBOARD) == 200
+
+    # Ctrl-C stops it cleanly, and the address file no longer names the stopped cluster
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) == 0, log.read_text()
+    assert not address_file.is_file() or address_file.read_text().strip() != address
