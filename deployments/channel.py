@@ -157,14 +157,17 @@ class ChannelError(RuntimeError):
 class _Response:
     """One call's reply, as a Serve DeploymentResponse: `.result(timeout_s)`, `.cancel()`."""
 
-    def __init__(self, client: "ChannelClient", call_id: int):
-        self.client, self.call_id = client, call_id
+    def __init__(self, client: "ChannelClient", call_id: Optional[int]):
+        self.client, self.call_id = client, call_id  # call_id None: one-way, no reply comes
 
     def result(self, timeout_s: Optional[float] = None):
+        if self.call_id is None:
+            return None
         return self.client.wait(self.call_id, timeout_s)
 
     def cancel(self) -> None:
-        self.client.discard(self.call_id)  # the remote call runs on; its reply is dropped
+        if self.call_id is not None:
+            self.client.discard(self.call_id)  # the remote call runs on; its reply is dropped
 
 
 class ChannelClient:

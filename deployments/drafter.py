@@ -104,7 +104,8 @@ class Drafter:
         hidden: (n - hidden_start, F) float16 features of context rows [hidden_start, n), in
         target-features mode. seed: draws y ~ q when sampling (ignored at temperature 0).
         prefix: (j,) int32 unverified tokens after the anchor (a pipelined pre-draft)."""
-        t0, timing = time.perf_counter(), {}
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
         ids = np.asarray(context_ids).tolist()
         pre = () if prefix is None else tuple(int(t) for t in np.asarray(prefix).tolist())
         gen = None

@@ -39,7 +39,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Generator, Optional, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Generator, Optional, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -54,8 +54,8 @@ from deployments.drafter import DrafterUnavailable, RemoteDrafter
 from deployments.schemas import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatMessageOut, CompletionChoice, CompletionChunk, CompletionResponse, DeerStats,
-    GenerationRequest, Limits, ModelCard, ModelList, RequestError, ServiceOptions, Usage, _id,
-    _now, check_prompt, parse_request)
+    GenerationRequest, Limits, ModelCard, ModelList, RequestError, RequestKind, ServiceOptions,
+    Usage, _id, _now, check_prompt, parse_request)
 from deployments.security import ApiKeys, grpc_key, http_key
 from deployments.telemetry import CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing
 from deployments.verifier import (RemoteTarget, VerifierUnavailable, close_channels, route_handle,
@@ -201,6 +201,12 @@ class Router:
                     self.verifier.meta.remote(), min(60.0, self.settings.verifier_timeout_s))
             except Exception as e:
                 raise VerifierUnavailable(f"verifier meta failed: {e!r}") from e
+        return self.known_target_meta()
+
+    def known_target_meta(self) -> dict:  # called in a decode thread
+        """The verifier's meta, which `prepare` fetched before any decode started."""
+        if self._target_meta is None:
+            raise VerifierUnavailable("verifier meta not fetched")
         return self._target_meta
 
     # ---- admission and authentication (HTTP and gRPC)
@@ -228,7 +234,7 @@ class Router:
                 raise DrafterUnavailable(f"drafter meta failed: {e!r}") from e
         return self._drafter_meta
 
-    async def prepare(self, data: Any, kind: str) -> Prepared:
+    async def prepare(self, data: Any, kind: RequestKind) -> Prepared:
         s = self.settings
         req = parse_request(data, kind=kind, served_model=s.served_model_name, limits=s.limits)
         meta = await self.target_meta()
@@ -237,7 +243,7 @@ class Router:
         elif isinstance(req.prompt, str):  # as `deer-serve generate` tokenizes
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
         else:
-            ids = list(req.prompt)
+            ids = list(req.prompt or ())  # (parse_request requires a prompt or messages)
         check_prompt(ids, vocab_size=int(meta["vocab_size"]), limits=s.limits)
         try:
             sampling = req.sampling_params()
@@ -248,7 +254,7 @@ class Router:
                         s.pipeline if req.pipeline is None else req.pipeline)
 
     def render_chat(self, req: GenerationRequest) -> str:
-        msgs = [{"role": m.role, "content": m.text} for m in req.messages]
+        msgs = [{"role": m.role, "content": m.text} for m in req.messages or ()]
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(msgs, tokenize=False,
                                                       add_generation_prompt=True)
@@ -260,15 +266,17 @@ class Router:
         A segment ends at a drafter failure (the rest is plain AR) or a verifier failure (the
         rest is resumed, bounded); each new segment starts from prompt + the tokens emitted so
         far, so greedy output is the target's plain AR output whatever happens."""
-        s, spans = self.settings, p.spans
-        mode, drafter, fallback = p.req.mode, None, False
+        s = self.settings
+        drafter: Any = None  # RemoteDrafter, or the LookupDrafter around it
+        mode, fallback = p.req.mode, False
         verifier_h = self.call_handle(self.verifier, p.id)
         if mode == "deer":
             try:
                 drafter = RemoteDrafter(self.call_handle(self.drafter, p.id), self.drafter_meta(),
                                         s.drafter_timeout_s)
                 if s.lookup and s.loop == "router":
-                    drafter = LookupDrafter(drafter, vocab_size=int(self._target_meta["vocab_size"]))
+                    drafter = LookupDrafter(drafter,
+                                            vocab_size=int(self.known_target_meta()["vocab_size"]))
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
@@ -290,9 +298,10 @@ class Router:
             rest = replace(p.sampling, max_new_tokens=p.sampling.max_new_tokens - len(prev))
             timeout = s.verifier_timeout_s if give_up_at is None else \
                 max(1.0, min(s.verifier_timeout_s, give_up_at - time.monotonic()))
-            target = RemoteTarget(verifier_h, self._target_meta, timeout,
-                                  argmax_only=s.greedy_argmax and p.sampling.greedy)
-            remote_t, remote_d = target, getattr(drafter, "inner", drafter)
+            remote_t = RemoteTarget(verifier_h, self.known_target_meta(), timeout,
+                                    argmax_only=s.greedy_argmax and p.sampling.greedy)
+            remote_d = getattr(drafter, "inner", drafter)
+            target: Any = remote_t  # (a TracedTarget around it when tracing)
             d_server0 = tuple(getattr(remote_d, "server_s", (0.0, 0.0)))  # this segment's own
             d = drafter if mode == "deer" else None
             if s.loop != "router":
@@ -304,10 +313,14 @@ class Router:
                 if spans is not None:
                     target = TracedTarget(target, spans)
                     d = TracedDrafter(d, spans) if d is not None else None
+
+                def detokenize(ids: list[int], prev: list[int] = prev) -> str:
+                    return self.detokenize(prev + ids)
+
                 it = iter_generate(target, d, p.prompt_ids + prev, rest, mode=mode,
                                    block_size=p.block_size, seq_id=f"{p.id}-{seg}",
                                    adaptive_k=p.adaptive_k, pipeline=p.pipeline,
-                                   detokenize=lambda ids, prev=prev: self.detokenize(prev + ids))
+                                   detokenize=detokenize)
             steps = 0
             try:
                 while True:
@@ -416,7 +429,7 @@ class Router:
         if misses:
             self.metrics.pipeline_misses.inc(misses)
 
-    async def events(self, p: Prepared) -> AsyncIterator[tuple[str, Any]]:
+    async def events(self, p: Prepared) -> AsyncGenerator[tuple[str, Any], None]:
         """("step", StepOutput)... then ("done", Outcome); raises what the decode raised."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -498,7 +511,7 @@ class Router:
         return Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
     # ---- HTTP
-    async def _read(self, request: Request, kind: str) -> Prepared:
+    async def _read(self, request: Request, kind: RequestKind) -> Prepared:
         limit = self.settings.limits.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:  # before reading it
             raise RequestError(f"the body is larger than {limit} bytes", 413,
@@ -519,7 +532,7 @@ class Router:
                      if k in ("traceparent", "tracestate")} or None
         return p
 
-    async def _openai(self, request: Request, kind: str):
+    async def _openai(self, request: Request, kind: RequestKind):
         try:
             slot = self.admit(http_key(request.headers), "http")
         except RequestError as e:
@@ -546,6 +559,7 @@ class Router:
             o, text = await self.complete(p)
         except Exception as e:
             return self._http_error(e)
+        resp: BaseModel
         if kind == "chat":
             resp = ChatCompletionResponse(model=name, choices=[ChatChoice(
                 message=ChatMessageOut(content=text), finish_reason=o.finish_reason,
@@ -579,6 +593,8 @@ class Router:
 
         def chunk(text: Optional[str], ids, finish=None, deer=None, role=None, usage=None,
                   choices=True) -> str:
+            ch: list[BaseModel]
+            c: BaseModel
             if kind == "chat":
                 ch = [ChatChunkChoice(delta=ChatDelta(role=role, content=text), token_ids=ids,
                                       finish_reason=finish)] if choices else []
@@ -811,6 +827,7 @@ def _endpoint(cls, name: str):
     async def endpoint(*args, **kwargs):
         return await method(*args, **kwargs)
 
-    endpoint.__signature__ = inspect.signature(method, eval_str=True)  # by value: no globals
+    # by value: no globals (a function attribute Serve reads, unknown to the type checker)
+    endpoint.__signature__ = inspect.signature(method, eval_str=True)  # type: ignore[attr-defined]
     endpoint.__name__, endpoint.__qualname__ = name, f"{cls.__qualname__}.{name}"
     return endpoint

@@ -225,7 +225,10 @@ _VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
                  "assertion_error", "enum"}
 
 
-def parse_request(data: Any, *, kind: Literal["completions", "chat", "grpc"],
+RequestKind = Literal["completions", "chat", "grpc"]  # which API a request came through
+
+
+def parse_request(data: Any, *, kind: RequestKind,
                   served_model: str, limits: Limits) -> GenerationRequest:
     """THE validation path: dict -> GenerationRequest, or RequestError."""
     if not isinstance(data, dict):

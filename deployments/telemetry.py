@@ -209,7 +209,8 @@ class _BoundedMemoryExporter:
 
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        self._ok, self._spans = SpanExportResult.SUCCESS, collections.deque(maxlen=n)
+        self._ok = SpanExportResult.SUCCESS
+        self._spans: collections.deque = collections.deque(maxlen=n)
 
     def export(self, spans):
         self._spans.extend(spans)

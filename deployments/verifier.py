@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ class Verifier:
         if backend == "vllm":  # the vLLM engine scores (deer_serve.targets.vllm_backend)
             from deer_serve.targets.vllm_backend import VLLMTarget as Target
         elif backend == "torch":
-            from deer_serve.targets.hf import HFTarget as Target
+            # the other backend class under the same name: both are TargetBackends
+            from deer_serve.targets.hf import HFTarget as Target  # type: ignore[assignment]
         else:
             raise ValueError(f"verifier backend must be 'torch' or 'vllm', got {backend!r}")
         self.backend = Target.from_pretrained(self.target_path, device=device,
@@ -91,7 +92,8 @@ class Verifier:
         """token_ids: (T,) int32, the FULL sequence. See `HFTarget.score`. argmax_only: reply
         with each query position's greedy token instead of its logits (greedy decoding: n_query
         ints cross the network instead of n_query x V floats)."""
-        t0, timing = time.perf_counter(), {}
+        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
         ids = np.asarray(token_ids).tolist()
         res = run_call(self._batcher, self._lock,
                        (seq_id, ids, int(n_query), bool(return_hidden), n_hidden),
@@ -124,7 +126,7 @@ class Verifier:
                     return res
                 except Exception:  # noqa: BLE001 - isolate the failing row below
                     pass
-            out = []
+            out: list = []  # ScoreResult, or the exception of that caller's row
             for sid, ids, nq, rh, nh in items:
                 try:
                     out.append(self.backend.score(sid, ids, nq, return_hidden=rh, n_hidden=nh))
@@ -225,7 +227,8 @@ class Verifier:
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
-        drafter = remote = None
+        drafter: Any = None                  # RemoteDrafter, or the LookupDrafter around it
+        remote: Optional[RemoteDrafter] = None
         if mode == "deer":
             if colocated:
                 if self.local_drafter is None:
@@ -349,6 +352,9 @@ class _LocalTarget:
         self.calls.append(r.server)
         return reply_to_result(r)
 
+    def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
+        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
+
     def release(self, seq_id: str) -> None:
         self.v.release(seq_id)
 
@@ -382,6 +388,8 @@ def reply_to_result(r: ScoreReply) -> ScoreResult:
     hidden = None if r.hidden is None else as_tensor(r.hidden)                     # (n, F) fp16
     if r.argmax is not None:
         return ScoreResult(logits=None, hidden=hidden, greedy_ids=as_tensor(r.argmax).long())
+    if r.logits is None:
+        raise ValueError("a score reply carries logits or argmax")
     return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
 
 

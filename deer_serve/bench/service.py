@@ -1,5 +1,6 @@
 """Service methods of the bench (`deer-ray`, `deer-ray-nopipe`): an HTTP client for a running
-deer-serve app, and a helper that starts one in this process (Ray + `deployments.app:build_app`).
+deer-serve app, and `local_service`, which starts one in this process through the service side's
+plugin (`deer_serve.plugins`; `deployments.bench_service` starts Ray and the app).
 
 The service is driven through its OpenAI-compatible HTTP API, as a user would: POST
 /v1/completions with the prompt as token ids (so every method sees the same ids) and the
@@ -9,25 +10,21 @@ The response's `choices[0].token_ids` are the new tokens; its `deer` object give
 `pipeline_misses` and a per-cycle `timings` dict (seconds: draft, verify, transport, waiting).
 A service that ignores `pipeline` (no pipeline counters in its answer) is reported as such.
 
-Ray is imported only here, and only when a service method runs.
+This module is stdlib-only: Ray and `deployments` are imported only by the plugin, and only
+when a local service is started.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import urlparse
 
 from deer_serve.bench.methods import Sample, cut_at_eos
 from deer_serve.types import SamplingParams
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServiceError(RuntimeError):
@@ -61,7 +58,7 @@ class ServiceClient:
                 r = c.getresponse()
                 raw = r.read()
                 break
-            except (http.client.HTTPException, ConnectionError, socket.timeout, OSError):
+            except (http.client.HTTPException, ConnectionError, TimeoutError, OSError):
                 c.close()
                 self._local.conn = None
                 if attempt:
@@ -119,83 +116,25 @@ def sample_of(resp: dict, wall: float, eos: Optional[int]) -> Sample:
                   cycles=cycles, target_forwards=cycles + 1, extra=extra)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_service(target_path: str, drafter_path: str, block_size: int,
+                  startup_timeout_s: float = 300.0, extra_args: Optional[dict] = None):
+    """The deer-serve app to start in this process (`with local_service(...) as s: s.url`).
+
+    The service side provides it: the `deer_serve.bench_services` entry point `local`
+    (`deployments.bench_service.LocalService`), so this package imports neither Ray nor
+    `deployments`. Nothing starts until the context is entered."""
+    from deer_serve import plugins
+
+    try:
+        cls = plugins.load(plugins.BENCH_SERVICES, "local")
+    except plugins.PluginMissing as e:
+        raise ServiceError(f"no local deer-serve app to start ({e}); or pass --url of a running "
+                           "deer-serve service") from e
+    return cls(target_path, drafter_path, block_size, startup_timeout_s=startup_timeout_s,
+               extra_args=extra_args)
 
 
-class LocalService:
-    """The deer-serve app, started in this process on a local Ray (`with LocalService(...)`)."""
-
-    def __init__(self, target_path: str, drafter_path: str, block_size: int,
-                 startup_timeout_s: float = 300.0, extra_args: Optional[dict] = None):
-        self.args = {"target_path": str(target_path), "drafter_path": str(drafter_path),
-                     "block_size": int(block_size), "device": "cpu", **(extra_args or {})}
-        self.startup_timeout_s = startup_timeout_s
-        self.url: Optional[str] = None
-        self._started_ray = False
-
-    def __enter__(self) -> "LocalService":
-        if not (REPO_ROOT / "deployments" / "app.py").is_file():
-            raise ServiceError("service methods need deployments/ (deployments/app.py with "
-                               "build_app), or --url of a running deer-serve service")
-        try:
-            import ray
-            from ray import serve
-        except ImportError as e:
-            raise ServiceError("service methods need ray[serve] (pip install 'deer-serve[serve]')") from e
-        import sys
-
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        from deployments.app import build_app
-
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            # a loaded 2-core machine starts Ray's agents slowly; the default wait kills the raylet
-            os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-            pp = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-            for attempt in range(3):  # and Ray's node start-up wait (30 s) is not configurable
-                try:
-                    # address="local": a fresh instance, never someone else's cluster (we shut
-                    # it down); logical CPUs, not cores: the app reserves one per replica.
-                    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
-                             include_dashboard=False, log_to_driver=False,
-                             object_store_memory=256 << 20,
-                             runtime_env={"env_vars": {"PYTHONPATH": pp, "OMP_NUM_THREADS": "1"}})
-                    break
-                except Exception:
-                    ray.shutdown()
-                    if attempt == 2:
-                        raise
-            self._started_ray = True
-        try:
-            port = _free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(self.args), name="deer-bench", route_prefix="/")
-            self.url = f"http://127.0.0.1:{port}"
-            client, t0 = ServiceClient(self.url), time.time()
-            while not client.healthy():
-                if time.time() - t0 > self.startup_timeout_s:
-                    raise ServiceError(f"the local service did not become healthy in "
-                                       f"{self.startup_timeout_s:.0f} s")
-                time.sleep(0.5)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        finally:
-            if self._started_ray:
-                import ray
-
-                ray.shutdown()
+LocalService = local_service  # the name deer_serve.bench.cli imports
 
 
 class UnavailableMethod:

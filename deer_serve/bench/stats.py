@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from deer_serve.bench.methods import Sample
 
-Grid = Sequence[Sequence[Optional[Sample]]]  # [prompt][repeat]
+Grid = Sequence[Sequence[Optional[Sample]]]  # [prompt][repeat]; None: not run (yet)
 
 
 def first_diff(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -57,8 +57,17 @@ def identity(grid: Grid, ar: Optional[Grid], prompt_ids: Sequence[str]) -> dict:
     return {"identical_to_ar": not bad, "n_mismatched": len(bad), "mismatches": bad[:10]}
 
 
+def complete(grid: Grid) -> list[list[Sample]]:
+    """The grid itself, checked to hold every sample (ValueError when one is missing)."""
+    rows = [[s for s in row if s is not None] for row in grid]
+    if any(len(r) != len(row) for r, row in zip(rows, grid)):
+        raise ValueError("a [prompt][repeat] sample is missing")
+    return rows
+
+
 def summarize(grid: Grid, *, block_size: Optional[int] = None) -> dict:
     """Per-method numbers from its [prompt][repeat] samples (all must be present)."""
+    grid = complete(grid)
     samples = [s for row in grid for s in row]
     tokens = sum(len(s.token_ids) for s in samples)
     wall = sum(s.wall_s for s in samples)
@@ -86,9 +95,9 @@ def summarize(grid: Grid, *, block_size: Optional[int] = None) -> dict:
     out.update(acceptance(samples, block_size))
     cycles = sum(s.cycles for s in samples)
     fwd = [s.target_forwards for s in samples]
+    n_fwd = sum(f for f in fwd if f is not None) if None not in fwd else 0  # 0: not known
     out["cycles"] = cycles
-    out["tokens_per_target_forward"] = (round(tokens / sum(fwd), 3)
-                                        if fwd and None not in fwd and sum(fwd) else None)
+    out["tokens_per_target_forward"] = round(tokens / n_fwd, 3) if n_fwd else None
     out.update(breakdown(samples, cycles))
     extra = _sum_extra(samples)
     if extra:
@@ -99,7 +108,7 @@ def summarize(grid: Grid, *, block_size: Optional[int] = None) -> dict:
 def acceptance(samples: Sequence[Sample], block_size: Optional[int]) -> dict:
     if any(s.accept_lengths is None for s in samples):
         return {"mean_accepted": None, "max_accepted": None, "accept_hist": None}
-    acc = [a for s in samples for a in s.accept_lengths]
+    acc = [a for s in samples for a in s.accept_lengths or ()]
     if not acc:
         return {"mean_accepted": 0.0, "max_accepted": 0, "accept_hist": [0] * ((block_size or 0) + 1)}
     hist = [0] * (max(block_size or 0, max(acc)) + 1)
@@ -121,7 +130,7 @@ def breakdown(samples: Sequence[Sample], cycles: int) -> dict:
 def _sum_extra(samples: Sequence[Sample]) -> dict:
     hits = sum(int(s.extra.get("pipeline_hits", 0)) for s in samples)
     misses = sum(int(s.extra.get("pipeline_misses", 0)) for s in samples)
-    out = {}
+    out: dict = {}
     if any("pipeline_hits" in s.extra for s in samples):
         out["pipeline_hits"], out["pipeline_misses"] = hits, misses
         out["pipeline_hit_rate"] = round(hits / (hits + misses), 4) if hits + misses else None

@@ -84,7 +84,7 @@ def stdlib_val_prompts(window: int = WINDOW_LINES, per_file: int = PER_FILE) -> 
 
 
 def jsonl_prompts(path: str | Path) -> list[Prompt]:
-    out = []
+    out: list[Prompt] = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():

@@ -37,17 +37,22 @@ DFlash / MTP proposers). So:
 
 Configuration (environment, so it reaches vLLM's worker process whatever way it was started):
   DEER_VLLM_DRAFTER        a DeerDrafter directory (default: the embedded drafter), or
-                           `serve:APP/DEPLOYMENT` for the remote Drafter deployment of a running
-                           Ray Serve app (e.g. `serve:default/Drafter`)
+                           `NAME:SPEC`, a drafter from the `deer_serve.drafter_sources` entry
+                           point NAME (`deer_serve.plugins`): deer-serve's own is
+                           `serve:APP/DEPLOYMENT`, the remote Drafter deployment of a running
+                           Ray Serve app (e.g. `serve:default/Drafter`;
+                           `deployments.vllm_remote`, so this module never imports Ray)
   DEER_VLLM_DRAFTER_TIMEOUT_S  remote draft timeout (default 30)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -86,8 +91,8 @@ class DeerProposer:
         self.timeout_s = float(os.environ.get(ENV_TIMEOUT, "30"))
         dev = str(getattr(getattr(vllm_config, "device_config", None), "device", "cpu") or "cpu")
         self.device = "cuda" if dev.startswith("cuda") else "cpu"
-        self.drafter = None
-        self.features = None          # HFTarget giving target features, target-features mode
+        self.drafter: Any = None      # a DeerDrafterBackend, or a source plugin's drafter
+        self.features: Any = None     # HFTarget giving target features, target-features mode
         self.context_mode = "tokens"
         self._prefix = f"vllm-{uuid.uuid4().hex[:8]}-row"
         self._proposed: dict[int, int] = {}  # row -> drafts proposed in the last step
@@ -98,8 +103,8 @@ class DeerProposer:
         """vLLM passes the target nn.Module; DEER needs only its checkpoint (for features)."""
         from deer_serve.targets.hf import HFTarget
 
-        if self.source.startswith("serve:"):
-            self.drafter = _remote_drafter(self.source[len("serve:"):], self.timeout_s)
+        if _SOURCE.match(self.source) and not Path(self.source).exists():
+            self.drafter = _plugin_drafter(self.source, self.timeout_s)
             self.context_mode = self.drafter.context_mode
             layers = self.drafter.feature_layers
         else:
@@ -120,7 +125,9 @@ class DeerProposer:
 
         t0 = time.perf_counter()
         out: list[list[int]] = [[] for _ in sampled_token_ids]
-        rows, ctxs, anchors, hiddens = [], [], [], []
+        rows: list[int] = []
+        ctxs: list[list[int]] = []    # each row's verified tokens but the last
+        anchors: list[int] = []       # each row's last verified token
         for i, sampled in enumerate(sampled_token_ids):
             n_prev = self._proposed.pop(i, 0)
             if not sampled:  # a prefill chunk that sampled nothing: no drafts this step
@@ -172,7 +179,7 @@ class DeerProposer:
         for j, (row, ctx) in enumerate(zip(rows, ctxs)):
             old_ids, old = self._feats.get(row, ([], None))
             c = common_prefix_len(old_ids, ctx) if old is not None else 0
-            if c >= len(ctx):
+            if old is not None and c >= len(ctx):
                 out[j] = old[: len(ctx)]
             else:
                 todo.append(j)
@@ -184,7 +191,7 @@ class DeerProposer:
                 n_hidden=[len(ctxs[j]) - c for j, c in zip(todo, starts)])
             for j, c, r in zip(todo, starts, res):
                 old = self._feats.get(rows[j], ([], None))[1]
-                feats = r.hidden if c == 0 else torch.cat([old[:c], r.hidden])      # (len, F)
+                feats = r.hidden if c == 0 or old is None else torch.cat([old[:c], r.hidden])  # (len, F)
                 self._feats[rows[j]] = (list(ctxs[j]), feats)
                 out[j] = feats
         return out
@@ -196,15 +203,17 @@ def _embedded_drafter():
     return default_paths()[1]
 
 
-def _remote_drafter(spec: str, timeout_s: float):
-    """`APP/DEPLOYMENT` -> a `deployments.drafter.RemoteDrafter` over that Serve deployment."""
-    from ray import serve
+_SOURCE = re.compile(r"^[A-Za-z][\w.-]*:")  # NAME:SPEC (a directory of that name wins)
 
-    from deployments.drafter import RemoteDrafter
 
-    app, _, name = spec.partition("/")
-    handle = serve.get_deployment_handle(name or "Drafter", app_name=app or "default")
-    meta = handle.meta.remote().result(timeout_s=timeout_s)
-    d = RemoteDrafter(handle, meta, timeout_s)
-    d.feature_layers = list(meta.get("feature_layers") or [])
-    return d
+def _plugin_drafter(source: str, timeout_s: float):
+    """`NAME:SPEC` -> the drafter the `deer_serve.drafter_sources` entry point NAME makes of
+    (SPEC, timeout_s); `serve` is `deployments.vllm_remote.remote_drafter`."""
+    from deer_serve import plugins
+
+    name, _, spec = source.partition(":")
+    try:
+        make = plugins.load(plugins.DRAFTER_SOURCES, name)
+    except plugins.PluginMissing as e:
+        raise ValueError(f"{ENV_DRAFTER}={source!r}: {e}") from e
+    return make(spec, timeout_s)
