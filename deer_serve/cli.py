@@ -28,6 +28,7 @@ DELEGATED = {
     "bench": ("deer_serve.bench.cli", "benchmark DEER against AR decoding and peers", "bench"),
     "train": ("deer_serve.training.cli", "train the tokenizer, target and drafter", None),
     "load": ("deer_serve.loadtest", "N concurrent streams against a running service", "bench"),
+    "export": ("deer_serve.export", "write a drafter in the DFlash format vLLM loads", None),
 }
 # --target-backend NAME -> (module, class); each class has from_pretrained(path, device=, **kw)
 TARGET_BACKENDS = {

@@ -16,8 +16,10 @@
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
   vllm             plain vLLM decoding of the same target (`VLLMTarget.generate`, mode "ar")
-  deer-vllm        vLLM verifies DEER drafts: its rejection sampler, drafts from `DeerProposer`
-                   (vLLM's custom-class proposer; deer_serve.targets.vllm_proposer); main k
+  deer-vllm        vLLM verifies DEER drafts: its rejection sampler; a DFlash-format drafter runs
+                   in vLLM's native DFlash proposer (tau from vLLM's counters), a DeerDrafter
+                   in `DeerProposer` (the custom-class proposer, deer_serve.targets.vllm_proposer);
+                   main k
   deer-ray         DEER through the Ray Serve app (HTTP), pipelining as the service has it
   deer-ray-nopipe  the same with pipelining switched off per request
 
@@ -315,5 +317,7 @@ class VLLMMethod:
         ids = cut_at_eos(r.token_ids, self.models.eos_token_id)
         acc = list(r.accept_lengths) if self.mode == "deer" else None
         cycles = len(acc) if acc is not None else max(0, len(ids) - 1)
+        if "vllm_drafts" in r.extra:  # vLLM's native DFlash: its counters, no per-cycle lengths
+            acc, cycles = None, int(r.extra["vllm_drafts"])
         return Sample(token_ids=ids, wall_s=wall, accept_lengths=acc, timings=dict(r.timings),
-                      cycles=cycles, target_forwards=cycles + 1)
+                      cycles=cycles, target_forwards=cycles + 1, extra=dict(r.extra))

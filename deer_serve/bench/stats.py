@@ -138,6 +138,10 @@ def _sum_extra(samples: Sequence[Sample]) -> dict:
         calls = sum(int(s.extra.get("lookup_calls", 0)) for s in samples)
         out["lookup_hit_rate"] = round(sum(int(s.extra.get("lookup_hits", 0))
                                            for s in samples) / calls, 4) if calls else None
+    if any("vllm_drafts" in s.extra for s in samples):  # vLLM's native DFlash counters
+        drafts = sum(int(s.extra.get("vllm_drafts", 0)) for s in samples)
+        out["mean_accepted"] = round(sum(int(s.extra.get("vllm_accepted", 0))
+                                         for s in samples) / drafts, 4) if drafts else None
     if any(s.extra.get("fallback") for s in samples):
         out["fallbacks"] = sum(bool(s.extra.get("fallback")) for s in samples)
     return out

@@ -539,3 +539,24 @@ def make_tiny_dflash(target, target_layer_ids: Sequence[int], num_layers: int = 
             if isinstance(m, RMSNorm):
                 m.weight.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def export_dflash(src, dst, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a DFlash checkpoint to `dst` with its weights cast to `dtype` (config.json's
+    `dtype` follows): what vLLM's `method: dflash` and z-lab's loader read. No target needed."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = DFlashConfig.from_dict(read_config(src))          # validates the format
+    files = sorted(Path(src).glob("*.safetensors"))
+    if not files:
+        raise DrafterFormatError(f"{src}: no *.safetensors weights")
+    sd = {}
+    for f in files:
+        sd.update({k.removeprefix("model."): v.to(dtype).contiguous() for k, v in load_file(str(f)).items()})
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    d = cfg.to_dict()
+    d["dtype"] = str(dtype).replace("torch.", "")
+    (dst / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

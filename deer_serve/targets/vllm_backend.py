@@ -3,10 +3,12 @@
 Two ways to use it:
 
 * `generate(...)`: vLLM runs the whole decode loop (paged KV cache, continuous batching, its
-  rejection sampler). mode "ar" is plain vLLM decoding; mode "deer" gives vLLM the
-  `DeerProposer` (`deer_serve.targets.vllm_proposer`) through
-  `speculative_config={"method": "custom_class", ...}`, so vLLM verifies DEER drafts. This is
-  what `deer-serve generate --target-backend vllm` and the bench methods `vllm` / `deer-vllm` use.
+  rejection sampler). mode "ar" is plain vLLM decoding; mode "deer" with a DFlash-format drafter
+  uses vLLM's native DFlash proposer (`speculative_config={"method": "dflash", ...}`: the
+  target's hidden states come straight from vLLM's runner, no second forward); with a
+  DeerDrafter it gives vLLM the `DeerProposer` (`deer_serve.targets.vllm_proposer`) through
+  `speculative_config={"method": "custom_class", ...}`. This is what `deer-serve generate
+  --target-backend vllm` and the bench methods `vllm` / `deer-vllm` use.
 * `score(...)` / `score_batch(...)` / `release(...)`: the `TargetBackend` protocol, so
   deer-serve's own engine (and the router of the Serve app, through the Verifier deployment)
   can drive a vLLM target unchanged. vLLM gives no raw logits: `score` asks for full-vocabulary
@@ -109,8 +111,12 @@ class VLLMTarget:
                   gpu_memory_utilization=0.2 if cpu else 0.85,
                   dtype="float32" if cpu else "auto",
                   # CPU: no torch.compile (minutes of start-up on a shared 2-core machine)
-                  enforce_eager=cpu)
-        if k:
+                  enforce_eager=cpu,
+                  disable_log_stats=False)  # keeps the spec-decode counters (`spec_counters`)
+        if k and self.native_dflash:
+            kw["speculative_config"] = {"method": "dflash", "model": self.drafter_path,
+                                        "num_speculative_tokens": int(k)}
+        elif k:
             if self.drafter_path and not os.environ.get(vllm_proposer.ENV_DRAFTER):
                 os.environ[vllm_proposer.ENV_DRAFTER] = self.drafter_path
             kw["speculative_config"] = {"method": "custom_class",
@@ -119,6 +125,27 @@ class VLLMTarget:
         kw.update(self.engine_kwargs)
         self._engines[k] = LLM(**kw)
         return self._engines[k]
+
+    @property
+    def native_dflash(self) -> bool:
+        """The drafter is in the DFlash format: vLLM runs it natively (`method: dflash`)."""
+        if not self.drafter_path:
+            return False
+        from deer_serve.drafters import drafter_format
+
+        return drafter_format(self.drafter_path) == "dflash"
+
+    def spec_counters(self, k: int) -> dict:
+        """vLLM's speculative-decoding counters of the block-size-k engine (`LLM.get_metrics`):
+        {"drafts", "draft_tokens", "accepted"}; tau = accepted / drafts."""
+        out = {"drafts": 0, "draft_tokens": 0, "accepted": 0}
+        names = {"vllm:spec_decode_num_drafts": "drafts",
+                 "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted"}
+        for m in self.engine(k).get_metrics():
+            if m.name in names:
+                out[names[m.name]] += int(getattr(m, "value", 0))
+        return out
 
     @property
     def tokenizer(self):
@@ -163,11 +190,18 @@ class VLLMTarget:
                  seed=sampling.seed, stop=list(sampling.stop) or None,
                  ignore_eos=bool(sampling.ignore_eos), detokenize=bool(sampling.stop))
         vllm_proposer.take_accept_log()
+        native = bool(k) and self.native_dflash
+        before = self.spec_counters(k) if native else None
         t0 = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
                             sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         log, draft_s = vllm_proposer.take_accept_log()
+        # vLLM's native DFlash proposer reports counters, not per-cycle lengths
+        counts = None
+        if native:
+            after = self.spec_counters(k)
+            counts = {f"vllm_{n}": after[n] - before[n] for n in after}
         self.last_accept_log = [a for row in log.values() for a in row]  # all rows, per cycle
         results = []
         for o in outs:
@@ -183,11 +217,16 @@ class VLLMTarget:
                 if sampling.stop:  # vLLM cuts the text before the stop string; so do we
                     hits = [i for i in (text.find(s) for s in sampling.stop) if i >= 0]
                     text = text[: min(hits)] if hits else text
+            cycles = len(acc) if k else len(ids)
+            extra = {}
+            if counts is not None:  # native DFlash: drafting is inside vLLM's step
+                extra = dict(counts) if len(prompts) == 1 else {}
+                cycles = counts["vllm_drafts"] if len(prompts) == 1 else 0
             results.append(GenerationResult(
                 token_ids=ids, text=text, accept_lengths=acc, finish_reason=finish,
-                elapsed_s=elapsed / len(prompts), cycles=len(acc) if k else len(ids),
+                elapsed_s=elapsed / len(prompts), cycles=cycles,
                 timings={"draft": draft_s / len(prompts),
-                         "verify": max(0.0, elapsed - draft_s) / len(prompts)}))
+                         "verify": max(0.0, elapsed - draft_s) / len(prompts)}, extra=extra))
         return results
 
     # ---- TargetBackend (deer-serve's engine drives vLLM) -----------------------------------------

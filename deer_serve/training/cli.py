@@ -188,6 +188,14 @@ def export_model(src: Path, dst: Path, kind: str) -> Path:
     dtype = torch.float32 if kind == "target" else torch.float16
     if dst.exists():
         shutil.rmtree(dst)
+    if kind == "drafter":
+        from deer_serve.drafters import drafter_format
+
+        if drafter_format(src) == "dflash":
+            from deer_serve.models.dflash import export_dflash
+
+            export_dflash(src, dst, dtype)
+            return dst
     model = loader.from_pretrained(src)
     model.to(dtype).save_pretrained(dst, safe_serialization=True)
     for f in Path(src).iterdir():
@@ -203,6 +211,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/tiny-code"))
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
     ap.add_argument("--context-mode", choices=["tokens", "target-features"], default=None)
+    ap.add_argument("--arch", choices=["deer", "dflash"], default=None,
+                    help="drafter architecture: deer (DeerDrafter) or dflash (the DFlash format "
+                         "vLLM runs natively); default deer")
     ap.add_argument("--drafter-name", default="drafter", help="sub-directory of the drafter run")
     ap.add_argument("--alpha", type=float, default=None, help="Stage II weight base")
     ap.add_argument("--init-layers", choices=["first", "last", "none"], default=None,
@@ -232,7 +243,7 @@ def main(argv=None) -> None:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stages {bad}")
-    ov = {k: v for k, v in [("alpha", a.alpha), ("init_layers", a.init_layers),
+    ov = {k: v for k, v in [("arch", a.arch), ("alpha", a.alpha), ("init_layers", a.init_layers),
                             ("stage0_steps", a.stage0_steps), ("stage1_steps", a.stage1_steps),
                             ("stage2_steps", a.stage2_steps), ("lr2", a.lr2),
                             ("init_from", a.init_from), ("docstring_rows", a.docstring_rows)]

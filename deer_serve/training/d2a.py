@@ -1,4 +1,8 @@
-"""D2A alignment: train a DeerDrafter on its target's own continuations (DESIGN.md section 3).
+"""D2A alignment: train a drafter on its target's own continuations (DESIGN.md section 3).
+
+Two architectures, one recipe (`D2AConfig.arch`): "deer" (a DeerDrafter) and "dflash" (the
+DFlash layout of `deer_serve.models.dflash`: the target's hidden states of `target_layer_ids`
+as K/V in every layer, the target's embeddings and head; it saves in the DFlash format).
 
 Every step trains many blocks of each teacher sequence in ONE forward (BD3-LM layout: the
 sequence's causal context stream, then the blocks; block b sees the context before its anchor
@@ -34,11 +38,14 @@ from deer_serve.targets.features import default_feature_layers, select_features
 
 @dataclass
 class D2AConfig:
+    arch: str = "deer"                     # "deer" (DeerDrafter) | "dflash" (DFlash format)
     context_mode: str = "target-features"  # FINDINGS.md: tokens-only drafters stay near tau 1
     num_layers: int = 2                    # drafter depth; width/heads follow the target
     init_layers: str = "last"              # copy the target's "last" or "first" layers, or "none"
     freeze_embeddings: bool = True         # the tied head = the target's; the mask row stays as is
     feature_layers: Optional[list] = None  # target hidden_states indices; None = middle + last
+                                           # (dflash: 0-based target layer ids; None = the two
+                                           # layers before the last, `dflash_layer_ids`)
     block_sizes: tuple = (8, 16, 32)       # k is drawn from these each step
     block_tokens: int = 160                # blocks per sequence = block_tokens // (k+1)
     batch_size: int = 16                   # teacher sequences per step
@@ -69,9 +76,57 @@ class D2AConfig:
         return cls(**base)
 
 
+def dflash_layer_ids(num_target_layers: int) -> list[int]:
+    """Default target layers of a trained DFlash drafter: the two before the last. The last
+    layer is avoided: Hugging Face returns it after the final norm, vLLM's runner before it."""
+    L = num_target_layers
+    return sorted({max(0, L - 3), max(0, L - 2)})
+
+
+def dflash_from_target(target, cfg: "D2AConfig", mask_token_id: int):
+    """A DFlash drafter with the target's embeddings and head, its layers initialised from the
+    target's (`init_layers`), `fc` starting as "the last named layer's features"."""
+    from deer_serve.models.dflash import make_tiny_dflash
+
+    tc = target.config.get_text_config()
+    ids = list(cfg.feature_layers) if cfg.feature_layers else dflash_layer_ids(tc.num_hidden_layers)
+    d = make_tiny_dflash(target, ids, num_layers=cfg.num_layers, mask_token_id=mask_token_id,
+                         block_size=max(cfg.block_sizes) + 1, seed=cfg.seed)
+    base = target.model
+    n = tc.num_hidden_layers
+    src = {"last": list(range(n - cfg.num_layers, n)), "first": list(range(cfg.num_layers)),
+           "none": []}[cfg.init_layers]
+    with torch.no_grad():
+        for m in d.modules():
+            if m.__class__.__name__ == "RMSNorm":
+                m.weight.fill_(1.0)
+        d.norm.load_state_dict(base.norm.state_dict())
+        for dst, s_ in zip(d.layers, src):
+            dst.load_state_dict(base.layers[max(0, s_)].state_dict())
+        w = torch.zeros_like(d.fc.weight)
+        w[:, -tc.hidden_size:] = torch.eye(tc.hidden_size)
+        d.fc.weight.copy_(w)
+    return d
+
+
+def load_for_training(cfg: "D2AConfig", path, target_dir):
+    """A trained drafter to continue from (`init_from`), in cfg.arch's format."""
+    if cfg.arch == "dflash":
+        from deer_serve.models.dflash import load_dflash
+
+        return load_dflash(path, target_dir, device="cpu", dtype=torch.float32).train()
+    model = DeerDrafter.from_pretrained(path, dtype=torch.float32).train()
+    if model.config.context_mode != cfg.context_mode:
+        raise ValueError(f"{path} is a {model.config.context_mode} drafter")
+    model.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
+    return model
+
+
 def drafter_from_target(target, cfg: D2AConfig, mask_token_id: int) -> DeerDrafter:
     """A drafter shaped like the target's layers, initialised from it (embeddings = tied head,
     final norm, and `num_layers` of its decoder layers)."""
+    if cfg.arch == "dflash":
+        return dflash_from_target(target, cfg, mask_token_id)
     tc = target.config
     layers = cfg.feature_layers or default_feature_layers(tc.num_hidden_layers)
     rope = getattr(tc, "rope_parameters", None) or {}
@@ -226,11 +281,12 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         ids = torch.cat([ids, doc])
     val_doc = teacher.get("val_doc_ids")
     torch.manual_seed(cfg.seed)
+    if cfg.arch not in ("deer", "dflash"):
+        raise ValueError(f"arch must be deer or dflash, got {cfg.arch!r}")
+    if cfg.arch == "dflash" and cfg.context_mode != "target-features":
+        raise ValueError("a DFlash drafter reads target features (context_mode target-features)")
     if cfg.init_from:
-        model = DeerDrafter.from_pretrained(cfg.init_from, dtype=torch.float32).train()
-        if model.config.context_mode != cfg.context_mode:
-            raise ValueError(f"{cfg.init_from} is a {model.config.context_mode} drafter")
-        model.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
+        model = load_for_training(cfg, cfg.init_from, target_dir)
     else:
         model = drafter_from_target(target, cfg, mask_id).train()
     feats = val_feats = val_doc_feats = None
@@ -273,7 +329,7 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         opt.load_state_dict(s["opt"])
         step, elapsed = s["step"], s["elapsed"]
     log = (out / "metrics.jsonl").open("a")
-    bar = tqdm(total=total, initial=step, desc=f"d2a {cfg.context_mode}", unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"d2a {cfg.arch} {cfg.context_mode}", unit="step")
     t0 = time.time() - elapsed
     result = {}
     while step < total:
@@ -325,6 +381,7 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
     result.update({"final": final, "trainable_params": n_params, "steps": total,
                    "train_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
     model.eval().save_pretrained(out / "final", safe_serialization=True)
-    tok.save_pretrained(out / "final")
+    if cfg.arch == "deer":  # a DFlash drafter uses its target's tokenizer (the format has none)
+        tok.save_pretrained(out / "final")
     (out / "final" / "metrics.json").write_text(json.dumps(result, indent=1))
     return result

@@ -95,3 +95,33 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     assert not torch.equal(e["embed_tokens.weight"], a["embed_tokens.weight"])
     cfg = json.loads((out / "emb" / "final" / "metrics.json").read_text())["config"]
     assert cfg["freeze_embeddings"] is False
+
+    # --arch dflash: the same recipe into the DFlash layout; export; vLLM-format checkpoint that
+    # z-lab's loader reads; the pair decodes losslessly with it
+    dfl = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
+                          "--out", str(out), "--stages", "drafter", "--drafter-name", "dfl",
+                          "--arch", "dflash"], capture_output=True, text=True, timeout=600)
+    assert dfl.returncode == 0, dfl.stderr[-3000:]
+    dcfg = json.loads((out / "dfl" / "final" / "config.json").read_text())
+    assert dcfg["architectures"] == ["DFlashDraftModel"] and "target_layer_ids" in dcfg["dflash_config"]
+    recs = [json.loads(l) for l in (out / "dfl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs] == [0] * 3 + [1] * 6 + [2] * 6
+    exp = subprocess.run([sys.executable, "-m", "deer_serve", "export", "--format", "dflash",
+                          str(out / "dfl" / "final"), str(tmp_path / "dfl-export"),
+                          "--target", str(tmp_path / "assets" / "target")],
+                         capture_output=True, text=True, timeout=300)
+    assert exp.returncode == 0, exp.stderr
+    refused = subprocess.run([sys.executable, "-m", "deer_serve", "export", "--format", "dflash",
+                              str(tmp_path / "assets" / "drafter"), str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "DeerDrafter" in refused.stderr
+    from deer_serve.drafters import load_drafter
+
+    dd = load_drafter(tmp_path / "dfl-export", tmp_path / "assets" / "target", device="cpu")
+    assert dd.format == "dflash"
+    t2 = HFTarget.from_pretrained(str(tmp_path / "assets" / "target"), device="cpu",
+                                  feature_layers=dd.feature_layers)
+    assert generate(t2, dd, ids, sp, mode="deer", block_size=8).token_ids == ar.token_ids
+    dflash_ref = pytest.importorskip("dflash.model")
+    ref = dflash_ref.DFlashDraftModel.from_pretrained(str(tmp_path / "dfl-export"))
+    assert ref.target_layer_ids == dcfg["dflash_config"]["target_layer_ids"]
