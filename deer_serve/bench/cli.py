@@ -12,7 +12,9 @@ Block sizes: `deer` runs once per `--block-size` entry; the FIRST is the main on
 `methods.deer`, the others as `methods["deer@k8"]` etc. (each entry carries its `block_size`).
 `deer` drafts as `deer-serve generate` does by default (the DEER drafter's block with prompt
 lookup spliced in); `deer-nolookup` (the DEER drafter alone), `deer-adaptive` and the service
-methods use the first block size.
+methods use the first block size. `sd-ar` (the AR draft model as the engine's drafter, no lookup)
+runs once per block size as `deer` does (`sd-ar`, `sd-ar@k8`, ...); `sd-ar-adaptive` uses the
+first.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
 temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`,
@@ -36,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from deer_serve.bench.methods import ALL_METHODS, PLD_TOKENS, SERVICE_METHODS, VLLM_METHODS
+from deer_serve.bench.methods import (ALL_METHODS, AR_DRAFT_METHODS, PLD_TOKENS, SERVICE_METHODS,
+                                      VLLM_METHODS)
 
 QUICK = {"suite": "humaneval", "limit": 6, "methods": "ar,deer,hf-assisted,pld",
          "temperature": "0", "block_size": "16,8", "max_new_tokens": 64, "repeats": 1,
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", help="drafter dir, DeerDrafter or DFlash (default: embedded)")
     p.add_argument("--alt-drafter", help="a second drafter for deer-alt / deer-alt-nolookup "
                                          "(either format), to compare two drafters in one run")
-    p.add_argument("--ar-draft", help="AR draft model dir for hf-assisted (default: embedded)")
+    p.add_argument("--ar-draft", help="AR draft model dir for hf-assisted and sd-ar (default: "
+                                      "embedded)")
     p.add_argument("--url", help="a running deer-serve (http://HOST:PORT) for service methods; "
                                  "default: start one in this process")
     p.add_argument("--seed", type=int, default=0, help="base seed of sampled runs (default 0)")
@@ -204,6 +208,13 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
         elif name == "deer-adaptive":
             out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
                                     adaptive_k=True))
+        elif name == "sd-ar":
+            for k in s["block_sizes"]:
+                out.append(EngineMethod("sd-ar" if k == k0 else f"sd-ar@k{k}", models, "deer", k,
+                                        ar_draft=True))
+        elif name == "sd-ar-adaptive":
+            out.append(EngineMethod("sd-ar-adaptive", models, "deer", k0, adaptive_k=True,
+                                    ar_draft=True))
         elif name == "deer-pipe":
             out.append(EngineMethod("deer-pipe", models, "deer", k0, lookup=True, pipeline=True))
         elif name in SERVICE_METHODS:
@@ -261,7 +272,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(str(e)) from None
     for k in ("target", "drafter", "ar_draft"):
         needed = {"drafter": any(m.startswith("deer") for m in s["methods"]),
-                  "ar_draft": "hf-assisted" in s["methods"], "target": True}[k]
+                  "ar_draft": any(m in AR_DRAFT_METHODS for m in s["methods"]),
+                  "target": True}[k]
         if needed and not Path(s[k]).is_dir():
             raise UsageError(f"{k.replace('_', '-')} model not found at {s[k]} "
                              f"(pass --{k.replace('_', '-')} PATH)")

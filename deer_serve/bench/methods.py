@@ -12,6 +12,10 @@
                    thread while the target verifies); main k
   deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
                    the main k is the largest)
+  sd-ar            deer_serve engine, mode "deer", with the AR draft model as the drafter
+                   (`ARDrafterBackend`: k tokens one by one, its own KV cache rolled back like
+                   the DEER drafter's; no lookup); one per block size
+  sd-ar-adaptive   sd-ar with adaptive k (the main k is the largest)
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
@@ -46,7 +50,8 @@ import torch
 from deer_serve.types import SamplingParams
 
 ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive", "deer-pipe", "deer-alt",
-                  "deer-alt-nolookup")
+                  "deer-alt-nolookup", "sd-ar", "sd-ar-adaptive")
+AR_DRAFT_METHODS = ("hf-assisted", "sd-ar", "sd-ar-adaptive")  # those that need --ar-draft
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -91,6 +96,7 @@ class Models:
         self._drafter = None
         self._hf_target = None
         self._ar_draft = None
+        self._ar_drafter = None
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -146,29 +152,42 @@ class Models:
     def ar_draft(self):
         if self._ar_draft is None:
             if not self.ar_draft_path:
-                raise ValueError("method hf-assisted needs --ar-draft")
+                raise ValueError(f"methods {', '.join(AR_DRAFT_METHODS)} need --ar-draft")
             from transformers import AutoModelForCausalLM
 
             self._ar_draft = AutoModelForCausalLM.from_pretrained(
                 self.ar_draft_path, dtype=torch.float32).eval()
         return self._ar_draft
 
+    @property
+    def ar_drafter(self):
+        """The AR draft model as the engine's drafter (`ARDrafterBackend`, sd-ar), over the
+        same weights as hf-assisted's assistant."""
+        if self._ar_drafter is None:
+            from deer_serve.drafters.ar import ARDrafterBackend
+
+            self._ar_drafter = ARDrafterBackend(self.ar_draft)
+        return self._ar_drafter
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class EngineMethod:
-    """`ar`, `deer`, `deer-nolookup` or `deer-adaptive`: the deer_serve decode loop in this
-    process."""
+    """`ar`, `deer*` or `sd-ar*`: the deer_serve decode loop in this process."""
 
     def __init__(self, name: str, models: Models, mode: str, block_size: Optional[int] = None,
                  lookup: bool = False, adaptive_k: bool = False, pipeline: bool = False,
-                 alt: bool = False):
-        """alt: draft with the second drafter (`Models.alt_drafter`)."""
+                 alt: bool = False, ar_draft: bool = False):
+        """alt: draft with the second drafter (`Models.alt_drafter`); ar_draft: with the AR
+        draft model (`Models.ar_drafter`, sd-ar)."""
         self.name, self.models, self.mode, self.adaptive_k = name, models, mode, adaptive_k
         self.pipeline = pipeline
         self.block_size = block_size if mode == "deer" else None
-        self.drafter = (models.alt_drafter if alt else models.drafter) if mode == "deer" else None
+        self.drafter = None
+        if mode == "deer":
+            self.drafter = models.ar_drafter if ar_draft else \
+                (models.alt_drafter if alt else models.drafter)
         self.target = models.target_for(self.drafter) if self.drafter is not None else models.hf_target
         if lookup:
             from deer_serve.drafters.lookup import LookupDrafter
@@ -180,6 +199,7 @@ class EngineMethod:
 
         d = self.drafter
         before = [getattr(d, a, 0) for a in ("hits", "calls", "spliced", "drafted")]
+        fwd0 = getattr(d, "forwards", None)  # ARDrafterBackend: draft-model forwards
         t0 = time.perf_counter()
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
@@ -191,6 +211,8 @@ class EngineMethod:
             now = [getattr(d, a, 0) for a in ("hits", "calls", "spliced", "drafted")]
             extra = {f"lookup_{a}": n - b for a, n, b in
                      zip(("hits", "calls", "tokens", "drafted"), now, before)}
+        if fwd0 is not None:
+            extra["draft_forwards"] = int(getattr(d, "forwards", 0)) - fwd0
         extra.update(r.extra)  # pipeline_hits / pipeline_misses
         return Sample(token_ids=list(r.token_ids), wall_s=wall,
                       accept_lengths=list(r.accept_lengths) if self.mode == "deer" else None,

@@ -1,7 +1,9 @@
-"""Drafters. `load_drafter` opens a drafter directory in either format, detected from its
-config.json: a DeerDrafter (`model_type: deer_drafter`) or a DFlash checkpoint
+"""Drafters. `load_drafter` opens a drafter directory in any of its formats, detected from its
+config.json: a DeerDrafter (`model_type: deer_drafter`), a DFlash checkpoint
 (`architectures: ["DFlashDraftModel"]` / `dflash_config`; it needs its target's directory for the
-embeddings and LM head it shares)."""
+embeddings and LM head it shares), or an AR draft: a plain Hugging Face causal LM on the
+target's tokenizer (`architectures: ["...ForCausalLM"]`), drafting k tokens one by one
+(`deer_serve.drafters.ar`)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,32 @@ from typing import Optional
 
 from deer_serve.models.dflash import DrafterFormatError, is_dflash_config, read_config
 
-FORMATS = ("deer", "dflash")
+FORMATS = ("deer", "dflash", "ar")
 
 
 def drafter_format(path) -> str:
-    """"deer" or "dflash" from the directory's config.json (DrafterFormatError otherwise)."""
+    """"deer", "dflash" or "ar" from the directory's config.json (DrafterFormatError
+    otherwise)."""
     cfg = read_config(path)
     if is_dflash_config(cfg):
         return "dflash"
     if cfg.get("model_type") == "deer_drafter":
         return "deer"
+    if is_causal_lm_config(cfg):
+        return "ar"
     raise DrafterFormatError(f"{path}: not a drafter (model_type {cfg.get('model_type')!r}; "
-                             f"expected a DeerDrafter or a DFlash checkpoint)")
+                             f"expected a DeerDrafter, a DFlash checkpoint or a causal LM)")
+
+
+def is_causal_lm_config(cfg: dict) -> bool:
+    """A Hugging Face causal LM's config.json: its architectures end in "ForCausalLM", or (none
+    named) its model_type is one `AutoModelForCausalLM` knows."""
+    archs = cfg.get("architectures") or []
+    if archs:
+        return any(str(a).endswith("ForCausalLM") for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
 def drafter_feature_layers(path) -> list[int]:
@@ -38,14 +54,20 @@ def drafter_feature_layers(path) -> list[int]:
 
 
 def load_drafter(path, target_path=None, device: Optional[str] = None, **kw):
-    """A `DeerDrafterBackend` over the drafter in `path`. target_path: the target's directory,
-    required for a DFlash drafter (its embeddings and head are the target's; the target's
-    layers are not loaded). kw: DeerDrafterBackend options (max_sequences, use_cache)."""
+    """A `DeerDrafterBackend` over the drafter in `path`, or an `ARDrafterBackend` when it is
+    an AR draft (a causal LM). target_path: the target's directory, required for a DFlash
+    drafter (its embeddings and head are the target's; the target's layers are not loaded).
+    kw: backend options (max_sequences, use_cache)."""
     import torch
 
     from deer_serve.drafters.deer import DeerDrafterBackend
 
-    if drafter_format(path) == "deer":
+    fmt = drafter_format(path)
+    if fmt == "ar":
+        from deer_serve.drafters.ar import ARDrafterBackend
+
+        return ARDrafterBackend.from_pretrained(str(path), device=device, **kw)
+    if fmt == "deer":
         return DeerDrafterBackend.from_pretrained(str(path), device=device, **kw)
     from deer_serve.models.dflash import load_dflash
 
@@ -57,4 +79,4 @@ def load_drafter(path, target_path=None, device: Optional[str] = None, **kw):
 
 
 __all__ = ["FORMATS", "DrafterFormatError", "drafter_format", "drafter_feature_layers",
-           "load_drafter"]
+           "is_causal_lm_config", "load_drafter"]
