@@ -6,6 +6,8 @@
   deer-serve train ... --export deer_serve/assets                     # ship the final weights
   deer-serve train --stages drafter --drafter-name drafter-v2 --init-from deer_serve/assets/drafter \
       --stage1-steps 0 --stage2-steps 900 --lr2 4e-4                # continue D2A from a drafter
+  deer-serve train drafter --target DIR --prompts FILE.jsonl --out OUT   # any HF causal LM
+                                                                    # (deer_serve.training.drafter_cli)
 
 Stages, in order (each resumes or is skipped when its output exists):
   tokenizer -> target -> teacher -> drafter (D2A Stage I + II, then the preset's Stage II
@@ -204,7 +206,12 @@ def export_model(src: Path, dst: Path, kind: str) -> Path:
     return dst
 
 
-def main(argv=None) -> None:
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["drafter"]:  # a drafter for any target (deer_serve.training.drafter_cli)
+        from deer_serve.training.drafter_cli import main as drafter_main
+
+        return drafter_main(argv[1:])
     ap = argparse.ArgumentParser(prog="deer-serve train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny-code", choices=["tiny-code", "smoke"])

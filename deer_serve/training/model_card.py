@@ -304,6 +304,73 @@ Stored in float16.
 """)
 
 
+def write_drafter_card(final: Path, facts: dict) -> Path:
+    """README.md of a drafter made by `deer-serve train drafter` (any target): the data, the
+    steps, the time and tau by block size on the held-out prompts. facts: what
+    `deer_serve.training.drafter_cli` gathered (target, prompts, teacher, result, plan, ...)."""
+    final = Path(final)
+    t, r = facts["teacher"], facts["result"]
+    c, dims = r.get("config", {}), facts["target_dims"]
+    P, N = int(t["prompt_len"]), int(t["ids"].shape[1])
+    rows, val = len(t["ids"]), len(t["val_ids"])
+    n_sampled = int(t["sampled"].sum())
+    final_eval = r.get("final", {})
+    ks = sorted((k for k, v in final_eval.items() if isinstance(v, dict) and "tau" in v), key=int)
+    s1 = r.get("after_stage1", {})
+    tau = ("| after | " + " | ".join(f"tau k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n")
+    if s1:
+        tau += "| Stage I | " + " | ".join(str(s1.get(k, {}).get("tau", "n/a")) for k in ks) + " |\n"
+    tau += "| Stage I + II | " + " | ".join(str(final_eval[k]["tau"]) for k in ks) + " |\n"
+    init = r.get("init") or {}
+    if c.get("init_from"):
+        init_line = f"continued from `{c['init_from']}`"
+    elif init:
+        src = init.get("source_layers") or []
+        init_line = (f"{init.get('layer_tensors_copied', 0)} of {init.get('layer_tensors', 0)} layer "
+                     f"tensors copied from the target's layers {src} (same name and shape; the rest "
+                     f"random), final norm {'copied' if init.get('final_norm_copied') else 'not copied (names differ)'}")
+    else:
+        init_line = "?"
+    arch = c.get("arch", "deer")
+    fmt = ("`DFlashDraftModel` (DFlash format: vLLM `method: dflash` runs it; the target's "
+           "embeddings and LM head)" if arch == "dflash" else
+           "`DeerDrafter` (`model_type: deer_drafter`; embeddings = tied head, the target's LM head)")
+    layers = (f"target layers {c.get('feature_layers') or 'default'} (dflash_config.target_layer_ids)"
+              if arch == "dflash" else
+              f"target hidden_states {c.get('feature_layers') or 'middle + last'}")
+    plan = facts.get("plan") or {}
+    m = facts.get("measured") or {}
+    budget = (f"--minutes {facts['minutes']:g}: a step took {m.get('step_s')} s and an evaluation "
+              f"{m.get('eval_s')} s when measured; planned {plan.get('stage1_steps')} + "
+              f"{plan.get('stage2_steps')} steps" if facts.get("minutes") else "step counts given")
+    text = f"""# DEER drafter for `{Path(facts['target']).name}`
+
+Made by `deer-serve {' '.join(['train', 'drafter'] + facts.get('argv', []))}`.
+Use: `deer-serve generate --target {facts['target']} --drafter {final.resolve()} --mode deer`.
+
+| | |
+|---|---|
+| format | {fmt} |
+| target | `{facts['target']}` ({facts.get('target_model_type')}: {dims['num_layers']} layers, hidden {dims['hidden_size']}, {dims['num_heads']}/{dims['num_kv_heads']} heads, vocabulary {dims['vocab_size']}) |
+| drafter | {c.get('num_layers')} Qwen3-style layers, context `{c.get('context_mode')}`{': ' + layers if c.get('context_mode') == 'target-features' else ''}; {r.get('trainable_params', 0):,} trainable parameters |
+| initialisation | {init_line} |
+| mask token | id {facts['mask_token_id']}: {facts['mask_how']} |
+| prompts | `{facts['prompts']}`: {t.get('n_prompts', rows + val)} prompts, {val} held out for validation; left-truncated to {P} tokens ({t.get('short_prompts', 0)} shorter ones continued further) |
+| teacher data | {rows:,} training rows ({rows - n_sampled} greedy, {n_sampled} sampled at T={t['config'].get('temperature')}) + {val} greedy validation rows, {N} tokens each ({N - P} generated after the first {P}): {rows * N:,} training tokens; generated in {t.get('seconds', 0) / 60:.1f} min |
+| D2A | Stage I {c.get('stage1_steps')} steps (lr {c.get('lr1')}), Stage II {c.get('stage2_steps')} steps (lr {c.get('lr2')}, alpha {c.get('alpha')}); k drawn from {list(c.get('block_sizes', []))}; batch {c.get('batch_size')}; seed {c.get('seed')}; {c.get('device')} |
+| time | D2A {r.get('train_seconds', 0) / 60:.1f} min of training ({budget}); {facts.get('total_seconds', 0) / 60:.1f} min for the whole command |
+
+## Acceptance on the held-out prompts
+
+tau = mean number of leading draft tokens equal to the target's greedy tokens in one cycle
+(the whole block masked, from contexts in the target's greedy continuations of the {val}
+held-out prompts; `deer_serve.training.d2a.evaluate`).
+
+{tau}"""
+    (final / "README.md").write_text(text)
+    return final / "README.md"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", type=Path, default=Path("runs/tiny-code"))

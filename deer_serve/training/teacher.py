@@ -6,6 +6,7 @@ prompts come from the corpus's train files; a small validation set from its vali
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,6 +87,31 @@ def cut_prompts(data: np.ndarray, n: int, prompt_len: int, seed: int) -> torch.T
     return torch.from_numpy(np.stack([data[s:s + prompt_len] for s in starts]).astype(np.int64))
 
 
+# Generation settings a checkpoint's generation_config.json may carry that would move the
+# teacher away from the target's own distribution: switched off for every continuation.
+NEUTRAL_GENERATION = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                          bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                          forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+                          min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+@torch.inference_mode()
+def continue_batch(model, x: torch.Tensor, gen_len: int, temperature: float = 0.0) -> torch.Tensor:
+    """(B, P) prompts of one length -> (B, P+gen_len): the target's greedy (temperature 0) or
+    sampled continuation, EOS suppressed so every row has gen_len real tokens, no padding.
+    Randomness: torch's global generator (seed it before)."""
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+    pad = model.config.pad_token_id
+    if pad is None:   # GPT-2 and others name none; no row is padded anyway
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        pad = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) or 0
+    x = x.to(model.device)
+    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=gen_len,
+                       min_new_tokens=gen_len, pad_token_id=pad, **NEUTRAL_GENERATION, **kw)
+    return y[:, :x.shape[1] + gen_len].cpu()
+
+
 @torch.inference_mode()
 def continue_prompts(model, prompts: torch.Tensor, gen_len: int, batch_size: int,
                      temperature: float = 0.0, seed: int = 0, desc: str = "teacher") -> torch.Tensor:
@@ -94,12 +120,7 @@ def continue_prompts(model, prompts: torch.Tensor, gen_len: int, batch_size: int
     out = []
     torch.manual_seed(seed)
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        x = prompts[i:i + batch_size]
-        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-            else dict(do_sample=False)
-        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=gen_len,
-                           min_new_tokens=gen_len, pad_token_id=model.config.pad_token_id, **kw)
-        out.append(y[:, :x.shape[1] + gen_len])
+        out.append(continue_batch(model, prompts[i:i + batch_size], gen_len, temperature))
     return torch.cat(out)
 
 
@@ -171,3 +192,184 @@ def _save(data: dict, out_path: Path) -> None:
     tmp = out_path.with_suffix(".tmp")
     torch.save(data, tmp)
     tmp.replace(out_path)
+
+
+# ---- teacher data from a user's prompts (`deer-serve train drafter`) ----------------------
+
+class PromptsError(ValueError):
+    """A prompts file that cannot be used (the CLI exits 2)."""
+
+
+@dataclass
+class PromptTeacherConfig:
+    prompt_len: int = 64           # prompts are left-truncated to this many tokens
+    gen_len: int = 128             # tokens the target continues (a shorter prompt is continued
+                                   #   further: every row has prompt_len + gen_len tokens)
+    sampled_fraction: float = 1 / 3  # sampled continuations per greedy one (the preset: 1024/3072)
+    temperature: float = 0.7       # of the sampled continuations
+    val_fraction: float = 0.1      # prompts held out for the metrics (greedy; at least 1)
+    max_val: int = 256
+    batch_size: int = 32           # rows per batched `generate` (rows of one prompt length)
+    num_threads: int = 2
+    seed: int = 0
+    device: str = "cpu"
+
+
+def read_prompts_file(path) -> list[str]:
+    """The prompts of a JSONL file, one {"prompt": "..."} a line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise PromptsError(f"cannot read --prompts {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise PromptsError(f"--prompts {path}: not UTF-8 text") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptsError(f"{path}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise PromptsError(f'{path}:{i}: expected {{"prompt": "..."}}')
+        if not obj["prompt"].strip():
+            raise PromptsError(f"{path}:{i}: empty prompt")
+        out.append(obj["prompt"])
+    if not out:
+        raise PromptsError(f'--prompts {path}: no prompts (one {{"prompt": "..."}} a line)')
+    return out
+
+
+def tokenize_prompts(tok, prompts: list[str], prompt_len: int) -> list[list[int]]:
+    """Token ids of each prompt as `deer-serve generate` encodes it (no special tokens),
+    left-truncated to prompt_len. Needs at least 2 prompts (one is held out)."""
+    out = []
+    for i, p in enumerate(prompts, 1):
+        ids = tok.encode(p, add_special_tokens=False)
+        if not ids:
+            raise PromptsError(f"prompt {i} is empty after tokenization")
+        out.append([int(t) for t in ids[-prompt_len:]])
+    if len(out) < 2:
+        raise PromptsError(f"{len(out)} prompt: give at least 2 (a slice is held out for "
+                           f"validation)")
+    return out
+
+
+def split_prompts(n: int, cfg: PromptTeacherConfig) -> tuple[list[int], list[int], list[int]]:
+    """(train, sampled, val) prompt indices: val a seeded slice, sampled a seeded subset of
+    train (continued at cfg.temperature)."""
+    rng = np.random.default_rng(cfg.seed)
+    perm = [int(i) for i in rng.permutation(n)]
+    n_val = min(cfg.max_val, n - 1, max(1, round(n * cfg.val_fraction)))
+    val, train = sorted(perm[:n_val]), sorted(perm[n_val:])
+    n_s = min(len(train), round(len(train) * cfg.sampled_fraction))
+    sampled = sorted(int(train[i]) for i in rng.permutation(len(train))[:n_s])
+    return train, sampled, val
+
+
+def _target_identity(target_dir) -> dict:
+    """What the teacher depends on in the target directory: its config and weight files."""
+    p = Path(target_dir).resolve()
+    files = sorted((f.name, f.stat().st_size) for f in p.iterdir()
+                   if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json"))
+    return {"dir": str(p), "config": (p / "config.json").read_text(), "weights": files}
+
+
+def _digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_from_prompts(target_dir, prompt_ids: list[list[int]], out_path,
+                         cfg: PromptTeacherConfig, parts_dir=None) -> dict:
+    """Teacher data from a user's prompts (token ids, left-truncated: `tokenize_prompts`):
+    greedy continuations of every training prompt, sampled ones of a subset, greedy ones of
+    the held-out slice. Saved as `generate_teacher`'s format (+ counts) at out_path.
+
+    Rows are batched by prompt length (no padding: a shorter prompt is continued for
+    gen_len + prompt_len - its length tokens). Each finished batch is saved under parts_dir
+    (default: out_path's name + "-parts"), so an interrupted run picks up where it stopped; a
+    rerun with the same target, prompts and settings reuses out_path as it is."""
+    out_path = Path(out_path)
+    parts = Path(parts_dir) if parts_dir else out_path.with_name(out_path.stem + "-parts")
+    P, G = cfg.prompt_len, cfg.gen_len
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_threads", "max_val")}
+    ident = _target_identity(target_dir)
+    fingerprint = _digest([ident, settings, prompt_ids])
+    if out_path.exists():
+        data = torch.load(out_path)
+        if data.get("fingerprint") == fingerprint:
+            return data
+    train, sampled, val = split_prompts(len(prompt_ids), cfg)
+    jobs = [("train", train, 0.0), ("sampled", sampled, cfg.temperature), ("val", val, 0.0)]
+    # batches: (job, batch number, prompt indices of one length, temperature)
+    batches = []
+    for job, idx, temp in jobs:
+        by_len: dict[int, list[int]] = {}
+        for i in idx:
+            by_len.setdefault(len(prompt_ids[i]), []).append(i)
+        b = 0
+        for L in sorted(by_len, reverse=True):
+            rows = by_len[L]
+            for s in range(0, len(rows), cfg.batch_size):
+                batches.append((job, b, rows[s:s + cfg.batch_size], temp))
+                b += 1
+    parts.mkdir(parents=True, exist_ok=True)
+    part_key = _digest([ident, settings])
+
+    def part_file(job, b):
+        return parts / f"{job}-{b:05d}.pt"
+
+    def have(job, b, rows):
+        f = part_file(job, b)
+        if not f.exists():
+            return None
+        d = torch.load(f)
+        return d if d.get("key") == part_key and d.get("rows") == rows else None
+
+    torch.set_num_threads(cfg.num_threads)
+    t0 = time.time()
+    results: dict[tuple[str, int], torch.Tensor] = {}
+    seconds = 0.0                 # generation time of all batches, this run's and reused ones
+    todo = []
+    for job, b, rows, temp in batches:
+        got = have(job, b, rows)
+        if got is None:
+            todo.append((job, b, rows, temp))
+        else:
+            results[(job, b)] = got["ids"]
+            seconds += got.get("seconds", 0.0)
+    if todo:
+        from deer_serve.training.d2a import load_target
+
+        model = load_target(target_dir, cfg.device)
+        bar = tqdm(total=len(batches), initial=len(batches) - len(todo), desc="teacher", unit="batch")
+        for job, b, rows, temp in todo:
+            L = len(prompt_ids[rows[0]])
+            x = torch.tensor([prompt_ids[i] for i in rows], dtype=torch.long)      # (B, L)
+            torch.manual_seed(int(_digest([cfg.seed, job, b]), 16) % 2**63)  # f(seed, batch): resumable
+            tb = time.time()
+            y = continue_batch(model, x, G + P - L, temp).to(torch.int32)           # (B, P+G)
+            seconds += time.time() - tb
+            tmp = part_file(job, b).with_suffix(".tmp")
+            torch.save({"key": part_key, "rows": rows, "ids": y, "seconds": time.time() - tb}, tmp)
+            tmp.replace(part_file(job, b))
+            results[(job, b)] = y
+            bar.update(1)
+        bar.close()
+    rows_of: dict[str, dict[int, torch.Tensor]] = {j: {} for j, _, _ in jobs}
+    for job, b, rows, _ in batches:
+        for i, r in zip(rows, results[(job, b)]):
+            rows_of[job][i] = r
+    train_rows = [rows_of["train"][i] for i in train] + [rows_of["sampled"][i] for i in sampled]
+    data = {"ids": torch.stack(train_rows), "val_ids": torch.stack([rows_of["val"][i] for i in val]),
+            "sampled": torch.tensor([False] * len(train) + [True] * len(sampled)),
+            "prompt_len": P, "config": asdict(cfg), "seconds": round(seconds, 2),
+            "wall_seconds": round(time.time() - t0, 2),
+            "prompt_index": torch.tensor(train + sampled), "val_prompt_index": torch.tensor(val),
+            "n_prompts": len(prompt_ids), "short_prompts": sum(len(p) < P for p in prompt_ids),
+            "fingerprint": fingerprint}
+    _save(data, out_path)
+    return data
