@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--minutes", type=float, default=None, metavar="M",
                     help="time budget of D2A (Stage I + II with evaluations; not the teacher "
                          "data); default 30 unless step counts are given")
-    ap.add_argument("--stage1-steps", type=int, default=None, help="instead of --minutes")
-    ap.add_argument("--stage2-steps", type=int, default=None, help="instead of --minutes")
+    ap.add_argument("--stage1-steps", type=int, default=None, metavar="N", help="instead of --minutes")
+    ap.add_argument("--stage2-steps", type=int, default=None, metavar="N", help="instead of --minutes")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     t = ap.add_argument_group("teacher data")
     t.add_argument("--prompt-len", type=int, default=64, help="prompts are left-truncated to N tokens")

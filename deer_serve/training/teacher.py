@@ -295,7 +295,7 @@ def teacher_from_prompts(target_dir, prompt_ids: list[list[int]], out_path,
     out_path = Path(out_path)
     parts = Path(parts_dir) if parts_dir else out_path.with_name(out_path.stem + "-parts")
     P, G = cfg.prompt_len, cfg.gen_len
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("num_threads", "max_val")}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "num_threads"}
     ident = _target_identity(target_dir)
     fingerprint = _digest([ident, settings, prompt_ids])
     if out_path.exists():
