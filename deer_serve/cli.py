@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt, one a line")
     g.set_defaults(func=cmd_generate)
 
-    for name, (module, help_, _) in DELEGATED.items():
+    for name, (_module, help_, _) in DELEGATED.items():
         sub.add_parser(name, help=f"{help_} (see `deer-serve {name} --help`)", add_help=False)
     return ap
 
@@ -130,7 +130,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    block_size=args.block_size, detokenize=detok,
                                    adaptive_k=args.adaptive_k)
 
-    detok = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    def detok(ids: list[int]) -> str:  # a def: its type is known where `gen` above refers to it
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
     for prompt in prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         if not ids:

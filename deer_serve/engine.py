@@ -25,7 +25,7 @@ import numbers
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Collection, Generator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Collection, Generator, Optional, Sequence, Union
 
 import torch
 
@@ -33,6 +33,9 @@ from deer_serve.acceptance import accept_greedy, accept_speculative
 from deer_serve.sampling import process_logits, sample
 from deer_serve.types import (Drafter, GenerationResult, PendingDraft, SamplingParams,
                               TargetBackend)
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 MODES = ("deer", "ar")
 MAX_BLOCK_SIZE = 64
@@ -156,7 +159,7 @@ class Pipeliner:
         pipelining, and no compute is spent on a likely miss."""
         self.drafter = drafter
         self.min_p = float(min_p)
-        self._pool = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         self.hits = self.misses = self.skipped = 0
         self.record: Optional[list] = None  # [(P(hypothesis), hit)] when a list (calibration)
 
@@ -208,7 +211,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
     T = {"prefill": 0.0, "draft": 0.0, "verify": 0.0}
     busy, t_mark = 0.0, time.perf_counter()  # engine time only: paused while the caller holds a step
     ctx = list(prompt)        # verified tokens before the anchor (the target has run them all)
-    feats = None              # (len(ctx), F) target features of ctx, in target-features mode
+    feats: Optional[torch.Tensor] = None  # (len(ctx), F) target features of ctx, in target-features mode
     out: list[int] = []       # emitted tokens, EOS excluded
     accept_lengths: list[int] = []
     cycles, finish = 0, None
@@ -310,6 +313,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 n_acc, nxt = int(n), int(nx)
                 accept_lengths.append(n_acc)
                 if pending is not None:
+                    assert pipe is not None  # pending is set only with a Pipeliner
                     pd, m, guess, p_hyp = pending
                     pending = None
                     hit = n_acc == m and nxt == guess
@@ -324,6 +328,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                     adapt.update(n_acc, k)
             # 5. Commit the anchor and the accepted drafts; `nxt` is the new anchor.
             if use_features:
+                assert feats is not None  # set at the prefill in target-features mode
                 feats = torch.cat([feats, res.hidden[: (n_acc or 0) + 1]])       # (len(ctx), F)
             ctx += [anchor] + drafts[: n_acc or 0]
             anchor = nxt
@@ -406,7 +411,7 @@ def _validate(target, drafter, prompt_ids, sampling, mode, block_size) -> list[i
         raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
     sampling.validate()
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) \
-            or not 1 <= block_size <= MAX_BLOCK_SIZE:
+            or not 1 <= int(block_size) <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be an integer in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
     if mode == "deer" and drafter is None:
         raise ValueError("mode 'deer' needs a drafter (use mode 'ar' for plain decoding)")

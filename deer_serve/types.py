@@ -67,6 +67,7 @@ class ScoreResult:
         """(n_query,) the greedy token of each query position."""
         if self.greedy_ids is not None:
             return self.greedy_ids
+        assert self.logits is not None, "a ScoreResult with neither logits nor greedy_ids"
         return self.logits.argmax(-1)
 
 

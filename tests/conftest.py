@@ -6,11 +6,7 @@ session, the models in a few milliseconds each.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
 from tiny_models import REPO, TOKENIZER_TEXTS, build_tokenizer, make_target  # noqa: F401
 

@@ -69,7 +69,7 @@ def test_a_right_hypothesis_is_used_every_cycle(target):
     assert misses == 0 and hits == len(r.accept_lengths) - 1 and hits >= 15
     pre = [c for c in d.calls if c[3]]
     assert len(pre) == hits
-    for n_ctx, anchor, k, prefix in pre:           # [y_1, y_2, guess]: the right tokens
+    for n_ctx, _anchor, _k, prefix in pre:         # [y_1, y_2, guess]: the right tokens
         assert len(prefix) == 3 and list(prefix) == d.ref[n_ctx + 1:n_ctx + 4]
     # without pipelining: the same output and cycles, every block drafted after its verify
     d2 = PredictableDrafter(prompt + ar.token_ids, wrong=2)

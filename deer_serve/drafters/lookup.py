@@ -59,9 +59,10 @@ class LookupDrafter:
         prompt lookup), 4..2 spliced (a block already has the drafter's guess to fall back on,
         so a one-token match is not worth it)."""
         self.inner = inner
-        self.vocab_size = vocab_size or getattr(inner, "vocab_size", None)
-        if self.vocab_size is None:
+        vocab_size = vocab_size or getattr(inner, "vocab_size", None)
+        if vocab_size is None:
             raise ValueError("LookupDrafter needs vocab_size (the target's) when it has no inner drafter")
+        self.vocab_size: int = vocab_size
         if not 0.0 <= min_conf <= 1.0:
             raise ValueError(f"min_conf must be in [0, 1], got {min_conf}")
         self.context_mode = inner.context_mode if inner is not None else "tokens"
@@ -97,6 +98,8 @@ class LookupDrafter:
                      context_hidden: Optional[torch.Tensor] = None,
                      prefix: Sequence[int] = ()) -> PendingDraft:
         seq = self._seq(context_ids, anchor, prefix)
+        # reached only through the `draft_async` property, which checked this
+        assert self.inner is not None and hasattr(self.inner, "draft_async")
         inner = self.inner.draft_async(seq_id, context_ids, anchor, k, sampling, generator,
                                        context_hidden, prefix)
         return PendingDraft(lambda: self._splice(seq, inner.result()), inner.cancel)
@@ -115,7 +118,8 @@ class LookupDrafter:
         n = len(y)
         conf = np.cumprod(d.conf.double().numpy())
         j = int(np.count_nonzero(conf >= self.min_conf))  # cumprod falls: a prefix
-        z, from_lookup = y[:j], []
+        z: list[int] = y[:j]
+        from_lookup: list[int] = []  # positions in z that came from a lookup
         while len(z) < n:
             cont = lookup_continuation(np.concatenate([seq, np.asarray(z, dtype=np.int64)]),
                                        n - len(z), self.ngram_max, self.ngram_min)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -193,7 +193,7 @@ class DFlashConfig:
         t = target_cfg.get("text_config") or target_cfg
         L, H, V = t.get("num_hidden_layers"), t.get("hidden_size"), t.get("vocab_size")
         bad = [i for i in self.target_layer_ids if L is not None and i >= L]
-        if bad:
+        if L is not None and bad:
             raise DrafterFormatError(f"dflash_config.target_layer_ids {bad} are past the target's "
                                      f"depth ({L} layers: ids 0..{L - 1})")
         th = self.target_hidden_size or self.hidden_size
@@ -266,6 +266,11 @@ class DFlashDrafter(nn.Module):
     part of the checkpoint). `forward` trains every block of a sequence in one pass; `draft_logits`
     / `draft_logits_batch` draft at inference over a per-sequence `DrafterCache` of context K/V
     (the interface `deer_serve.drafters.deer.DeerDrafterBackend` drives)."""
+
+    # the buffers registered in __init__, declared for the type checker (Module.__getattr__
+    # would give them as `Tensor | Module`)
+    embed_weight: torch.Tensor
+    head_weight: torch.Tensor
 
     def __init__(self, config: DFlashConfig, embed: torch.Tensor, head: torch.Tensor):
         super().__init__()
@@ -361,7 +366,8 @@ class DFlashDrafter(nn.Module):
         for c, f in rows:
             if c.length + f.shape[0] > c.capacity:
                 self._grow(c, max(2 * c.capacity, c.length + f.shape[0] + 256))
-        for li, layer in enumerate(self.layers):
+        # (a ModuleList yields plain Modules to the type checker; these are DFlashLayers)
+        for li, layer in enumerate(cast(Sequence[DFlashLayer], self.layers)):
             k, v = layer.self_attn.kv(c_all, cos, sin)                          # (1, nkv, sum n, D)
             o = 0
             for c, f in rows:

@@ -13,9 +13,8 @@ context positions only. Training runs every block of a sequence in one forward (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence, cast
 
 import torch
 import torch.nn as nn
@@ -65,6 +64,7 @@ class Rotary:
             freqs = torch.outer(torch.arange(size, device=positions.device, dtype=torch.float32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             self.cos, self.sin = emb.cos(), emb.sin()
+        assert self.cos is not None and self.sin is not None  # set above when they were None
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (..., T, D)
 
 
@@ -108,8 +108,15 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.nh * self.d))
 
 
+class MLPDims(Protocol):
+    """What `MLP` reads from a config: DeerDrafterConfig or dflash's DFlashConfig."""
+
+    hidden_size: int
+    intermediate_size: int
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: DeerDrafterConfig):
+    def __init__(self, cfg: MLPDims):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -178,6 +185,7 @@ class DeerDrafter(PreTrainedModel):
     def embed_context(self, ids: Optional[torch.Tensor], features: Optional[torch.Tensor]):
         """(B, N) ids or (B, N, F) target features -> (B, N, H) context-stream inputs."""
         if self.config.context_mode == "target-features":
+            assert features is not None, "context_mode 'target-features' reads target features"
             return self.feature_norm(self.feature_proj(features.to(self.embed_tokens.weight.dtype)))
         return self.embed_tokens(ids)
 
@@ -318,7 +326,8 @@ class DeerDrafter(PreTrainedModel):
             mask[i, nmax:, Pmax + s0:] = True                    # the block sees all of it
             mask[i, :s0, Pmax:Pmax + s0] = torch.eye(s0, dtype=torch.bool, device=dev)  # padding
         cos, sin = self.rotary.get(pos, x.dtype)
-        for li, layer in enumerate(self.layers):
+        # (a ModuleList yields plain Modules to the type checker; these are DecoderLayers)
+        for li, layer in enumerate(cast(Sequence[DecoderLayer], self.layers)):
             a = layer.self_attn
             q, kk, vv = a.project(layer.input_layernorm(x), cos, sin)
             if Pmax:

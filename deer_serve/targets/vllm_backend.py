@@ -33,11 +33,14 @@ import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from deer_serve.types import GenerationResult, SamplingParams, ScoreResult
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 if importlib.util.find_spec("vllm") is None:  # fail at import, cheaply: the CLI reports it
     raise ModuleNotFoundError("No module named 'vllm'", name="vllm")
@@ -85,7 +88,7 @@ class VLLMTarget:
         self.max_sequences = max_sequences
         self.max_model_len = int(max_model_len or min(4096, int(text.get("max_position_embeddings", 2048))))
         self.engine_kwargs = dict(engine_kwargs or {})
-        self._engines: dict[int, object] = {}  # 0 = no speculation, k = DEER with block size k
+        self._engines: dict[int, LLM] = {}  # 0 = no speculation, k = DEER with block size k
         self._features = None                  # HFTarget for target features, lazily
         self._tokenizer = None
         self.last_accept_log: list[int] = []  # accepted drafts per cycle of the last generate
@@ -200,6 +203,7 @@ class VLLMTarget:
         # vLLM's native DFlash proposer reports counters, not per-cycle lengths
         counts = None
         if native:
+            assert before is not None  # read before the generate when native
             after = self.spec_counters(k)
             counts = {f"vllm_{n}": after[n] - before[n] for n in after}
         self.last_accept_log = [a for row in log.values() for a in row]  # all rows, per cycle

@@ -241,8 +241,9 @@ def test_invalid_grpc_requests_get_invalid_argument_and_the_server_keeps_serving
            deer_pb2.GenerateRequest(prompt="x", model="gpt-4"),
            deer_pb2.GenerateRequest(prompt="")]
     for req in bad:
-        for call in (lambda: stub.Generate(req, metadata=META, timeout=60),
-                     lambda: list(stub.GenerateStream(req, metadata=META, timeout=60))):
+        # each lambda is called at once, in this iteration: the late binding of `req` is safe
+        for call in (lambda: stub.Generate(req, metadata=META, timeout=60),  # noqa: B023
+                     lambda: list(stub.GenerateStream(req, metadata=META, timeout=60))):  # noqa: B023
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req

@@ -17,7 +17,6 @@ if __name__ == "__main__":  # vLLM may spawn processes: keep the guard
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
-    from deer_serve.targets import vllm_proposer
     from deer_serve.targets.vllm_backend import VLLMTarget
     from deer_serve.types import SamplingParams
 
