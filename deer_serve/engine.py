@@ -383,7 +383,8 @@ def _pre_draft(pipe: Pipeliner, d, drafts, k, seq_id, ctx, anchor, sampling, gen
     sub = None
     if not sampling.greedy:  # its own stream, drawn now: seeded runs repeat
         sub = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    return pipe.submit(seq_id, ctx, anchor, k_next, sampling, sub, feats,
+    # a copy: the loop extends `ctx` in place while an in-process pre-draft may still read it
+    return pipe.submit(seq_id, list(ctx), anchor, k_next, sampling, sub, feats,
                        prefix=drafts[:m] + [guess]), m, guess, p_hyp
 
 
