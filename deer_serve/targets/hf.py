@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -35,8 +35,18 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass
+class _Row:
+    """One sequence of a `score_batch` call."""
+    sid: str
+    ids: list[int]
+    nq: int      # query rows (logits)
+    nh: int      # feature rows
+    need: int    # positions that must run in this forward: max(nq, nh if features)
+
+
+@dataclass
 class _SeqState:
-    cache: object                                   # transformers DynamicCache
+    cache: Any                                      # transformers DynamicCache
     token_ids: list[int] = field(default_factory=list)  # ids the cached KV stands for
 
 
@@ -157,18 +167,18 @@ class HFTarget:
             nh = nq if nh is None else int(nh)
             if return_hidden and not 1 <= nh <= T:
                 raise ValueError(f"n_hidden must be in [1, {T}], got {nh}")
-            rows.append([sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)])
-        states = []
-        for sid, ids, nq, nh, need in rows:
-            state = self._seqs.pop(sid, None)
+            rows.append(_Row(sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)))
+        states: list[tuple[Optional[_SeqState], int]] = []
+        for r in rows:
+            state = self._seqs.pop(r.sid, None)
             keep = 0
             if state is not None:
-                keep = min(common_prefix_len(state.token_ids, ids), len(ids) - need)
+                keep = min(common_prefix_len(state.token_ids, r.ids), len(r.ids) - r.need)
                 if keep <= 0:
                     state, keep = None, 0
             states.append((state, keep))
         P = max(k for _, k in states)
-        n_new = [len(r[1]) - k for r, (_, k) in zip(rows, states)]
+        n_new = [len(r.ids) - k for r, (_, k) in zip(rows, states)]
         N = max(n_new)
         dev = self.device
         L = self.num_layers
@@ -176,12 +186,13 @@ class HFTarget:
         if P:
             for l in range(L):
                 ks, vs = [], []
+                ref_state = next(s for s, kk in states if kk and s is not None)
                 for state, keep in states:
-                    if keep:
+                    if keep and state is not None:
                         lay = state.cache.layers[l]
                         k, v = lay.keys[:, :, :keep], lay.values[:, :, :keep]
                     else:
-                        ref = next(s for s, kk in states if kk).cache.layers[l].keys
+                        ref = ref_state.cache.layers[l].keys
                         k = v = ref.new_zeros(ref.shape[0], ref.shape[1], 0, ref.shape[3])
                     ks.append(torch.nn.functional.pad(k, (0, 0, P - keep, 0)))
                     vs.append(torch.nn.functional.pad(v, (0, 0, P - keep, 0)))
@@ -190,22 +201,23 @@ class HFTarget:
         input_ids = torch.zeros(B, N, dtype=torch.long)
         position_ids = torch.zeros(B, N, dtype=torch.long)
         attn = torch.zeros(B, P + N, dtype=torch.long)
-        for i, ((_, ids, *_), (_, keep), n) in enumerate(zip(rows, states, n_new)):
-            input_ids[i, :n] = torch.tensor(ids[keep:])
+        for i, (r, (_, keep), n) in enumerate(zip(rows, states, n_new)):
+            input_ids[i, :n] = torch.tensor(r.ids[keep:])
             position_ids[i] = keep + torch.arange(N)   # padding continues the count (ignored)
             attn[i, P - keep:P + n] = 1
-        first_needed = min(n - r[2] for r, n in zip(rows, n_new))
+        first_needed = min(n - r.nq for r, n in zip(rows, n_new))
         try:
             out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
                              attention_mask=attn.to(dev), past_key_values=cache, use_cache=True,
                              output_hidden_states=return_hidden, logits_to_keep=N - first_needed)
         except BaseException:
-            for sid, *_ in rows:
-                self._seqs.pop(sid, None)
+            for r in rows:
+                self._seqs.pop(r.sid, None)
             raise
         results = []
         off = N - out.logits.shape[1]                                              # = first_needed
-        for i, ((sid, ids, nq, nh, _), (_, keep), n) in enumerate(zip(rows, states, n_new)):
+        for i, (r, (_, keep), n) in enumerate(zip(rows, states, n_new)):
+            sid, ids, nq, nh = r.sid, r.ids, r.nq, r.nh
             row_layers = []
             for l in range(L):
                 lay = cache.layers[l]
