@@ -244,7 +244,7 @@ def build_app(args: Optional[dict] = None):
         cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
-        drafter=drafter, tokenizer_path=cfg.tokenizer_path,  # (drafter: for `loop: verifier`)
+        tokenizer_path=cfg.tokenizer_path,
         colocated_drafter=drafter_args if cfg.service.loop == "colocated" else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,

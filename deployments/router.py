@@ -304,7 +304,7 @@ class Router:
             target: Any = remote_t  # (a TracedTarget around it when tracing)
             d_server0 = tuple(getattr(remote_d, "server_s", (0.0, 0.0)))  # this segment's own
             d = drafter if mode == "deer" else None
-            if s.loop != "router":
+            if s.loop == "colocated":
                 d = None  # the Verifier replica drafts (and falls back to AR) itself
                 it = self._verifier_loop(verifier_h, p, prev, rest,
                                          "deer" if drafter is not None and mode == "deer"
@@ -375,15 +375,16 @@ class Router:
 
     def _verifier_loop(self, handle, p: Prepared, prev: list[int], sampling: SamplingParams,
                        mode: str, seq_id: str) -> Generator[StepOutput, None, GenerationResult]:
-        """`loop: verifier`: the segment (from prompt + prev) as one streaming call to a
-        Verifier replica (`Verifier.decode`). Yields its StepOutputs and returns its result;
-        raises DrafterUnavailable when the Drafter failed there and VerifierUnavailable when the
-        stream failed, which `decode` handles as for its own loop."""
+        """`loop: colocated`: the segment (from prompt + prev) as one streaming call to a
+        Verifier replica (`Verifier.decode`), which drafts with its own drafter. Yields its
+        StepOutputs and returns its result; raises DrafterUnavailable when the drafter failed
+        there and VerifierUnavailable when the stream failed, which `decode` handles as for its
+        own loop."""
         s = self.settings
         stream = handle.options(stream=True).decode.remote(
             np.asarray(p.prompt_ids + prev, dtype=np.int32), sampling, mode, p.block_size, seq_id,
-            p.id if s.affinity else None, s.transport, s.drafter_timeout_s, p.adaptive_k,
-            np.asarray(prev, dtype=np.int32), s.lookup, p.pipeline, s.loop == "colocated")
+            s.drafter_timeout_s, p.adaptive_k, np.asarray(prev, dtype=np.int32), s.lookup,
+            p.pipeline)
         try:
             for batch in stream:  # the events since the last batch (Verifier.decode)
                 for kind, val in batch:

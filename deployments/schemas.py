@@ -18,7 +18,8 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from deer_serve.types import SamplingParams
 
@@ -73,25 +74,23 @@ class ServiceOptions(BaseModel):
                                 "has not resumed within this many seconds")
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     # the decode loop's transport (issue: every draft and verify is a call between replicas)
-    transport: Literal["channel", "direct", "object-store"] = Field(
+    transport: Literal["channel", "object-store"] = Field(
         "channel", description="draft and verify calls: 'channel' = one Serve call per request "
         "and pool picks the replica (with `affinity`, by the request's hash), the request's "
         "calls then go over an authenticated socket to it (deployments.channel; Serve's "
         "ongoing-request count does not see them: autoscale by the busy fraction, "
-        "deployments.autoscaling); 'direct' = every call through Serve's gRPC channel, "
-        "arguments and replies by value (a handle option); 'object-store' = every call "
-        "through Ray's object store (Serve's default)")
+        "deployments.autoscaling); 'object-store' = every call through Ray's object store "
+        "(Serve's default)")
     affinity: bool = Field(
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "
         "their KV caches are hits; off = Serve's power-of-two-choices per call")
-    loop: Literal["router", "verifier", "colocated"] = Field(
+    loop: Literal["router", "colocated"] = Field(
         "router", description="where a request's decode loop runs: 'router' (the Router calls "
-        "the Drafter and the Verifier every cycle: two remote calls), 'verifier' (one "
-        "streaming call to a Verifier replica, which runs the loop and calls the Drafter: one "
-        "remote call per cycle; spans then stop at the request) or 'colocated' (as 'verifier', "
-        "but each Verifier replica holds its own drafter in its process: no remote call in the "
-        "cycle; drafter and target then scale together, as one pool)")
+        "the Drafter and the Verifier every cycle: two remote calls) or 'colocated' (one "
+        "streaming call to a Verifier replica, which runs the loop with a drafter in its own "
+        "process: no remote call in the cycle; drafter and target then scale together, as one "
+        "pool; spans stop at the request)")
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
@@ -103,6 +102,22 @@ class ServiceOptions(BaseModel):
         True, description="prompt lookup spliced into each drafted block after its confident "
         "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
         "diffusion drafter's block alone")
+
+    @field_validator("transport", "loop", mode="before")
+    @classmethod
+    def _not_dropped(cls, v: Any, info: ValidationInfo) -> Any:
+        """A config that names a removed topology is told so, not only shown the allowed values."""
+        why = _DROPPED.get((info.field_name or "", v)) if isinstance(v, str) else None
+        if why is not None:
+            raise ValueError(f"{info.field_name} {v!r} was removed (issue 20): {why}")
+        return v
+
+
+# the topologies removed in issue 20 (measurements: docs/RESULTS.md), and what to use instead
+_DROPPED = {("transport", "direct"): "the channel transport was faster in every measurement; "
+                                     "use 'channel' (the default) or 'object-store'",
+            ("loop", "verifier"): "the service keeps two loop placements; use 'router' (the "
+                                  "default) or 'colocated'"}
 
 
 class RequestError(Exception):

@@ -42,13 +42,12 @@ class Verifier:
     def __init__(self, target_path: str, *, device: Optional[str] = None,
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
                  torch_threads: Optional[int] = None, batching: bool = True,
-                 max_batch_size: int = 16, backend: str = "torch", drafter=None,
+                 max_batch_size: int = 16, backend: str = "torch",
                  tokenizer_path: Optional[str] = None, colocated_drafter: Optional[dict] = None):
-        """drafter: a handle to the Drafter deployment, for `decode` (the loop in this replica,
-        `ServiceOptions.loop: verifier`); tokenizer_path: for the stop strings of `decode`.
-        colocated_drafter: the keyword arguments of a `Drafter` that this replica holds in its
-        own process (`loop: colocated`; its torch threads are this replica's)."""
-        self.drafter = drafter
+        """colocated_drafter: the keyword arguments of a `Drafter` that this replica holds in its
+        own process, for `decode` (the decode loop in this replica, `ServiceOptions.loop:
+        colocated`; its torch threads are this replica's); tokenizer_path: for the stop strings
+        of `decode`."""
         self.local_drafter = self._local_pool = None
         self.tokenizer_path = tokenizer_path or str(target_path)
         self._tokenizer = None
@@ -208,36 +207,28 @@ class Verifier:
             stop.set()
 
     def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
-                      seq_id: str, session: Optional[str] = None, transport: str = "direct",
-                      drafter_timeout_s: float = 30.0, adaptive_k: bool = False,
+                      seq_id: str, drafter_timeout_s: float, adaptive_k: bool = False,
                       emitted: Optional[np.ndarray] = None, lookup: bool = False,
-                      pipeline: bool = False, colocated: bool = False):
+                      pipeline: bool = False):
         """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
-        verifier`): `deer_serve.engine.iter_generate` over this replica's target (through the
-        batcher, so concurrent loops share forwards) and the Drafter deployment; a cycle costs
-        one remote call (the draft) instead of two. Yields ("step", StepOutput) per target
-        forward, then ("done", the GenerationResult's fields), or ("drafter_unavailable", why)
-        when the Drafter fails: the Router then goes on in plain AR from the tokens emitted so
-        far, with the segments it uses for `loop: router` too. emitted: the tail of prompt_ids
-        the request has already generated (stop strings look at it). lookup: splice prompt
-        lookup into the drafts (`ServiceOptions.lookup`); pipeline: pre-draft the next block
-        during each verify (`deer_serve.engine.Pipeliner`). colocated: draft with this replica's
-        own drafter (`loop: colocated`) instead of the Drafter deployment: no remote call in
-        the cycle."""
+        colocated`): `deer_serve.engine.iter_generate` over this replica's target (through the
+        batcher, so concurrent loops share forwards) and the drafter in this process: no remote
+        call in the cycle. Yields ("step", StepOutput) per target forward, then ("done", the
+        GenerationResult's fields), or ("drafter_unavailable", why) when the drafter fails: the
+        Router then goes on in plain AR from the tokens emitted so far, with the segments it
+        uses for `loop: router` too. emitted: the tail of prompt_ids the request has already
+        generated (stop strings look at it). lookup: splice prompt lookup into the drafts
+        (`ServiceOptions.lookup`); pipeline: pre-draft the next block during each verify
+        (`deer_serve.engine.Pipeliner`)."""
         from deer_serve.engine import iter_generate
         from deployments.drafter import DrafterUnavailable, RemoteDrafter
 
         drafter: Any = None                  # RemoteDrafter, or the LookupDrafter around it
         remote: Optional[RemoteDrafter] = None
         if mode == "deer":
-            if colocated:
-                if self.local_drafter is None:
-                    raise ValueError("loop: colocated, but this Verifier holds no drafter")
-                h = LocalHandle(self.local_drafter, self._local_pool)
-            elif self.drafter is None:
-                raise ValueError("this Verifier was built without a Drafter handle")
-            else:
-                h = route_handle(self.drafter, transport, session, drafter_timeout_s)
+            if self.local_drafter is None:
+                raise ValueError("loop: colocated, but this Verifier holds no drafter")
+            h = LocalHandle(self.local_drafter, self._local_pool)
             try:
                 drafter = RemoteDrafter(h, h.meta.remote().result(timeout_s=drafter_timeout_s),
                                         drafter_timeout_s)
@@ -393,14 +384,14 @@ def reply_to_result(r: ScoreReply) -> ScoreResult:
     return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
 
 
-def route_handle(handle, transport: str, session: Optional[str], timeout_s: float = 30.0):
-    """The handle one request's calls go through: by value over Serve's gRPC channel
-    (`transport: direct`), or over a socket to the one replica its `channel()` call reached
-    (`transport: channel`, deployments.channel; `close_channels` when the request ends) and,
-    given a session (the request id, with `affinity`), kept on one replica by Serve's
+def route_handle(handle, transport: str, session: Optional[str]):
+    """The handle one request's calls go through: Serve's (`transport: object-store`), or a
+    socket to the one replica its `channel()` call reached (`transport: channel`,
+    deployments.channel; the `channel()` call goes by value; `close_channels` when the request
+    ends); given a session (the request id, with `affinity`), kept on one replica by Serve's
     consistent-hash request router."""
     kw: dict = {}
-    if transport in ("direct", "channel"):
+    if transport == "channel":
         kw["_by_reference"] = False
     if session is not None:
         kw["session_id"] = session
@@ -408,7 +399,7 @@ def route_handle(handle, transport: str, session: Optional[str], timeout_s: floa
     if transport == "channel":
         from deployments.channel import ChannelHandle
 
-        return ChannelHandle(h, timeout_s)
+        return ChannelHandle(h)
     return h
 
 

@@ -148,7 +148,7 @@ def render() -> str:
         "    import_path: deployments.app:build_app",
         "    args:",
         "      block_size: 16",
-        "      service: {loop: verifier, api_keys: [\"KEY\"]}",
+        "      service: {loop: colocated, api_keys: [\"KEY\"]}",
         "      verifier: {num_replicas: 2, ray_actor_options: {num_gpus: 1}}",
         "```",
         "",

@@ -85,9 +85,9 @@ def drafters(tiny_checkpoints):
 
 
 def make_router(tiny_checkpoints, drafter, verifier, **kw) -> Router:
-    """transport defaults to `direct` here: every call through the LocalHandle (whose hooks
-    play failing replicas); tests/deployments/test_channel.py runs `channel`."""
-    kw.setdefault("transport", "direct")
+    """transport defaults to `object-store` here: every call through the LocalHandle (whose
+    hooks play failing replicas); tests/deployments/test_channel.py runs `channel`."""
+    kw.setdefault("transport", "object-store")
     settings = RouterSettings(served_model_name="target", tokenizer_path=str(
         tiny_checkpoints["target"]), block_size=4, **kw)
     d = drafter if isinstance(drafter, LocalHandle) else LocalHandle(drafter)
@@ -305,11 +305,10 @@ def test_argmax_replies_carry_the_logits_argmax_and_nothing_else(verifier):
     assert r.logits is None and r.argmax().tolist() == full.logits.argmax(-1).tolist()
 
 
-def test_router_calls_go_by_value_with_the_request_as_session(tiny_checkpoints, drafters,
-                                                               verifier):
+def test_router_calls_carry_the_request_as_session(tiny_checkpoints, drafters, verifier):
     on = make_router(tiny_checkpoints, drafters["tokens"], verifier)
     h = on.call_handle(LocalHandle(verifier), "req-1")
-    assert h.last_options == {"_by_reference": False, "session_id": "req-1"}
+    assert h.last_options == {"session_id": "req-1"}
     off = make_router(tiny_checkpoints, drafters["tokens"], verifier,
                       transport="object-store", affinity=False)
     plain = LocalHandle(verifier)
@@ -352,7 +351,7 @@ def test_pipelined_requests_through_the_router_are_plain_ar(tiny_checkpoints, dr
     assert o2.token_ids == ref.token_ids and o2.stats().pipeline_hits is not None
 
 
-@pytest.mark.parametrize("transport", ["direct", "channel"])
+@pytest.mark.parametrize("transport", ["object-store", "channel"])
 def test_request_timings_split_compute_waiting_and_transport(tiny_checkpoints, drafters, verifier,
                                                             transport):
     router = make_router(tiny_checkpoints, drafters["target-features"], verifier,
@@ -381,7 +380,7 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
     ids = np.asarray(tok.encode(PROMPT, add_special_tokens=False), dtype=np.int32)
     ref = reference(PROMPT, 32)
     events = list(v._decode_steps(ids, SamplingParams(max_new_tokens=32), "deer", 4, "s-1",
-                                  pipeline=pipeline, colocated=True))
+                                  30.0, pipeline=pipeline))
     kinds = [k for k, _ in events]
     assert kinds[-1] == "done" and "drafter_unavailable" not in kinds, events[-1]
     done = events[-1][1]
@@ -394,7 +393,7 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
 
     async def streamed():  # Verifier.decode: batches of these events, the loop in a thread
         return [e async for batch in v.decode(ids, SamplingParams(max_new_tokens=32), "deer", 4,
-                                              "s-3", pipeline=pipeline, colocated=True)
+                                              "s-3", 30.0, pipeline=pipeline)
                 for e in batch]
     events = asyncio.run(streamed())
     assert events[-1][0] == "done" and events[-1][1]["token_ids"] == ref.token_ids
@@ -402,5 +401,4 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
     plain = Verifier(str(tiny_checkpoints["target"]), device="cpu",
                      feature_layers=check_models(cfg))
     with pytest.raises(ValueError, match="holds no drafter"):
-        list(plain._decode_steps(ids, SamplingParams(max_new_tokens=8), "deer", 4, "s-2",
-                                 colocated=True))
+        list(plain._decode_steps(ids, SamplingParams(max_new_tokens=8), "deer", 4, "s-2", 30.0))

@@ -97,3 +97,20 @@ def test_grpc_fields_use_the_same_path():
     assert status_of(_proto_fields(deer_pb2.GenerateRequest()), "grpc") == 400
     assert status_of(_proto_fields(deer_pb2.GenerateRequest(prompt="x", max_tokens=-3)),
                      "grpc") == 400
+
+
+@pytest.mark.parametrize("field,value,left", [("transport", "direct", "channel"),
+                                              ("loop", "verifier", "colocated")])
+def test_a_removed_topology_fails_validation_and_says_so(field, value, left):
+    """`transport: direct` and `loop: verifier` were removed (issue 20): a config that still
+    names one is refused by the app's config, with the reason and what to use."""
+    from pydantic import ValidationError
+
+    from deployments.app import AppConfig
+    from deployments.schemas import ServiceOptions
+
+    with pytest.raises(ValidationError, match=f"{field} '{value}' was removed.*'{left}'"):
+        AppConfig.model_validate({"service": {field: value}})
+    with pytest.raises(ValidationError, match="Input should be"):  # other values: pydantic's own
+        ServiceOptions.model_validate({field: "nope"})
+    assert getattr(ServiceOptions.model_validate({field: left}), field) == left

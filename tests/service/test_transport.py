@@ -4,8 +4,10 @@
   replica of each pool (Serve's consistent-hash router, the request id as session), read from
   the `deer.replica` attribute of the request's spans; without it Serve's power-of-two-choices
   spreads a request's ~10 calls over both replicas;
-- every transport setting (by value / object store, argmax replies / logits) gives the plain
-  AR text at temperature 0, and sampled requests (which need the logits) still work.
+- every transport setting (channel / object store, argmax replies / logits) gives the plain
+  AR text at temperature 0, and sampled requests (which need the logits) still work;
+- `loop: colocated` (the loop in a Verifier replica with its own drafter) gives the same text,
+  and a client that goes away stops that loop.
 """
 
 from __future__ import annotations
@@ -69,11 +71,10 @@ def test_affinity_keeps_each_request_on_one_replica_per_pool(app, reference):
 
 @pytest.mark.parametrize("service_opts", [
     {"transport": "object-store", "greedy_argmax": False, "affinity": False},
-    {"transport": "direct", "greedy_argmax": False, "affinity": False},
     {"transport": "object-store", "greedy_argmax": True, "affinity": True},
     {"transport": "channel", "greedy_argmax": False, "affinity": False},
     {"transport": "channel", "greedy_argmax": True, "affinity": True, "pipeline": True},
-], ids=["object-store+logits", "direct+logits", "object-store+argmax", "channel+logits",
+], ids=["object-store+logits", "object-store+argmax", "channel+logits",
         "channel+argmax+pipeline"])
 def test_every_transport_gives_the_plain_ar_text(service, reference, service_opts):
     a = deploy(service, "transport-alt", own_models=False,
@@ -94,19 +95,14 @@ def test_sampled_requests_get_logits_and_stay_seeded(app):
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("loop,transport", [("verifier", "direct"), ("verifier", "channel"),
-                                            ("colocated", "channel")])
-def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service, reference,
-                                                                        loop, transport):
-    """`loop: verifier`: one streaming call per request, the Verifier replica drafts through
-    the Drafter deployment (Serve calls, or a channel to one Drafter replica); `loop:
-    colocated`: with its own drafter. Greedy text is plain AR's, streamed or not, pipelined or
-    not; stop strings hold."""
+def test_the_colocated_loop_gives_the_plain_ar_text_and_its_stats(service, reference):
+    """`loop: colocated`: one streaming call per request segment, the Verifier replica drafts
+    with its own drafter. Greedy text is plain AR's, streamed or not, pipelined or not; stop
+    strings hold."""
     import openai
 
-    # (colocated: a Verifier that holds a drafter, so an app of its own)
-    a = deploy(service, "transport-vloop", own_models=loop == "colocated",
-               service={"loop": loop, "transport": transport})
+    # a Verifier that holds a drafter: an app of its own
+    a = deploy(service, "transport-vloop", service={"loop": "colocated"})
     try:
         for p in PROMPTS[:3]:
             body, _ = complete(a, p, temperature=0)
@@ -141,7 +137,7 @@ def test_the_loop_in_the_verifier_gives_the_plain_ar_text_and_its_stats(service,
 
 
 def test_a_client_that_goes_away_stops_the_loop_in_the_verifier(service):
-    """`loop: verifier`: closing the HTTP stream cancels the Verifier's decode stream, and the
+    """`loop: colocated`: closing the HTTP stream cancels the Verifier's decode stream, and the
     loop stops (no more verify forwards), rather than running on to max_tokens."""
     import http.client as httpclient
     import json
@@ -150,11 +146,9 @@ def test_a_client_that_goes_away_stops_the_loop_in_the_verifier(service):
 
     # a request long enough (1792 tokens: ~3.3 s on a quiet 2-core machine, ~2x the window
     # below, far more on a busy one) that running on to max_tokens is told apart from stopping
-    a = deploy(service, "transport-cancel", own_models=False, service={"loop": "verifier"},
+    a = deploy(service, "transport-cancel", service={"loop": "colocated"},
                limits={"max_tokens": 1792})
-    from ray import serve
-
-    verifier = serve.get_deployment_handle("Verifier", app_name="deer")  # own_models=False
+    verifier = a.handle("Verifier")
     try:
         def served() -> int:
             return int(verifier.batch_stats.remote().result(timeout_s=30).get("items", 0))
