@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 STAGES = ("tokenizer", "target", "teacher", "drafter", "ar-draft")
 
@@ -90,7 +91,7 @@ def run(preset: str, out: Path, stages=STAGES, context_mode: str | None = None,
         c["ar"].steps = ar_steps
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, target_dir = out / "tokenizer", out / "target" / "final"
-    results = {}
+    results: dict[str, Any] = {}
     clock = StageClock()
     if "tokenizer" in stages and not (tok_dir / "tokenizer.json").exists():
         with clock("tokenizer"):

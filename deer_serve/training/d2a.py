@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from deer_serve.models import DeerDrafter, DeerDrafterConfig
 from deer_serve.targets.features import default_feature_layers, select_features
 from deer_serve.training.target_fit import (head_and_embeddings, init_from_target,
                                             resolve_mask_token, target_dims)
+
+if TYPE_CHECKING:
+    from deer_serve.models.dflash import DFlashDrafter
 
 
 @dataclass
@@ -71,9 +74,9 @@ class D2AConfig:
 
     @classmethod
     def smoke(cls, **kw) -> "D2AConfig":
-        base = dict(block_sizes=(4, 8), eval_block_sizes=(4, 8), block_tokens=40, batch_size=4,
-                    stage0_steps=3, stage1_steps=6,
-                    stage2_steps=6, eval_every=6, eval_blocks=16, ckpt_every=4)
+        base: dict[str, Any] = dict(block_sizes=(4, 8), eval_block_sizes=(4, 8), block_tokens=40,
+                                    batch_size=4, stage0_steps=3, stage1_steps=6,
+                                    stage2_steps=6, eval_every=6, eval_blocks=16, ckpt_every=4)
         base.update(kw)
         return cls(**base)
 
@@ -105,7 +108,8 @@ def dflash_from_target(target, cfg: "D2AConfig", mask_token_id: int):
     torch.manual_seed(cfg.seed)
     d = DFlashDrafter(dcfg, emb.detach().float(), head.detach().float())
     with torch.no_grad():
-        d.init_report = init_from_target(d, target, cfg.init_layers)
+        # (nn.Module.__setattr__ is typed for Tensor | Module values; a plain dict is stored as is)
+        d.init_report = init_from_target(d, target, cfg.init_layers)  # type: ignore[assignment]
         w = torch.zeros_like(d.fc.weight)
         w[:, -dims.hidden_size:] = torch.eye(dims.hidden_size)
         d.fc.weight.copy_(w)
@@ -234,9 +238,9 @@ def evaluate(model, val_ids, val_feats, prompt_len, mask_id, ks, n_blocks, seed=
                        context_features=None if val_feats is None else val_feats[i:i + 32].to(dev).float(),
                        block_ids=block[i:i + 32].to(dev), anchor_pos=anchor_pos[i:i + 32].to(dev))
             hits.append((lg.argmax(-1).cpu() == labels[i:i + 32]).flatten(0, 1))
-        hits = torch.cat(hits).float()                                 # (blocks, k)
-        out[str(k)] = {"acc_by_pos": [round(a, 4) for a in hits.mean(0).tolist()],
-                       "tau": round(hits.cumprod(1).sum(1).mean().item(), 3)}
+        hit = torch.cat(hits).float()                                  # (blocks, k)
+        out[str(k)] = {"acc_by_pos": [round(a, 4) for a in hit.mean(0).tolist()],
+                       "tau": round(hit.cumprod(1).sum(1).mean().item(), 3)}
     model.train()
     return out
 
@@ -278,8 +282,8 @@ class D2ARun:
     target features. ids (n, P+G) int32 with docstring rows appended; feats (n, P+G, F) float16
     or None (tokens mode); target: kept for Stage 0 only."""
     cfg: D2AConfig
-    model: torch.nn.Module
-    tok: object
+    model: Union[DeerDrafter, DFlashDrafter]
+    tok: Any                           # a transformers tokenizer
     mask_id: int
     ids: torch.Tensor
     val_ids: torch.Tensor
@@ -309,6 +313,7 @@ class D2ARun:
         rng = np.random.default_rng([cfg.seed, step])
         if stage == 0:
             k = int(rng.choice(cfg.block_sizes))
+            assert self.corpus_ids is not None  # prepare_run refuses Stage 0 without them
             return corpus_window_loss(self.model, self.target, self.corpus_ids, self.ids.shape[1],
                                       cfg, k, self.mask_id, rng), stage, k
         rows = torch.from_numpy(rng.integers(0, len(self.ids), cfg.batch_size))

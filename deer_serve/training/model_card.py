@@ -89,7 +89,7 @@ def stage0_section(run: Path) -> str:
     c = with0.get("config", {})
     rows = [("Stage I only", alone.get("after_stage1", {})),
             (f"Stage 0 ({c.get('stage0_steps')} steps) only", with0.get("after_stage0", {})),
-            (f"Stage 0 + Stage I", with0.get("after_stage1", {}))]
+            ("Stage 0 + Stage I", with0.get("after_stage1", {}))]
     out = ("\n## Stage 0\n\nOptional masked-diffusion steps on raw corpus windows (target "
            "features by teacher forcing) before Stage I; both runs initialised from the target, "
            f"{c.get('stage1_steps')} Stage I steps, corpus continuations only "
@@ -160,18 +160,19 @@ def measure_costs(assets: Path, context_len: int = 192) -> dict:
     ids = torch.randint(2, target.vocab_size, (context_len + 40,), generator=torch.Generator().manual_seed(0)).tolist()
     ctx = ids[:context_len]
     target.score("c", ctx, 1)
-    out = {"context_len": context_len, "threads": torch.get_num_threads()}
+    out: dict[str, float] = {"context_len": context_len, "threads": torch.get_num_threads()}
     out["plain_step_ms"] = _median_ms(lambda: target.score("c", ctx + [ids[context_len]], 1))
     feats = target.score("f", ctx, 1, return_hidden=True, n_hidden=len(ctx)).hidden
     greedy = SamplingParams()
     for k in (8, 16, 32):
         blk = ids[context_len:context_len + k + 1]
         out[f"verify_k{k}_ms"] = _median_ms(
-            lambda: target.score("c", ctx + blk, k + 1, return_hidden=bool(drafter.feature_layers)))
+            lambda blk=blk, k=k: target.score("c", ctx + blk, k + 1,
+                                              return_hidden=bool(drafter.feature_layers)))
         # a steady-state draft call: the cache holds the context but its last 4 positions
         drafter.draft("d", ctx[:-4], ctx[-4], k, greedy, context_hidden=feats)
 
-        def draft_once():
+        def draft_once(blk=blk, k=k):
             drafter._caches["d"].length = len(ctx) - 4
             del drafter._caches["d"].token_ids[len(ctx) - 4:]
             drafter.draft("d", ctx, blk[0], k, greedy, context_hidden=feats)

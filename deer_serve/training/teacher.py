@@ -10,10 +10,14 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from deer_serve.training.corpus import Split
 
 
 @dataclass
@@ -52,6 +56,7 @@ def docstring_prefixes(text: str) -> list[str]:
                 and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
                 and isinstance(node.body[0].value.value, str):
             end = node.body[0].end_lineno
+            assert end is not None  # ast.parse sets end_lineno on every node
             if end < len(lines) and lines[end - 1].rstrip().endswith(('"""', "'''")):
                 out.append("".join(lines[:end]))
     return out
@@ -145,9 +150,10 @@ def generate_teacher(target_dir: str | Path, out_path: str | Path, cfg: TeacherC
     model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     t0 = time.time()
     parts, sampled, val = [], [], None
-    for split, n, temp, seed in [("train", cfg.n_greedy, 0.0, cfg.seed),
-                                 ("train", cfg.n_sampled, cfg.temperature, cfg.seed + 1),
-                                 ("validation", cfg.n_val, 0.0, cfg.seed + 2)]:
+    sets: list[tuple[Split, int, float, int]] = [("train", cfg.n_greedy, 0.0, cfg.seed),
+                                                 ("train", cfg.n_sampled, cfg.temperature, cfg.seed + 1),
+                                                 ("validation", cfg.n_val, 0.0, cfg.seed + 2)]
+    for split, n, temp, seed in sets:
         if n == 0:
             continue
         data = tokenize_split(split, target_dir, cache_dir, limit_files=limit_files)
@@ -172,9 +178,11 @@ def _docstring_sets(model, target_dir, cfg: TeacherConfig, limit_files) -> dict:
     from deer_serve.training.corpus import list_files
 
     t0 = time.time()
-    out = {}
-    for split, key, n, seed in [("train", "doc_ids", cfg.n_docstring, cfg.seed + 3),
-                                ("validation", "val_doc_ids", cfg.n_val_docstring, cfg.seed + 4)]:
+    out: dict[str, Any] = {}   # the continuations (tensors) and "doc_config"
+    sets: list[tuple[Split, str, int, int]] = [
+        ("train", "doc_ids", cfg.n_docstring, cfg.seed + 3),
+        ("validation", "val_doc_ids", cfg.n_val_docstring, cfg.seed + 4)]
+    for split, key, n, seed in sets:
         if not n:
             continue
         files = list_files(split)
