@@ -36,17 +36,18 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from deer_serve.bench.methods import (ALL_METHODS, AR_DRAFT_METHODS, PLD_TOKENS, SERVICE_METHODS,
-                                      VLLM_METHODS)
+                                      VLLM_METHODS, Sample)
 
-QUICK = {"suite": "humaneval", "limit": 6, "methods": "ar,deer,hf-assisted,pld",
-         "temperature": "0", "block_size": "16,8", "max_new_tokens": 64, "repeats": 1,
-         "concurrency": "1,4"}
-DEFAULTS = {"suite": "humaneval", "limit": None, "methods": "ar,deer,hf-assisted,pld",
-            "temperature": "0", "block_size": "16,4,8,32", "max_new_tokens": 128, "repeats": 3,
-            "concurrency": "1,4,8,16"}
+QUICK: dict[str, Any] = {"suite": "humaneval", "limit": 6, "methods": "ar,deer,hf-assisted,pld",
+                         "temperature": "0", "block_size": "16,8", "max_new_tokens": 64,
+                         "repeats": 1, "concurrency": "1,4"}
+DEFAULTS: dict[str, Any] = {"suite": "humaneval", "limit": None,
+                            "methods": "ar,deer,hf-assisted,pld", "temperature": "0",
+                            "block_size": "16,4,8,32", "max_new_tokens": 128, "repeats": 3,
+                            "concurrency": "1,4,8,16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +189,7 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
     from deer_serve.bench.methods import EngineMethod, HFGenerateMethod
     from deer_serve.bench.service import ServiceMethod, UnavailableMethod
 
-    out = []
+    out: list[Any] = []   # EngineMethod, HFGenerateMethod, VLLMMethod, ServiceMethod, UnavailableMethod
     k0 = s["block_sizes"][0]
     for name in s["methods"]:
         if name == "ar":
@@ -319,7 +320,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
                     service_url=s["url"] or (service_ctx.url if service_ctx else None))
     try:
         methods = build_methods(s, models, client, service_error)
-        runs, samples = [], []
+        runs: list[dict[str, Any]] = []
+        samples: list[dict[str, Any]] = []
         settings["pld_num_tokens"] = PLD_TOKENS
 
         def write(complete: bool) -> dict:
@@ -375,7 +377,8 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
     from deer_serve.types import SamplingParams
 
     n, reps = len(prompt_ids), s["repeats"]
-    grids = {m.name: [[None] * reps for _ in range(n)] for m in methods}
+    grids: dict[str, list[list[Optional[Sample]]]] = {
+        m.name: [[None] * reps for _ in range(n)] for m in methods}
     errors: dict[str, str] = {}
     sp = lambda i, r: SamplingParams(temperature=T, max_new_tokens=s["max_new_tokens"],  # noqa: E731
                                      seed=s["seed"] + 1000 * i + r)
@@ -404,8 +407,8 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
 
     if sink is not None:  # raw samples, for re-analysis (samples.jsonl)
         for name, grid in grids.items():
-            for i, row in enumerate(grid):
-                for r, x in enumerate(row):
+            for i, per_repeat in enumerate(grid):
+                for r, x in enumerate(per_repeat):
                     if x is not None:
                         sink.append(sample_record(T, name, names[i], r, x))
     ar = grids.get("ar") if "ar" not in errors else None
@@ -472,7 +475,7 @@ def service_throughput(m, s, prompt_ids, sp, ar_grid) -> dict:
         if ar_grid is not None:
             bad += sum(stats.first_diff(x.token_ids, ar_grid[i][0].token_ids) is not None
                        for x, i in zip(samples, jobs))
-    out = {"throughput_by_concurrency": by_c}
+    out: dict[str, Any] = {"throughput_by_concurrency": by_c}
     if ar_grid is not None:
         out["concurrent_identical_to_ar"] = bad == 0
     if hits + misses:

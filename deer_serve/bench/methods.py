@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -228,7 +228,7 @@ class _ForwardProbe:
         self.cache_lens: list[int] = []
         self.durations: list[float] = []  # seconds of each forward
         self._t0 = 0.0
-        self._handles = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self):
         self._handles = [
@@ -263,8 +263,9 @@ class HFGenerateMethod:
         from transformers import GenerationConfig
 
         eos = self.models.eos_token_id
-        kw = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=0, num_beams=1,
-                  eos_token_id=eos, pad_token_id=eos, do_sample=not sampling.greedy)
+        kw: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=0,
+                                  num_beams=1, eos_token_id=eos, pad_token_id=eos,
+                                  do_sample=not sampling.greedy)
         if not sampling.greedy:
             kw.update(temperature=sampling.temperature, top_p=sampling.top_p,
                       top_k=sampling.top_k)  # top_k 0 = off in HF too (its default would be 50)
