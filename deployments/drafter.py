@@ -11,8 +11,8 @@ for the sequence is shorter than `start` (another replica served it before, an e
 restart), the backend would need rows it was not sent; the reply then says `need_rows_from=c`
 and the router resends from row c. Correctness never depends on routing.
 
-`RemoteDrafter` is the router's side: the core's `Drafter` protocol over a Serve handle to this
-deployment (it keeps the per-sequence count of rows sent).
+The callers' side is `deployments.clients.RemoteDrafter`: the core's `Drafter` protocol over a
+handle to this deployment (it keeps the per-sequence count of rows sent).
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
-from deer_serve.types import DraftResult, PendingDraft, SamplingParams
+from deer_serve.types import SamplingParams
 from deployments.batching import CombiningBatcher, run_call, server_time
-from deployments.telemetry import replica_id
-from deployments.verifier import as_tensor, replica_info
+from deployments.telemetry import replica_id, replica_info
 
 
 @dataclass
@@ -176,85 +175,3 @@ class Drafter:
 
     def info(self) -> dict:
         return replica_info("drafter", self.drafter_path, str(self.device))
-
-
-# ---- the router's side ------------------------------------------------------------------------
-class DrafterUnavailable(Exception):
-    """The drafter failed or timed out: the request falls back to plain AR decoding."""
-
-
-class RemoteDrafter:
-    """`Drafter` over the Drafter deployment; one per request (it remembers, for its sequence,
-    how many target-feature rows the drafter was sent, and sends only the rest)."""
-
-    def __init__(self, handle, meta: dict, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
-        self.context_mode = meta["context_mode"]
-        self.feature_layers: list[int] = list(meta.get("feature_layers") or [])  # target layers read
-        self.caches_prefix = bool(meta.get("caches_prefix", True))
-        self._sent: dict[str, int] = {}  # seq_id -> feature rows the drafter has been sent
-        self.server_s = [0.0, 0.0]       # the replica's (wait, compute) seconds, replies read
-
-    def draft(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
-              sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-              context_hidden: Optional[torch.Tensor] = None,
-              prefix: Sequence[int] = ()) -> DraftResult:
-        return self.draft_async(seq_id, context_ids, anchor, k, sampling, generator,
-                                context_hidden, prefix).result()
-
-    def draft_async(self, seq_id: str, context_ids: Sequence[int], anchor: int, k: int,
-                    sampling: SamplingParams, generator: Optional[torch.Generator] = None,
-                    context_hidden: Optional[torch.Tensor] = None,
-                    prefix: Sequence[int] = ()) -> "PendingDraft":
-        """Send the draft call now; `.result()` waits for it (a pipelined pre-draft is sent
-        before the verify and waited for, or cancelled, after it)."""
-        # the remote drafter gets a seed drawn from the request's generator, not the generator
-        seed = None if sampling.greedy else int(torch.randint(0, 2**62, (1,), generator=generator))
-        ids = np.asarray(context_ids, dtype=np.int32)                               # (n,)
-        n = len(ids)
-        pre = np.asarray(prefix, dtype=np.int32) if len(prefix) else None          # (j,)
-        state = {"start": self._sent.get(seq_id, 0) if self.caches_prefix else 0}
-
-        def send():
-            rows = None
-            if context_hidden is not None:
-                rows = context_hidden[state["start"]:n].to(torch.float16).numpy()  # (n-start, F)
-            try:
-                return self.handle.draft.remote(seq_id, ids, int(anchor), int(k), sampling, seed,
-                                                rows, state["start"], pre)
-            except Exception as e:
-                raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
-
-        resp = send()
-
-        def finish() -> DraftResult:
-            nonlocal resp
-            for _ in range(3):  # normally one call; a replica that lacks rows asks once for them
-                try:
-                    r = resp.result(timeout_s=self.timeout_s)
-                except Exception as e:
-                    raise DrafterUnavailable(f"drafter call failed: {e!r}") from e
-                if r.server:
-                    self.server_s[0] += r.server[0]
-                    self.server_s[1] += r.server[1]
-                if r.need_rows_from is None:
-                    break
-                state["start"] = min(int(r.need_rows_from), state["start"])
-                resp = send()
-            else:
-                raise DrafterUnavailable("the drafter kept asking for feature rows")
-            self._sent[seq_id] = n
-            self.last_replica = r.replica
-            probs = None if r.probs is None else as_tensor(r.probs)                # (k, V)
-            conf = None if r.conf is None else as_tensor(r.conf)                   # (k,)
-            alt = None if r.alt is None else as_tensor(r.alt).long()               # (k,)
-            return DraftResult(tokens=as_tensor(r.tokens).long(), probs=probs, conf=conf, alt=alt)
-
-        return PendingDraft(finish, lambda: resp.cancel())
-
-    def release(self, seq_id: str) -> None:
-        self._sent.pop(seq_id, None)
-        try:
-            self.handle.release.remote(seq_id)
-        except Exception:
-            pass

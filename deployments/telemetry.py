@@ -44,6 +44,22 @@ def replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def replica_info(role: str, path: str, device: str) -> dict:
+    """Where this replica runs: process, Ray node and actor, GPU ids Ray gave it."""
+    info = {"role": role, "pid": os.getpid(), "model_path": path, "device": device,
+            "node_id": None, "actor_id": None, "gpu_ids": []}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info.update(node_id=ctx.get_node_id(), actor_id=ctx.get_actor_id(),
+                        gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    except Exception:  # in-process use without Ray
+        pass
+    return info
+
+
 # ---- metrics -------------------------------------------------------------------------------------
 class _Null:
     def inc(self, *a, **k):

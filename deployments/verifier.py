@@ -6,13 +6,13 @@ tensors turned into numpy arrays (token ids int32 in, logits float32 and target 
 float16 out). The per-sequence KV cache lives in the backend, keyed by `seq_id`; every call
 carries the full ids, so a cache miss (another replica, a restart) recomputes.
 
-`RemoteTarget` is the router's side: the core's `TargetBackend` protocol over a Serve handle to
-this deployment, so `deer_serve.engine` drives a remote verifier unchanged.
+With `loop: colocated` a replica also hosts decode loops: `decode` runs one segment of a
+request's loop (`deployments.session.run_segment`) over this replica's target and a drafter in
+its own process. The callers' side is `deployments.clients` (`RemoteTarget`, `remote_segment`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,7 +25,9 @@ import torch
 from deer_serve.types import ScoreResult
 from deployments.batching import CombiningBatcher, run_call, server_time
 from deployments.channel import HandleShape
-from deployments.telemetry import replica_id
+from deployments.clients import DrafterUnavailable, RemoteDrafter, reply_to_result
+from deployments.session import DecodeSpec, run_segment
+from deployments.telemetry import replica_id, replica_info
 
 
 @dataclass
@@ -147,8 +149,8 @@ class Verifier:
         with self._lock:
             self.backend.release(seq_id)
 
-    async def decode(self, *args, **kwargs):
-        """`_decode_steps` as an async generator of BATCHES of events (lists): the loop runs
+    async def decode(self, spec: DecodeSpec):
+        """`_segment(spec)` as an async generator of BATCHES of events (lists): the loop runs
         freely in a thread of its own (it never waits for the stream's consumer), and each
         batch carries every event that came since the last one, so a cycle costs no hop
         through this replica's event loop and a slow consumer gets fewer, larger messages.
@@ -157,7 +159,7 @@ class Verifier:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        it = self._decode_steps(*args, **kwargs)
+        it = self._segment(spec)
         wake, stop, lock = asyncio.Event(), threading.Event(), threading.Lock()
         pending: list = []  # the events since the last batch
         end = object()
@@ -192,7 +194,7 @@ class Verifier:
                 with lock:
                     items = pending[:]
                     pending.clear()
-                batch = []
+                batch: list = []
                 for item in items:
                     if item is end:
                         if batch:
@@ -206,59 +208,39 @@ class Verifier:
         finally:
             stop.set()
 
-    def _decode_steps(self, prompt_ids: np.ndarray, sampling, mode: str, block_size: int,
-                      seq_id: str, drafter_timeout_s: float, adaptive_k: bool = False,
-                      emitted: Optional[np.ndarray] = None, lookup: bool = False,
-                      pipeline: bool = False):
-        """One segment of a request's decode loop in this replica (`ServiceOptions.loop:
-        colocated`): `deer_serve.engine.iter_generate` over this replica's target (through the
-        batcher, so concurrent loops share forwards) and the drafter in this process: no remote
-        call in the cycle. Yields ("step", StepOutput) per target forward, then ("done", the
-        GenerationResult's fields), or ("drafter_unavailable", why) when the drafter fails: the
-        Router then goes on in plain AR from the tokens emitted so far, with the segments it
-        uses for `loop: router` too. emitted: the tail of prompt_ids the request has already
-        generated (stop strings look at it). lookup: splice prompt lookup into the drafts
-        (`ServiceOptions.lookup`); pipeline: pre-draft the next block during each verify
-        (`deer_serve.engine.Pipeliner`)."""
-        from deer_serve.engine import iter_generate
-        from deployments.drafter import DrafterUnavailable, RemoteDrafter
-
+    def _segment(self, spec: DecodeSpec):
+        """One segment of a request's decode loop in this replica (`loop: colocated`):
+        `run_segment` over this replica's target (through the batcher, so concurrent loops
+        share forwards) and the drafter in this process: no remote call in the cycle. Yields
+        ("step", StepOutput) per target forward, then ("done", GenerationResult), or
+        ("drafter_unavailable", why) when the drafter fails: the Router's session then goes on
+        in plain AR from the tokens emitted so far."""
         drafter: Any = None                  # RemoteDrafter, or the LookupDrafter around it
-        remote: Optional[RemoteDrafter] = None
-        if mode == "deer":
+        client: Optional[RemoteDrafter] = None
+        if spec.mode == "deer":
             if self.local_drafter is None:
                 raise ValueError("loop: colocated, but this Verifier holds no drafter")
             h = LocalHandle(self.local_drafter, self._local_pool)
             try:
-                drafter = RemoteDrafter(h, h.meta.remote().result(timeout_s=drafter_timeout_s),
-                                        drafter_timeout_s)
+                client = RemoteDrafter(h, h.meta.remote().result(timeout_s=spec.drafter_timeout_s),
+                                       spec.drafter_timeout_s)
             except Exception as e:  # noqa: BLE001 - the Router falls back to AR
                 yield "drafter_unavailable", f"drafter meta failed: {e!r}"
                 return
-            remote = drafter
-            if lookup:
+            drafter = client
+            if spec.lookup:
                 from deer_serve.drafters.lookup import LookupDrafter
 
-                drafter = LookupDrafter(drafter, vocab_size=self.backend.vocab_size)
-        detokenize = None
-        if sampling.stop:
-            detok, before = self._detokenizer(), [] if emitted is None else np.asarray(emitted).tolist()
-            detokenize = lambda ids: detok(before + ids)  # noqa: E731
+                drafter = LookupDrafter(client, vocab_size=self.backend.vocab_size)
         local = _LocalTarget(self)
-        it = iter_generate(local, drafter, np.asarray(prompt_ids).tolist(), sampling,
-                           mode=mode, block_size=block_size, seq_id=seq_id,
-                           adaptive_k=adaptive_k, pipeline=pipeline, detokenize=detokenize)
+        it = run_segment(local, drafter, spec, target_client=local, drafter_client=client,
+                         detokenize=self._detokenizer() if spec.sampling.stop else None)
         try:
             while True:
                 try:
                     step = next(it)
                 except StopIteration as stop:
-                    r = stop.value
-                    timings = split_timings(r.timings, remote.server_s if remote else (0, 0),
-                                            local.calls[1:])
-                    yield "done", {"token_ids": r.token_ids, "accept_lengths": r.accept_lengths,
-                                   "cycles": r.cycles, "finish_reason": r.finish_reason,
-                                   "timings": timings, "extra": r.extra}
+                    yield "done", stop.value
                     return
                 except DrafterUnavailable as e:
                     yield "drafter_unavailable", str(e)
@@ -266,7 +248,6 @@ class Verifier:
                 yield "step", step
         finally:
             it.close()
-            close_channels(drafter)
 
     def _detokenizer(self):
         if self._tokenizer is None:
@@ -348,130 +329,3 @@ class _LocalTarget:
 
     def release(self, seq_id: str) -> None:
         self.v.release(seq_id)
-
-
-def split_timings(t: dict, draft_server: Sequence[float], verify_calls: Sequence) -> dict:
-    """The engine's timings (seconds; draft and verify as the decode loop saw its calls) with
-    each of draft and verify split by what the replicas reported (`server`: wait, compute):
-    draft / verify = compute in the replicas, waiting = queued there behind other calls'
-    forwards, transport = the rest of the call (network, serialization, Serve). verify_calls:
-    the (wait, compute) of each verify after the prefill. A pipelined draft overlaps the verify,
-    so its wait in the loop can be shorter than its compute: then the loop's time is split in
-    the replica's proportions and transport is 0. The sum of draft, verify, waiting and
-    transport is the loop's draft + verify."""
-    out = dict(t)
-    vw = sum(c[0] for c in verify_calls if c)
-    vc = sum(c[1] for c in verify_calls if c)
-    waiting = transport = 0.0
-    for key, (w, c) in (("draft", tuple(draft_server)), ("verify", (vw, vc))):
-        obs = float(t.get(key, 0.0))
-        if w + c <= 0:
-            continue
-        if obs >= w + c:
-            out[key], waiting, transport = c, waiting + w, transport + obs - w - c
-        else:
-            out[key], waiting = obs * c / (w + c), waiting + obs * w / (w + c)
-    out["waiting"], out["transport"] = waiting, transport
-    return out
-
-
-def reply_to_result(r: ScoreReply) -> ScoreResult:
-    hidden = None if r.hidden is None else as_tensor(r.hidden)                     # (n, F) fp16
-    if r.argmax is not None:
-        return ScoreResult(logits=None, hidden=hidden, greedy_ids=as_tensor(r.argmax).long())
-    if r.logits is None:
-        raise ValueError("a score reply carries logits or argmax")
-    return ScoreResult(logits=as_tensor(r.logits), hidden=hidden)                   # (n_query, V)
-
-
-def route_handle(handle, transport: str, session: Optional[str]):
-    """The handle one request's calls go through: Serve's (`transport: object-store`), or a
-    socket to the one replica its `channel()` call reached (`transport: channel`,
-    deployments.channel; the `channel()` call goes by value; `close_channels` when the request
-    ends); given a session (the request id, with `affinity`), kept on one replica by Serve's
-    consistent-hash request router."""
-    kw: dict = {}
-    if transport == "channel":
-        kw["_by_reference"] = False
-    if session is not None:
-        kw["session_id"] = session
-    h = handle.options(**kw) if kw else handle
-    if transport == "channel":
-        from deployments.channel import ChannelHandle
-
-        return ChannelHandle(h)
-    return h
-
-
-def close_channels(*users) -> None:
-    """Close the channels of a request's handles, RemoteTarget/RemoteDrafter (or a wrapper
-    with `.inner`); anything else is left alone."""
-    from deployments.channel import ChannelHandle
-
-    for u in users:
-        for h in (u, getattr(u, "handle", None), getattr(getattr(u, "inner", None), "handle", None)):
-            if isinstance(h, ChannelHandle):
-                h.close()
-
-
-# ---- the router's side ------------------------------------------------------------------------
-class VerifierUnavailable(Exception):
-    """The verifier failed: nothing can answer the request (503)."""
-
-
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    """Ray hands numpy results over read-only (zero-copy from the object store); torch must
-    not share memory it may not write."""
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
-
-
-class RemoteTarget:
-    """`TargetBackend` over the Verifier deployment. Token ids go as int32 arrays."""
-
-    device = None  # timings need no device sync here
-
-    def __init__(self, handle, meta: dict, timeout_s: float, argmax_only: bool = False):
-        """argmax_only: ask for greedy tokens instead of logits (only for greedy decoding: the
-        results then carry `greedy_ids` and no logits)."""
-        self.handle, self.timeout_s, self.argmax_only = handle, timeout_s, argmax_only
-        self.vocab_size = int(meta["vocab_size"])
-        self.eos_token_id = meta["eos_token_id"]
-        self.feature_dim = int(meta["feature_dim"])
-        self.calls: list = []  # per call, the replica's (wait, compute) seconds (split_timings)
-
-    def score(self, seq_id: str, token_ids: Sequence[int], n_query: int,
-              return_hidden: bool = False, n_hidden: Optional[int] = None) -> ScoreResult:
-        ids = np.asarray(token_ids, dtype=np.int32)                                 # (T,)
-        try:
-            r = self.handle.score.remote(seq_id, ids, n_query, return_hidden, n_hidden,
-                                         self.argmax_only).result(timeout_s=self.timeout_s)
-        except Exception as e:
-            raise VerifierUnavailable(f"verifier call failed: {e!r}") from e
-        self.last_replica = r.replica
-        self.calls.append(r.server)
-        return reply_to_result(r)
-
-    def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False) -> list[ScoreResult]:
-        return [self.score(s, t, n, return_hidden) for s, t, n in zip(seq_ids, token_ids, n_query)]
-
-    def release(self, seq_id: str) -> None:
-        try:
-            self.handle.release.remote(seq_id)  # fire and forget: the ids are never reused
-        except Exception:  # a dead verifier holds no cache
-            pass
-
-
-def replica_info(role: str, path: str, device: str) -> dict:
-    """Where this replica runs: process, Ray node and actor, GPU ids Ray gave it."""
-    info = {"role": role, "pid": os.getpid(), "model_path": path, "device": device,
-            "node_id": None, "actor_id": None, "gpu_ids": []}
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ctx = ray.get_runtime_context()
-            info.update(node_id=ctx.get_node_id(), actor_id=ctx.get_actor_id(),
-                        gpu_ids=[str(g) for g in ray.get_gpu_ids()])
-    except Exception:  # in-process use without Ray
-        pass
-    return info

@@ -9,7 +9,7 @@ the router uses.
 
 from __future__ import annotations
 
-from deployments.drafter import RemoteDrafter
+from deployments.clients import RemoteDrafter
 
 
 def remote_drafter(spec: str, timeout_s: float) -> RemoteDrafter:

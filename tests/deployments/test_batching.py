@@ -188,7 +188,7 @@ def test_batcher_reports_each_callers_wait_and_run():
 
 
 def test_split_timings_keeps_the_loops_total():
-    from deployments.verifier import split_timings
+    from deployments.session import split_timings
 
     t = {"prefill": 0.5, "draft": 1.0, "verify": 2.0, "other": 0.1}
     s = split_timings(t, (0.2, 0.7), [(0.1, 0.8), None, (0.1, 0.6)])

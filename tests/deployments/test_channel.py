@@ -18,7 +18,7 @@ from test_router import (  # noqa: E402,F401  (fixtures)
 
 from deer_serve.types import SamplingParams  # noqa: E402
 from deployments.channel import ChannelClient, ChannelError, ChannelHandle, ChannelServer  # noqa: E402
-from deployments.drafter import DrafterUnavailable, RemoteDrafter  # noqa: E402
+from deployments.clients import DrafterUnavailable, RemoteDrafter  # noqa: E402
 
 
 class Echo:

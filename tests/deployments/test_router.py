@@ -16,10 +16,14 @@ pytest.importorskip("fastapi")
 from deer_serve.engine import generate  # noqa: E402
 from deer_serve.targets.hf import HFTarget  # noqa: E402
 from deer_serve.types import SamplingParams  # noqa: E402
+from deployments.clients import RemoteTarget  # noqa: E402
 from deployments.drafter import Drafter  # noqa: E402
-from deployments.router import Router, RouterSettings, TextStream, _error_body  # noqa: E402
+from deployments.http_ingress import error_body  # noqa: E402
+from deployments.router import Router, RouterSettings  # noqa: E402
 from deployments.schemas import RequestError  # noqa: E402
-from deployments.verifier import RemoteTarget, Verifier  # noqa: E402
+from deployments.session import DecodeSpec  # noqa: E402
+from deployments.text import TextStream  # noqa: E402
+from deployments.verifier import Verifier  # noqa: E402
 
 PROMPT = "def add(a, b):\n"
 
@@ -221,7 +225,7 @@ def test_a_failing_verifier_is_a_503_not_a_client_error(tiny_checkpoints, drafte
     router.verifier = LocalHandle(verifier, hook)
     with pytest.raises(Exception) as e:
         complete(router, {"prompt": PROMPT, "max_tokens": 4})
-    status, body = _error_body(e.value)
+    status, body = error_body(e.value)
     assert status == 503 and body["error"]["type"] == "service_unavailable"
 
 
@@ -367,7 +371,8 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
     """`loop: colocated`: the Verifier replica drafts with a Drafter in its own process (through
     `deployments.verifier.LocalHandle`: RemoteDrafter's calls in a thread pool, so a pre-draft
     overlaps the verify); greedy output is plain AR's, the replica reports its draft compute,
-    and a Verifier without a drafter refuses the loop instead of hanging."""
+    and a Verifier without a drafter refuses the loop instead of hanging. A segment is sent as
+    a `DecodeSpec` (deployments.session)."""
     from transformers import AutoTokenizer
 
     from deployments.app import AppConfig, check_models
@@ -379,26 +384,28 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoints["target"]))
     ids = np.asarray(tok.encode(PROMPT, add_special_tokens=False), dtype=np.int32)
     ref = reference(PROMPT, 32)
-    events = list(v._decode_steps(ids, SamplingParams(max_new_tokens=32), "deer", 4, "s-1",
-                                  30.0, pipeline=pipeline))
+
+    def spec(seq_id: str, n: int = 32) -> DecodeSpec:
+        return DecodeSpec(token_ids=ids, emitted=0, sampling=SamplingParams(max_new_tokens=n),
+                          mode="deer", block_size=4, seq_id=seq_id, adaptive_k=False,
+                          pipeline=pipeline, lookup=False, drafter_timeout_s=30.0)
+    events = list(v._segment(spec("s-1")))
     kinds = [k for k, _ in events]
     assert kinds[-1] == "done" and "drafter_unavailable" not in kinds, events[-1]
     done = events[-1][1]
-    assert done["token_ids"] == ref.token_ids
+    assert done.token_ids == ref.token_ids
     assert [t for k, s in events[:-1] for t in s.new_token_ids] == ref.token_ids
-    assert done["accept_lengths"] and done["timings"]["draft"] > 0
+    assert done.accept_lengths and done.timings["draft"] > 0
     if pipeline:
-        assert done["extra"]["pipeline_hits"] + done["extra"]["pipeline_misses"] > 0
+        assert done.extra["pipeline_hits"] + done.extra["pipeline_misses"] > 0
     assert "s-1" not in v.local_drafter.backend._caches  # released at the end
 
     async def streamed():  # Verifier.decode: batches of these events, the loop in a thread
-        return [e async for batch in v.decode(ids, SamplingParams(max_new_tokens=32), "deer", 4,
-                                              "s-3", 30.0, pipeline=pipeline)
-                for e in batch]
+        return [e async for batch in v.decode(spec("s-3")) for e in batch]
     events = asyncio.run(streamed())
-    assert events[-1][0] == "done" and events[-1][1]["token_ids"] == ref.token_ids
+    assert events[-1][0] == "done" and events[-1][1].token_ids == ref.token_ids
     assert [t for k, s in events[:-1] for t in s.new_token_ids] == ref.token_ids
     plain = Verifier(str(tiny_checkpoints["target"]), device="cpu",
                      feature_layers=check_models(cfg))
     with pytest.raises(ValueError, match="holds no drafter"):
-        list(plain._decode_steps(ids, SamplingParams(max_new_tokens=8), "deer", 4, "s-2", 30.0))
+        list(plain._segment(spec("s-2", 8)))

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from deployments.router import _error_body  # noqa: E402
+from deployments.http_ingress import error_body  # noqa: E402
 from deployments.schemas import RequestError  # noqa: E402
 from test_router import (  # noqa: E402,F401  (fixtures)
     PROMPT, LocalHandle, complete, drafters, make_router, reference, stream, verifier)
@@ -51,7 +51,7 @@ def test_a_verifier_that_stays_down_is_a_503_within_the_resume_budget(tiny_check
     with pytest.raises(Exception) as e:
         complete(router, {"prompt": PROMPT, "max_tokens": 16})
     assert time.monotonic() - t0 < 5.0
-    status, body = _error_body(e.value)
+    status, body = error_body(e.value)
     assert status == 503 and body["error"]["code"] == "verifier_unavailable"
     assert router.counts["resumed"] == 2 and router._active == 0
 

@@ -87,15 +87,15 @@ def test_chat_errors():
 
 def test_grpc_fields_use_the_same_path():
     from deer_serve.protos import deer_pb2
-    from deployments.router import _proto_fields
+    from deployments.grpc_ingress import proto_fields
 
     msg = deer_pb2.GenerateRequest(prompt="x", seed=0, temperature=0.0, stop=["a", "b"])
-    data = _proto_fields(msg)
+    data = proto_fields(msg)
     assert data == {"prompt": "x", "seed": 0, "temperature": 0.0, "stop": ["a", "b"]}
     r = parse(data, "grpc")
     assert r.seed == 0 and r.stops == ("a", "b") and r.max_tokens == 64
-    assert status_of(_proto_fields(deer_pb2.GenerateRequest()), "grpc") == 400
-    assert status_of(_proto_fields(deer_pb2.GenerateRequest(prompt="x", max_tokens=-3)),
+    assert status_of(proto_fields(deer_pb2.GenerateRequest()), "grpc") == 400
+    assert status_of(proto_fields(deer_pb2.GenerateRequest(prompt="x", max_tokens=-3)),
                      "grpc") == 400
 
 

@@ -1,0 +1,189 @@
+"""One request's decode session: the engine's loop (`deer_serve.engine.iter_generate`) in
+segments, with the drafter-to-AR fallback and the verifier resume. No acceptance, sampling or
+caching here.
+
+A segment ends at a drafter failure (`DrafterUnavailable`: the rest is plain AR, and the stats
+say `fallback: true`) or a verifier failure (`VerifierUnavailable`: the rest is resumed, at most
+`verifier_resumes` times within `verifier_resume_window_s`, else 503 / UNAVAILABLE). Each new
+segment starts from prompt + the tokens emitted so far, so greedy output is the target's plain
+AR output whatever happens.
+
+Every host of the loop uses these two generators. The Router runs `run_session` for each
+request; its segments are either `run_segment` over `RemoteTarget` / `RemoteDrafter`
+(`loop: router`) or one streaming call each to a Verifier replica (`loop: colocated`,
+`clients.remote_segment`), which runs `run_segment` over its own target and drafter
+(`Verifier.decode`). A segment travels as a `DecodeSpec`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Generator, Optional, Sequence
+
+import numpy as np
+
+from deer_serve.engine import StepOutput, iter_generate
+from deer_serve.types import GenerationResult, SamplingParams
+from deployments.clients import DrafterUnavailable, VerifierUnavailable
+from deployments.schemas import DeerStats
+
+log = logging.getLogger("deer_serve.router")
+
+
+@dataclass
+class DecodeSpec:
+    """One segment of a request's decode loop (what `Verifier.decode` is sent)."""
+
+    token_ids: np.ndarray     # (T,) int32: the prompt + the tokens emitted before this segment
+    emitted: int              # how many of those T are emitted tokens (stop strings read them)
+    sampling: SamplingParams  # max_new_tokens: what is left of the request's
+    mode: str                 # "deer" | "ar"
+    block_size: int           # draft tokens per cycle (the largest, with adaptive_k)
+    seq_id: str               # the segment's KV cache key in the replicas
+    adaptive_k: bool          # k per cycle from the request's acceptance (engine.AdaptiveK)
+    pipeline: bool            # pre-draft the next block during each verify (engine.Pipeliner)
+    lookup: bool              # prompt lookup spliced into the drafts (ServiceOptions.lookup)
+    drafter_timeout_s: float  # a slower draft -> DrafterUnavailable
+
+
+@dataclass
+class Outcome:
+    """A finished request: its tokens and the stats of its `deer` object."""
+
+    token_ids: list[int]
+    accept_lengths: list[int]
+    cycles: int
+    finish_reason: str
+    fallback: bool
+    timings: dict = field(default_factory=dict)
+    pipeline: Optional[dict] = None  # {"hits", "misses"} when the request pipelined
+
+    def stats(self) -> DeerStats:
+        a = self.accept_lengths
+        pipe = self.pipeline or {}
+        return DeerStats(accept_lengths=a, mean_accepted=sum(a) / len(a) if a else 0.0,
+                         cycles=self.cycles, fallback=self.fallback,
+                         timings={k: round(v, 6) for k, v in self.timings.items()},
+                         pipeline_hits=pipe.get("hits"), pipeline_misses=pipe.get("misses"))
+
+
+# (the segment's spec, its verifier timeout in seconds) -> the segment's decode generator
+Segment = Callable[[DecodeSpec, float], Generator[StepOutput, None, GenerationResult]]
+
+
+def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_window_s: float,
+                verifier_timeout_s: float, fallback: bool = False,
+                on_step: Callable[[StepOutput], Any] = lambda step: None,
+                on_fallback: Callable[[str], Any] = lambda kind: None,
+                ) -> Generator[StepOutput, None, Outcome]:
+    """The request's steps, segment after segment, then its Outcome. first: the first
+    segment (the whole request: token_ids = the prompt); fallback: the drafter already failed
+    (first.mode is then "ar"). on_step: each step, before it is yielded; on_fallback:
+    "drafter_to_ar" or "verifier_resume", as each happens. Raises VerifierUnavailable when
+    the resumes are spent."""
+    prompt = np.asarray(first.token_ids, dtype=np.int32).tolist()
+    out: list[int] = []
+    accepts: list[int] = []
+    mode, cycles, resumed, give_up_at = first.mode, 0, 0, None
+    pipe = {"hits": 0, "misses": 0} if first.pipeline and mode == "deer" else None
+    for seg in range(resumes + 2):  # (+1 drafter fallback)
+        prev = list(out)
+        spec = replace(first, token_ids=np.asarray(prompt + prev, dtype=np.int32),
+                       emitted=len(prev), mode=mode, seq_id=f"{first.seq_id}-{seg}",
+                       sampling=replace(first.sampling, max_new_tokens=(
+                           first.sampling.max_new_tokens - len(prev))))
+        timeout = verifier_timeout_s if give_up_at is None else \
+            max(1.0, min(verifier_timeout_s, give_up_at - time.monotonic()))
+        it = segment(spec, timeout)
+        steps = 0
+        try:
+            while True:
+                try:
+                    step = next(it)
+                except StopIteration as stop:
+                    r = stop.value
+                    if pipe is not None:
+                        pipe["hits"] += int(r.extra.get("pipeline_hits", 0))
+                        pipe["misses"] += int(r.extra.get("pipeline_misses", 0))
+                    return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
+                                   r.finish_reason, fallback, r.timings, pipe)
+                except DrafterUnavailable as e:
+                    log.warning("request %s: %s; finishing with plain AR", first.seq_id, e)
+                    mode, fallback = "ar", True
+                    on_fallback("drafter_to_ar")
+                    break
+                except VerifierUnavailable as e:
+                    now = time.monotonic()
+                    give_up_at = give_up_at or now + resume_window_s
+                    if resumed >= resumes or now >= give_up_at:
+                        raise
+                    resumed += 1
+                    log.warning("request %s: %s; resuming from %d tokens (%d/%d)", first.seq_id,
+                                e, len(out), resumed, resumes)
+                    on_fallback("verifier_resume")
+                    time.sleep(min(0.2 * resumed, max(0.0, give_up_at - now)))
+                    break
+                steps += 1
+                out += step.new_token_ids
+                if step.accepted is not None:
+                    accepts.append(step.accepted)
+                on_step(step)
+                yield step
+        finally:
+            it.close()  # releases both caches when the client went away
+        cycles += max(0, steps - 1)  # the segment's first step was its prefill
+    raise VerifierUnavailable("the request was resumed too many times")
+
+
+def run_segment(target, drafter, spec: DecodeSpec, *, target_client, drafter_client=None,
+                detokenize: Optional[Callable[[list[int]], str]] = None,
+                ) -> Generator[StepOutput, None, GenerationResult]:
+    """One segment in this process: `iter_generate(target, drafter, spec...)`, whose result's
+    timings are split by what the replicas reported (`split_timings`). target_client: the
+    `RemoteTarget` (or a replica's own target) under `target`, whose `calls` hold each call's
+    (wait, compute); drafter_client: the `RemoteDrafter` under `drafter` (deer mode), whose
+    `server_s` sums them. detokenize: the completion's ids -> text (stop strings)."""
+    ids = np.asarray(spec.token_ids).tolist()
+    detok: Optional[Callable[[list[int]], str]] = None
+    if detokenize is not None:
+        full, before = detokenize, ids[len(ids) - spec.emitted:]
+        detok = lambda new: full(before + new)  # noqa: E731
+    d0 = tuple(drafter_client.server_s) if drafter_client is not None else (0.0, 0.0)
+    it = iter_generate(target, drafter, ids, spec.sampling, mode=spec.mode,
+                       block_size=spec.block_size, seq_id=spec.seq_id,
+                       adaptive_k=spec.adaptive_k, pipeline=spec.pipeline, detokenize=detok)
+    try:
+        r = yield from it
+    finally:
+        it.close()
+    d1 = drafter_client.server_s if drafter_client is not None else d0
+    r.timings = split_timings(r.timings, (d1[0] - d0[0], d1[1] - d0[1]),
+                              target_client.calls[1:])
+    return r
+
+
+def split_timings(t: dict, draft_server: Sequence[float], verify_calls: Sequence) -> dict:
+    """The engine's timings (seconds; draft and verify as the decode loop saw its calls) with
+    each of draft and verify split by what the replicas reported (`server`: wait, compute):
+    draft / verify = compute in the replicas, waiting = queued there behind other calls'
+    forwards, transport = the rest of the call (network, serialization, Serve). verify_calls:
+    the (wait, compute) of each verify after the prefill. A pipelined draft overlaps the verify,
+    so its wait in the loop can be shorter than its compute: then the loop's time is split in
+    the replica's proportions and transport is 0. The sum of draft, verify, waiting and
+    transport is the loop's draft + verify."""
+    out = dict(t)
+    vw = sum(c[0] for c in verify_calls if c)
+    vc = sum(c[1] for c in verify_calls if c)
+    waiting = transport = 0.0
+    for key, (w, c) in (("draft", tuple(draft_server)), ("verify", (vw, vc))):
+        obs = float(t.get(key, 0.0))
+        if w + c <= 0:
+            continue
+        if obs >= w + c:
+            out[key], waiting, transport = c, waiting + w, transport + obs - w - c
+        else:
+            out[key], waiting = obs * c / (w + c), waiting + obs * w / (w + c)
+    out["waiting"], out["transport"] = waiting, transport
+    return out
