@@ -8,6 +8,11 @@ Router classes stay plain (testable in-process, as Ray Serve LLM's servers are).
 deployment gets its own replica count or autoscaling, and its own `ray_actor_options`
 (num_cpus, num_gpus, accelerator_type, custom resources), so drafters and verifiers land on
 different GPU pools.
+
+The configuration is pydantic models, each field with its default and description declared
+once: `AppConfig` and the sections it nests (`ServiceOptions`, `Limits`, `TracingConfig`,
+`DeploymentConfig`); the Router's settings reuse `ServiceOptions` and `DecodeDefaults`.
+docs/CONFIG.md is generated from them (`make config-docs`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,118 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.schemas import MAX_BLOCK_SIZE, Limits, ServiceOptions
+from deer_serve.engine import MAX_BLOCK_SIZE
+
+
+# ---- the Router's options (AppConfig.service, limits; RouterSettings) -------------------------
+class Limits(BaseModel):
+    """Per-request limits the server enforces (a request over them is the client's mistake)."""
+
+    max_tokens: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt, in tokens")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP body (413 above)")
+    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
+    max_messages: int = Field(512, ge=1, description="most chat messages in one request")
+
+
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing of the Router: spans request -> cycle -> prefill / draft / verify."""
+
+    model_config = ConfigDict(extra="forbid")
+    exporter: Literal["none", "console", "otlp", "memory"] = Field(
+        "none", description="none; console (the Router's stdout); otlp (OTLP/HTTP to "
+                            "otlp_endpoint); memory (kept in the replica, for tests)")
+    otlp_endpoint: Optional[str] = Field(
+        None, description="e.g. http://127.0.0.1:4318/v1/traces (default: the OTEL_EXPORTER_"
+                          "OTLP_* environment variables)")
+    service_name: str = Field("deer-serve", description="the resource's service.name")
+    memory_spans: int = Field(10000, ge=1, description="spans the memory exporter keeps")
+
+
+class ServiceOptions(BaseModel):
+    """Security, backpressure, fault handling and tracing of the ingress (the Router)."""
+
+    api_keys: list[str] = Field(
+        default_factory=list, description="accepted API keys (HTTP `Authorization: Bearer "
+        "KEY`, gRPC metadata `authorization: Bearer KEY` or `x-api-key`); none and no "
+        "api_keys_env variable = no authentication")
+    api_keys_env: str = Field(
+        "DEER_SERVE_API_KEYS", description="environment variable (in the Router's process) "
+        "with more comma-separated keys; keeps keys out of config files")
+    max_pending_requests: int = Field(
+        128, ge=1, description="requests decoding or waiting for a decode thread in one Router "
+        "replica; more get 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of 429 and 503 answers")
+    verifier_resumes: int = Field(
+        3, ge=0, description="times one request is resumed from its token ids after a verifier "
+                             "call fails (a dead replica); then 503 / UNAVAILABLE")
+    verifier_resume_window_s: float = Field(
+        30.0, gt=0, description="after a verifier failure, the request gives up (503) when it "
+                                "has not resumed within this many seconds")
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    # the decode loop's transport (issue: every draft and verify is a call between replicas)
+    transport: Literal["channel", "object-store"] = Field(
+        "channel", description="draft and verify calls: 'channel' = one Serve call per request "
+        "and pool picks the replica (with `affinity`, by the request's hash), the request's "
+        "calls then go over an authenticated socket to it (deployments.channel; Serve's "
+        "ongoing-request count does not see them: autoscale by the busy fraction, "
+        "deployments.autoscaling); 'object-store' = every call through Ray's object store "
+        "(Serve's default)")
+    affinity: bool = Field(
+        True, description="every call of one request goes to the same Drafter and Verifier "
+        "replica (Serve's consistent-hash request router over the request id as session), so "
+        "their KV caches are hits; off = Serve's power-of-two-choices per call")
+    loop: Literal["router", "colocated"] = Field(
+        "router", description="where a request's decode loop runs: 'router' (the Router calls "
+        "the Drafter and the Verifier every cycle: two remote calls) or 'colocated' (one "
+        "streaming call to a Verifier replica, which runs the loop with a drafter in its own "
+        "process: no remote call in the cycle; drafter and target then scale together, as one "
+        "pool; spans stop at the request)")
+    greedy_argmax: bool = Field(
+        True, description="at temperature 0 the Verifier replies with each position's argmax "
+        "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
+    pipeline: bool = Field(
+        False, description="default of the request field `pipeline`: while block b is "
+        "verified, the Drafter pre-drafts block b+1 for b's most likely outcome "
+        "(deer_serve.engine.Pipeliner)")
+    lookup: bool = Field(
+        True, description="prompt lookup spliced into each drafted block after its confident "
+        "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
+        "diffusion drafter's block alone")
+
+    @field_validator("transport", "loop", mode="before")
+    @classmethod
+    def _not_dropped(cls, v: Any, info: ValidationInfo) -> Any:
+        """A config that names a removed topology is told so, not only shown the allowed values."""
+        why = _DROPPED.get((info.field_name or "", v)) if isinstance(v, str) else None
+        if why is not None:
+            raise ValueError(f"{info.field_name} {v!r} was removed (issue 20): {why}")
+        return v
+
+
+# the topologies removed in issue 20 (measurements: docs/RESULTS.md), and what to use instead
+_DROPPED = {("transport", "direct"): "the channel transport was faster in every measurement; "
+                                     "use 'channel' (the default) or 'object-store'",
+            ("loop", "verifier"): "the service keeps two loop placements; use 'router' (the "
+                                  "default) or 'colocated'"}
+
+
+class DecodeDefaults(BaseModel):
+    """The Router's defaults for each request, and its timeouts (AppConfig fields, passed on to
+    the Router's settings)."""
+
+    block_size: int = Field(16, ge=1, le=MAX_BLOCK_SIZE, description="default draft block k")
+    adaptive_k: bool = Field(False, description="requests adapt k (block_size the largest) and "
+                                                "take plain AR stretches unless they say not to")
+    limits: Limits = Field(default_factory=Limits)
+    drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
+    verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
+    max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
+
+
+# ---- the app ------------------------------------------------------------------------------------
 
 
 class RayActorOptions(BaseModel):
@@ -76,7 +190,7 @@ class DeploymentConfig(BaseModel):
         return opts
 
 
-class AppConfig(BaseModel):
+class AppConfig(DecodeDefaults):
     """Everything `build_app` needs. Paths default to the embedded model pair."""
 
     model_config = ConfigDict(extra="forbid")
@@ -87,10 +201,6 @@ class AppConfig(BaseModel):
     served_model_name: Optional[str] = Field(
         None, description="the `model` clients may name (default: the target dir's name)")
     device: Optional[str] = Field(None, description="cpu | cuda | None = cuda when visible")
-    block_size: int = Field(16, ge=1, le=MAX_BLOCK_SIZE, description="default draft block k")
-    adaptive_k: bool = Field(False, description="requests adapt k (block_size the largest) and "
-                                                "take plain AR stretches unless they say not to")
-    limits: Limits = Field(default_factory=Limits)
     max_sequences: int = Field(64, ge=1, description="KV caches kept per replica (LRU)")
     verifier_backend: Literal["torch", "vllm"] = Field(
         "torch", description="the Verifier's target engine: torch (HF transformers) or vllm "
@@ -99,9 +209,6 @@ class AppConfig(BaseModel):
     batching: bool = Field(True, description="ragged batching of concurrent calls in the Drafter "
                                              "and Verifier replicas (off = one forward per call)")
     max_batch_size: int = Field(16, ge=1, description="rows per batched forward")
-    drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
-    verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
-    max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
     service: ServiceOptions = Field(default_factory=ServiceOptions,
                                     description="API keys, backpressure, resumes, tracing")
     # Defaults fit a 2-core laptop (2 CPUs in all); on a cluster give each its own pool.
@@ -248,10 +355,7 @@ def build_app(args: Optional[dict] = None):
         colocated_drafter=drafter_args if cfg.service.loop == "colocated" else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
-        block_size=cfg.block_size, adaptive_k=cfg.adaptive_k, limits=cfg.limits,
-        drafter_timeout_s=cfg.drafter_timeout_s,
-        verifier_timeout_s=cfg.verifier_timeout_s,
-        max_concurrent_decodes=cfg.max_concurrent_decodes, **cfg.service.model_dump())
+        **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())
     router = serve.deployment(make_ingress(), name="Router",
                               **cfg.router.options())
     return router.bind(drafter, verifier, settings.model_dump())

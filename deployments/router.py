@@ -44,8 +44,9 @@ from deployments.clients import (DrafterUnavailable, RemoteDrafter, RemoteTarget
                                  VerifierUnavailable, close_channels, remote_segment, route_handle)
 from deployments.grpc_ingress import GrpcIngress
 from deployments.http_ingress import HttpIngress, fastapi_app
-from deployments.schemas import (GenerationRequest, Limits, RequestError, RequestKind,
-                                 ServiceOptions, Usage, check_prompt, parse_request)
+from deployments.app import DecodeDefaults, ServiceOptions
+from deployments.schemas import (GenerationRequest, RequestError, RequestKind, Usage,
+                                 check_prompt, parse_request)
 from deployments.security import ApiKeys
 from deployments.session import DecodeSpec, Outcome, Segment, run_segment, run_session
 from deployments.telemetry import (CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing,
@@ -56,15 +57,12 @@ log = logging.getLogger("deer_serve.router")
 
 
 # ---- per-request state -------------------------------------------------------------------------
-class RouterSettings(ServiceOptions):
+class RouterSettings(ServiceOptions, DecodeDefaults):
+    """The Router's settings: AppConfig's `service` section and its `DecodeDefaults` (build_app
+    passes them on), and what it resolved."""
+
     served_model_name: str = Field(description="the only accepted `model` value")
     tokenizer_path: str = Field(description="the target's tokenizer (and chat template)")
-    block_size: int = Field(16, ge=1, le=64, description="default draft tokens per cycle")
-    adaptive_k: bool = Field(False, description="default of the request field adaptive_k")
-    limits: Limits = Field(default_factory=Limits)
-    drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafter calls -> AR fallback")
-    verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifier calls -> 503")
-    max_concurrent_decodes: int = Field(32, ge=1, description="decode loops (threads) at once")
 
 
 @dataclass

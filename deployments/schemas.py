@@ -16,108 +16,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deer_serve.engine import MAX_BLOCK_SIZE
 from deer_serve.types import SamplingParams
 
-MAX_BLOCK_SIZE = 64  # = deer_serve.engine.MAX_BLOCK_SIZE (not imported: the engine pulls in torch)
+if TYPE_CHECKING:
+    from deployments.app import Limits
+
 MAX_STOP = 4         # as OpenAI
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0  # or exactly 0 (greedy)
-
-
-class Limits(BaseModel):
-    """Per-request limits the server enforces (a request over them is the client's mistake)."""
-
-    max_tokens: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
-    max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt, in tokens")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP body (413 above)")
-    max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters")
-    max_messages: int = Field(512, ge=1, description="most chat messages in one request")
-
-
-class TracingConfig(BaseModel):
-    """OpenTelemetry tracing of the Router: spans request -> cycle -> prefill / draft / verify."""
-
-    model_config = ConfigDict(extra="forbid")
-    exporter: Literal["none", "console", "otlp", "memory"] = Field(
-        "none", description="none; console (the Router's stdout); otlp (OTLP/HTTP to "
-                            "otlp_endpoint); memory (kept in the replica, for tests)")
-    otlp_endpoint: Optional[str] = Field(
-        None, description="e.g. http://127.0.0.1:4318/v1/traces (default: the OTEL_EXPORTER_"
-                          "OTLP_* environment variables)")
-    service_name: str = Field("deer-serve", description="the resource's service.name")
-    memory_spans: int = Field(10000, ge=1, description="spans the memory exporter keeps")
-
-
-class ServiceOptions(BaseModel):
-    """Security, backpressure, fault handling and tracing of the ingress (the Router)."""
-
-    api_keys: list[str] = Field(
-        default_factory=list, description="accepted API keys (HTTP `Authorization: Bearer "
-        "KEY`, gRPC metadata `authorization: Bearer KEY` or `x-api-key`); none and no "
-        "api_keys_env variable = no authentication")
-    api_keys_env: str = Field(
-        "DEER_SERVE_API_KEYS", description="environment variable (in the Router's process) "
-        "with more comma-separated keys; keeps keys out of config files")
-    max_pending_requests: int = Field(
-        128, ge=1, description="requests decoding or waiting for a decode thread in one Router "
-        "replica; more get 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After")
-    retry_after_s: int = Field(1, ge=0, description="the Retry-After of 429 and 503 answers")
-    verifier_resumes: int = Field(
-        3, ge=0, description="times one request is resumed from its token ids after a verifier "
-                             "call fails (a dead replica); then 503 / UNAVAILABLE")
-    verifier_resume_window_s: float = Field(
-        30.0, gt=0, description="after a verifier failure, the request gives up (503) when it "
-                                "has not resumed within this many seconds")
-    tracing: TracingConfig = Field(default_factory=TracingConfig)
-    # the decode loop's transport (issue: every draft and verify is a call between replicas)
-    transport: Literal["channel", "object-store"] = Field(
-        "channel", description="draft and verify calls: 'channel' = one Serve call per request "
-        "and pool picks the replica (with `affinity`, by the request's hash), the request's "
-        "calls then go over an authenticated socket to it (deployments.channel; Serve's "
-        "ongoing-request count does not see them: autoscale by the busy fraction, "
-        "deployments.autoscaling); 'object-store' = every call through Ray's object store "
-        "(Serve's default)")
-    affinity: bool = Field(
-        True, description="every call of one request goes to the same Drafter and Verifier "
-        "replica (Serve's consistent-hash request router over the request id as session), so "
-        "their KV caches are hits; off = Serve's power-of-two-choices per call")
-    loop: Literal["router", "colocated"] = Field(
-        "router", description="where a request's decode loop runs: 'router' (the Router calls "
-        "the Drafter and the Verifier every cycle: two remote calls) or 'colocated' (one "
-        "streaming call to a Verifier replica, which runs the loop with a drafter in its own "
-        "process: no remote call in the cycle; drafter and target then scale together, as one "
-        "pool; spans stop at the request)")
-    greedy_argmax: bool = Field(
-        True, description="at temperature 0 the Verifier replies with each position's argmax "
-        "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
-    pipeline: bool = Field(
-        False, description="default of the request field `pipeline`: while block b is "
-        "verified, the Drafter pre-drafts block b+1 for b's most likely outcome "
-        "(deer_serve.engine.Pipeliner)")
-    lookup: bool = Field(
-        True, description="prompt lookup spliced into each drafted block after its confident "
-        "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
-        "diffusion drafter's block alone")
-
-    @field_validator("transport", "loop", mode="before")
-    @classmethod
-    def _not_dropped(cls, v: Any, info: ValidationInfo) -> Any:
-        """A config that names a removed topology is told so, not only shown the allowed values."""
-        why = _DROPPED.get((info.field_name or "", v)) if isinstance(v, str) else None
-        if why is not None:
-            raise ValueError(f"{info.field_name} {v!r} was removed (issue 20): {why}")
-        return v
-
-
-# the topologies removed in issue 20 (measurements: docs/RESULTS.md), and what to use instead
-_DROPPED = {("transport", "direct"): "the channel transport was faster in every measurement; "
-                                     "use 'channel' (the default) or 'object-store'",
-            ("loop", "verifier"): "the service keeps two loop placements; use 'router' (the "
-                                  "default) or 'colocated'"}
 
 
 class RequestError(Exception):

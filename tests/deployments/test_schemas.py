@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("pydantic")
 
-from deployments.schemas import Limits, RequestError, parse_request  # noqa: E402
+from deployments.app import Limits  # noqa: E402
+from deployments.schemas import RequestError, parse_request  # noqa: E402
 
 LIMITS = Limits(max_tokens=100)
 
@@ -106,8 +107,7 @@ def test_a_removed_topology_fails_validation_and_says_so(field, value, left):
     names one is refused by the app's config, with the reason and what to use."""
     from pydantic import ValidationError
 
-    from deployments.app import AppConfig
-    from deployments.schemas import ServiceOptions
+    from deployments.app import AppConfig, ServiceOptions
 
     with pytest.raises(ValidationError, match=f"{field} '{value}' was removed.*'{left}'"):
         AppConfig.model_validate({"service": {field: value}})

@@ -94,7 +94,7 @@ def test_the_metrics_endpoint_shows_the_histograms(app):
 
 def test_tracing_exporters_can_be_built():
     """console and otlp build without a collector (nothing is sent until a span ends)."""
-    from deployments.schemas import TracingConfig
+    from deployments.app import TracingConfig
     from deployments.telemetry import Tracing
 
     for cfg in (TracingConfig(exporter="console"), TracingConfig(exporter="none"),
