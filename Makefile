@@ -28,7 +28,8 @@ install: $(STAMP)
 serve: install
 	$(BIN)/deer-serve serve
 
-test: install
+# lint first (ruff + mypy, seconds), then the whole suite
+test: install lint
 	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 test-fast: install

@@ -190,7 +190,7 @@ def test_channel_pools_get_the_pool_policy_unless_they_name_one():
     auto = DeploymentConfig(autoscaling_config={"min_replicas": 1, "max_replicas": 3})
     assert pool_options(auto, "channel")["autoscaling_config"]["policy"]["policy_function"] \
         == "deployments.autoscaling:PoolPolicy"
-    assert "policy" not in pool_options(auto, "direct")["autoscaling_config"]
+    assert "policy" not in pool_options(auto, "object-store")["autoscaling_config"]
     own = DeploymentConfig(autoscaling_config={"max_replicas": 3, "policy": {
         "policy_function": "x:y"}})
     assert pool_options(own, "channel")["autoscaling_config"]["policy"] == {"policy_function": "x:y"}
