@@ -289,14 +289,14 @@ def check_models(cfg: AppConfig) -> Optional[list[int]]:
     if t_vocab is not None and d.get("vocab_size") not in (None, t_vocab):
         raise ValueError(f"drafter vocabulary ({d['vocab_size']}) differs from the target's "
                          f"({t_vocab})")
-    from deer_serve.drafters import DrafterFormatError, drafter_feature_layers, drafter_format
+    from deer_serve.drafters import DrafterFormatError, config_feature_layers, config_format
 
     try:
-        if drafter_format(cfg.drafter_path) == "dflash":
+        if config_format(d, cfg.drafter_path) == "dflash":
             from deer_serve.models.dflash import DFlashConfig
 
             DFlashConfig.from_dict(d).check_target(t)
-        layers = drafter_feature_layers(cfg.drafter_path)
+        layers = config_feature_layers(d)
     except DrafterFormatError as e:
         raise ValueError(f"drafter {cfg.drafter_path}: {e}") from None
     return layers or None

@@ -94,7 +94,6 @@ class Models:
         self.tokenizer = AutoTokenizer.from_pretrained(target_path)
         self.model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
         self._drafter = None
-        self._hf_target = None
         self._ar_draft = None
         self._ar_drafter = None
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -124,10 +123,12 @@ class Models:
         return self._alt_drafter
 
     def target_for(self, drafter):
-        """An HFTarget over the shared model that returns the features `drafter` reads."""
+        """An HFTarget over the shared model that returns the features `drafter` reads (one per
+        set of layers; None: no features)."""
         from deer_serve.targets.hf import HFTarget
 
-        layers = tuple(drafter.feature_layers) if drafter.context_mode == "target-features" else None
+        layers = tuple(drafter.feature_layers) \
+            if drafter is not None and drafter.context_mode == "target-features" else None
         if layers not in self._targets:
             self._targets[layers] = HFTarget(self.model, feature_layers=layers,
                                              eos_token_id=self.eos_token_id)
@@ -136,17 +137,7 @@ class Models:
     @property
     def hf_target(self):
         """The HFTarget; its feature layers follow the drafter's when there is one."""
-        if self._hf_target is None:
-            from deer_serve.targets.hf import HFTarget
-
-            layers = None
-            if self.drafter_path:
-                d = self.drafter
-                if d.context_mode == "target-features":
-                    layers = d.feature_layers
-            self._hf_target = HFTarget(self.model, feature_layers=layers,
-                                       eos_token_id=self.eos_token_id)
-        return self._hf_target
+        return self.target_for(self.drafter if self.drafter_path else None)
 
     @property
     def ar_draft(self):

@@ -18,7 +18,11 @@ FORMATS = ("deer", "dflash", "ar")
 def drafter_format(path) -> str:
     """"deer", "dflash" or "ar" from the directory's config.json (DrafterFormatError
     otherwise)."""
-    cfg = read_config(path)
+    return config_format(read_config(path), path)
+
+
+def config_format(cfg: dict, path="the drafter") -> str:
+    """`drafter_format` of a config.json already read."""
     if is_dflash_config(cfg):
         return "dflash"
     if cfg.get("model_type") == "deer_drafter":
@@ -43,7 +47,11 @@ def is_causal_lm_config(cfg: dict) -> bool:
 def drafter_feature_layers(path) -> list[int]:
     """The target `hidden_states` indices the drafter in `path` reads ([] for a tokens drafter),
     from config.json alone."""
-    cfg = read_config(path)
+    return config_feature_layers(read_config(path))
+
+
+def config_feature_layers(cfg: dict) -> list[int]:
+    """`drafter_feature_layers` of a config.json already read."""
     if is_dflash_config(cfg):
         from deer_serve.models.dflash import DFlashConfig
 
@@ -78,5 +86,6 @@ def load_drafter(path, target_path=None, device: Optional[str] = None, **kw):
     return DeerDrafterBackend(load_dflash(Path(path), Path(target_path), device=device), **kw)
 
 
-__all__ = ["FORMATS", "DrafterFormatError", "drafter_format", "drafter_feature_layers",
+__all__ = ["FORMATS", "DrafterFormatError", "config_feature_layers", "config_format",
+           "drafter_format", "drafter_feature_layers",
            "is_causal_lm_config", "load_drafter"]

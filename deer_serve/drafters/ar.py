@@ -49,14 +49,8 @@ class ARDrafterBackend:
     @classmethod
     def from_pretrained(cls, path: str, device: Optional[str] = None,
                         dtype: Optional[torch.dtype] = None, **kw) -> "ARDrafterBackend":
-        """CUDA + bf16 when available, else CPU float32 (as `HFTarget.from_pretrained`)."""
-        from transformers import AutoModelForCausalLM
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, **kw)
+        """CUDA + bf16 when available, else CPU float32 (`HFTarget.from_pretrained` loads it)."""
+        return cls(HFTarget.from_pretrained(path, device=device, dtype=dtype).model, **kw)
 
     @property
     def _caches(self):  # the sequences holding KV (the Drafter deployment's health reads it)

@@ -85,6 +85,15 @@ class VLLMTarget:
         self.feature_layers = tuple(int(l) for l in feature_layers) if feature_layers else ()
         self.feature_dim = len(self.feature_layers) * self.hidden_size
         self.drafter_path = str(drafter_path) if drafter_path else None
+        # a DFlash-format drafter runs in vLLM's native proposer (read once: config.json)
+        self.native_dflash = False
+        if self.drafter_path:
+            from deer_serve.drafters import DrafterFormatError, drafter_format
+
+            try:
+                self.native_dflash = drafter_format(self.drafter_path) == "dflash"
+            except DrafterFormatError:  # not a drafter dir: the DEER proposer reports it
+                pass
         self.max_sequences = max_sequences
         self.max_model_len = int(max_model_len or min(4096, int(text.get("max_position_embeddings", 2048))))
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -128,15 +137,6 @@ class VLLMTarget:
         kw.update(self.engine_kwargs)
         self._engines[k] = LLM(**kw)
         return self._engines[k]
-
-    @property
-    def native_dflash(self) -> bool:
-        """The drafter is in the DFlash format: vLLM runs it natively (`method: dflash`)."""
-        if not self.drafter_path:
-            return False
-        from deer_serve.drafters import drafter_format
-
-        return drafter_format(self.drafter_path) == "dflash"
 
     def spec_counters(self, k: int) -> dict:
         """vLLM's speculative-decoding counters of the block-size-k engine (`LLM.get_metrics`):
