@@ -161,20 +161,12 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str
     if prompt is not None:
         out.append(sys.stdin.read() if prompt == "-" else prompt)
     if prompts_file is not None:
+        from deer_serve.prompts import PromptsError, read_prompt_lines
+
         try:
-            lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise UsageError(f"cannot read --prompts {prompts_file}: {e.strerror}") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{prompts_file}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise UsageError(f'{prompts_file}:{i}: expected {{"prompt": "..."}}')
-            out.append(obj["prompt"])
+            out += [p for _, p in read_prompt_lines(prompts_file)]
+        except PromptsError as e:
+            raise UsageError(str(e)) from None
     if not out:
         raise UsageError("give a PROMPT or --prompts FILE.jsonl")
     if any(p == "" for p in out):

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from deer_serve.prompts import PromptsError, read_prompt_lines  # noqa: F401  (PromptsError: re-exported)
+
 if TYPE_CHECKING:
     from deer_serve.training.corpus import Split
 
@@ -204,9 +206,6 @@ def _save(data: dict, out_path: Path) -> None:
 
 # ---- teacher data from a user's prompts (`deer-serve train drafter`) ----------------------
 
-class PromptsError(ValueError):
-    """A prompts file that cannot be used (the CLI exits 2)."""
-
 
 @dataclass
 class PromptTeacherConfig:
@@ -224,26 +223,13 @@ class PromptTeacherConfig:
 
 
 def read_prompts_file(path) -> list[str]:
-    """The prompts of a JSONL file, one {"prompt": "..."} a line (blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise PromptsError(f"cannot read --prompts {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise PromptsError(f"--prompts {path}: not UTF-8 text") from None
+    """The prompts of a JSONL file, one {"prompt": "..."} a line (blank lines skipped); an
+    empty prompt or none at all is an error."""
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptsError(f"{path}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise PromptsError(f'{path}:{i}: expected {{"prompt": "..."}}')
-        if not obj["prompt"].strip():
+    for i, prompt in read_prompt_lines(path):
+        if not prompt.strip():
             raise PromptsError(f"{path}:{i}: empty prompt")
-        out.append(obj["prompt"])
+        out.append(prompt)
     if not out:
         raise PromptsError(f'--prompts {path}: no prompts (one {{"prompt": "..."}} a line)')
     return out
