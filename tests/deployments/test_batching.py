@@ -19,11 +19,19 @@ from deployments.drafter import Drafter
 from deployments.verifier import Verifier
 
 
-def _wait_queue(batcher, n, timeout=30.0):
-    t0 = time.time()
-    while len(batcher._queue) < n:
-        assert time.time() - t0 < timeout, f"only {len(batcher._queue)} of {n} callers queued"
-        time.sleep(0.005)
+DEADLINE_S = 120.0  # how long a test waits for a condition before it fails (never a window)
+
+
+def wait_for(cond, what: str, timeout: float = DEADLINE_S) -> None:
+    """Return as soon as cond() holds; fail after `timeout` seconds."""
+    t_end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < t_end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def _wait_queue(batcher, n):
+    wait_for(lambda: len(batcher._queue) >= n, f"{n} queued callers (have {len(batcher._queue)})")
 
 
 def _run_threads(fns):
@@ -38,26 +46,30 @@ def _run_threads(fns):
     return ts, out, errs
 
 
+def _join(ts):
+    for t in ts:
+        t.join(DEADLINE_S)
+        assert not t.is_alive(), "a caller never returned"
+
+
 def test_batcher_collects_waiting_callers_and_isolates_errors():
     gate = threading.Event()
     seen = []
 
     def run(items):
         seen.append(list(items))
-        gate.wait(10)
+        assert gate.wait(DEADLINE_S)
         return [ValueError(f"bad {x}") if x % 5 == 4 else x * 10 for x in items]
 
     b = CombiningBatcher(run, max_batch_size=4)
     ts, out, errs = _run_threads([lambda i=i: b.submit(i) for i in range(10)])
     ts[0].start()
-    while not seen:
-        time.sleep(0.001)
+    wait_for(lambda: bool(seen), "the first batch")
     for t in ts[1:]:
         t.start()
     _wait_queue(b, 9)
     gate.set()
-    for t in ts:
-        t.join(10)
+    _join(ts)
     assert seen[0] == [0] and all(len(s) <= 4 for s in seen)
     assert sorted(x for s in seen for x in s) == list(range(10))       # every item ran once
     assert [len(s) for s in seen[1:]] == [4, 4, 1]                    # full batches under load
@@ -106,8 +118,7 @@ def test_verifier_batches_concurrent_calls_with_each_rows_own_result(tiny_checkp
         for t in ts:
             t.start()
         _wait_queue(batched._batcher, 5)
-    for t in ts:
-        t.join(60)
+    _join(ts)
     assert errs == [None] * 6
     assert batched.batch_stats()["max_batch"] == 5
     for (sid, ids, nq, rh), got in zip(calls, out):
@@ -141,8 +152,7 @@ def test_drafter_batches_by_block_size_and_a_row_missing_features_fails_alone(ti
         for t in ts:
             t.start()
         _wait_queue(batched._batcher, len(calls) - 1)
-    for t in ts:
-        t.join(60)
+    _join(ts)
     assert errs == [None] * len(calls)
     assert batched.batch_stats()["max_batch"] == len(calls) - 1
     for c, got in zip(calls, out):
@@ -156,35 +166,64 @@ def test_drafter_batches_by_block_size_and_a_row_missing_features_fails_alone(ti
 
 def test_batcher_reports_each_callers_wait_and_run():
     """A caller that arrives while a batch runs waits for it ("wait"), then its own batch runs
-    ("run"); the first caller waits for nothing."""
-    gate, started = threading.Event(), threading.Event()
+    ("run"); the first caller waits for nothing. Checked against instants the test reads on the
+    same clock around the events (no fixed window): each reported interval must lie between
+    them."""
+    clock = time.perf_counter
+    gate, entered = threading.Event(), threading.Event()
+    t = {}
 
     def run(items):
-        if "slow" in items:
-            started.set()
-            gate.wait(10)
+        name = items[0]
+        t[f"{name}_in"] = clock()
+        if name == "slow":
+            entered.set()
+            assert gate.wait(DEADLINE_S)
         time.sleep(0.02)
+        t[f"{name}_out"] = clock()
         return list(items)
 
     b = CombiningBatcher(run, max_batch_size=4)
     timings = [{}, {}]
 
     def first():
-        return b.submit("slow", timings[0])
+        t["first_call"] = clock()
+        r = b.submit("slow", timings[0])
+        t["first_back"] = clock()
+        return r
 
     def second():
-        started.wait(10)
-        threading.Timer(0.15, gate.set).start()
-        return b.submit("fast", timings[1])
+        t["second_call"] = clock()
+        r = b.submit("fast", timings[1])
+        t["second_back"] = clock()
+        return r
 
     ts, out, errs = _run_threads([first, second])
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
+    ts[0].start()
+    wait_for(entered.is_set, "the first batch to start")
+    ts[1].start()
+    _wait_queue(b, 1)                              # the second caller is queued behind it
+    t["queued_seen"] = clock()
+    # hold the first batch until the second caller has been queued longer than the first
+    # caller took to reach its batch function, so that its wait is the longer one
+    lead = t["slow_in"] - t["first_call"]
+    wait_for(lambda: clock() - t["queued_seen"] > 2 * lead + 0.01, "the hold")
+    t["gate"] = clock()
+    gate.set()
+    _join(ts)
     assert errs == [None, None] and out == ["slow", "fast"]
-    assert timings[0]["wait"] < 0.05 and timings[0]["run"] >= 0.15
-    assert timings[1]["wait"] >= 0.1 and 0.015 <= timings[1]["run"] < 0.15
+    w0, r0, w1, r1 = timings[0]["wait"], timings[0]["run"], timings[1]["wait"], timings[1]["run"]
+    # the first caller led its batch at once: its wait is only the way to its batch function
+    assert 0 <= w0 <= t["slow_in"] - t["first_call"]
+    # its run covers the batch function, held until the gate, and nothing after it returned
+    assert t["slow_out"] - t["slow_in"] <= r0 <= t["first_back"] - t["first_call"] - w0
+    assert r0 >= t["gate"] - t["slow_in"]
+    # the second caller waited from before it was seen queued until the first batch ended
+    assert w1 >= t["slow_out"] - t["queued_seen"] > t["gate"] - t["queued_seen"] > 2 * lead
+    assert w1 > w0
+    # its own run: its batch function, not the time it spent queued
+    assert t["fast_out"] - t["fast_in"] <= r1 <= t["second_back"] - t["slow_out"]
+    assert r1 >= 0.02                              # the batch function sleeps 20 ms
 
 
 def test_split_timings_keeps_the_loops_total():

@@ -44,5 +44,6 @@ def test_core_imports_neither_ray_nor_pydantic():
             "import deer_serve.serve_cli\n"  # its Ray imports are inside main()
             "bad = [m for m in ('ray', 'pydantic') if m in sys.modules]\n"
             "sys.exit(f'imported {bad}' if bad else 0)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-500:]

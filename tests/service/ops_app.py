@@ -45,10 +45,13 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def deploy(session, name: str, own_models: bool = True, **overrides) -> OpsApp:
+def deploy(session, name: str, own_models: bool = True,
+           models_from: tuple = ("deer", "Drafter", "Verifier"), **overrides) -> OpsApp:
     """An app from the session app's config + `overrides` (AppConfig fields). own_models=False:
     only a Router replica (its own limits, keys, tracing ...) over the session app's Drafter and
-    Verifier deployments (handles passed to it): one new process instead of three."""
+    Verifier deployments (handles passed to it): one new process instead of three.
+    models_from: (app, drafter deployment, verifier deployment) whose handles such a Router
+    gets."""
     from ray import serve
 
     from deployments.app import AppConfig, build_app
@@ -70,8 +73,8 @@ def deploy(session, name: str, own_models: bool = True, **overrides) -> OpsApp:
             block_size=cfg.block_size, limits=cfg.limits,
             drafter_timeout_s=cfg.drafter_timeout_s, verifier_timeout_s=cfg.verifier_timeout_s,
             max_concurrent_decodes=cfg.max_concurrent_decodes, **cfg.service.model_dump())
-        handles = [serve.get_deployment_handle(d, app_name="deer") for d in ("Drafter",
-                                                                              "Verifier")]
+        handles = [serve.get_deployment_handle(d, app_name=models_from[0])
+                   for d in models_from[1:]]
         app = serve.deployment(make_ingress(), name="Router", **cfg.router.options()).bind(
             *handles, settings.model_dump())
     serve.run(app, name=name, route_prefix=f"/{name}")
@@ -127,7 +130,7 @@ def kill_replica(app: str, deployment: str, busiest_since: Optional[dict] = None
         before = busiest_since["replica_calls"][role]
         # A call is counted when it returns: the streams' first tokens (their prefill) can
         # come before the first draft has returned on a slow machine, so wait for one.
-        t_end = time.monotonic() + 30.0
+        t_end = time.monotonic() + 120.0
         while True:
             now = serve_handle(app, "Router").ops_state.remote().result(timeout_s=30)
             calls = {rid: n - before.get(rid, 0) for rid, n in now["replica_calls"][role].items()}

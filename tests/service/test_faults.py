@@ -29,6 +29,7 @@ N_STREAMS = 16
 MAX_TOKENS = 48
 WORDS = ["def", "for", "class", "import", "while", "print", "return", "if"]
 PROMPTS = [f"{WORDS[i % 8]} x{i} in range({i}):\n" for i in range(N_STREAMS)]
+DEADLINE_S = 120.0  # how long a test waits for a condition before it fails
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_killing_a_verifier_replica_gives_full_text_or_a_retriable_error(app, cl
     wait_replicas(APP, "Verifier", 2)
     state0 = app.handle("Router").ops_state.remote().result(timeout_s=30)
     killed = []
-    out, t_kill, running = stream_all(client, app, lambda: killed.append(
+    out, _, running = stream_all(client, app, lambda: killed.append(
         kill_replica(APP, "Verifier", busiest_since=state0)))
     assert running >= N_STREAMS // 2
     full, retriable = 0, 0
@@ -129,7 +130,7 @@ def test_killing_a_verifier_replica_gives_full_text_or_a_retriable_error(app, cl
             body = e.body if isinstance(e.body, dict) else {}
             assert body.get("code") == "verifier_unavailable" or \
                 getattr(e, "status_code", None) == 503, repr(e)
-            assert r["t_end"] - t_kill < 30, "the error took more than the resume window"
+            # (a hang would end in the client's own timeout: an APITimeoutError, no code)
             # what was streamed before the error is a prefix of the right answer
             assert ref.token_ids[:len(r["ids"])] == r["ids"]
             retriable += 1
@@ -145,37 +146,54 @@ def test_killing_a_verifier_replica_gives_full_text_or_a_retriable_error(app, cl
 
 
 def test_a_client_that_goes_away_cancels_its_decode(app):
-    """HTTP stream closed, non-streamed request timed out: each time the Router stops the
-    decode loop (no more draft/verify calls; the engine releases both caches). (gRPC: Ray Serve 2.60's
-    gRPC proxy does not pass a client's cancel of a server stream on to the replica; the decode
-    then runs to its end.)"""
+    """HTTP stream closed, non-streamed request's connection closed while it decodes: each time
+    the Router stops the decode loop (no more draft/verify calls; the engine releases both
+    caches). (gRPC: Ray Serve 2.60's gRPC proxy does not pass a client's cancel of a server
+    stream on to the replica; the decode then runs to its end.)"""
+    import http.client as httpclient
+    import json
+    from urllib.parse import urlparse
+
     import requests
 
     router = app.handle("Router")
-    before = router.ops_state.remote().result(timeout_s=30)["cancelled"]
-    # 800 plain AR steps: several seconds even over the fast `channel` transport
-    body = {"prompt": PROMPTS[0], "max_tokens": 800, "mode": "ar", "stream": True}
+
+    def state() -> dict:
+        return router.ops_state.remote().result(timeout_s=30)
+
+    def wait_until(cond, what: str) -> dict:
+        t_end = time.monotonic() + DEADLINE_S
+        while not cond(st := state()):
+            assert time.monotonic() < t_end, f"timed out waiting for {what}: {st}"
+            time.sleep(0.05)
+        return st
+
+    before = wait_until(lambda st: st["active"] == 0, "an idle router")["cancelled"]
+    # 1024 plain AR steps (the app's limit): seconds even over the fast `channel` transport
+    body = {"prompt": PROMPTS[0], "max_tokens": 1024, "mode": "ar", "stream": True}
     with requests.post(app.http + "/v1/completions", json=body, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(3):
             next(lines)
-    # non-streamed: the client gives up after a second
-    with pytest.raises(requests.exceptions.Timeout):
-        requests.post(app.http + "/v1/completions", json={**body, "stream": False}, timeout=1)
-    t_end = time.monotonic() + 30
-    while time.monotonic() < t_end:
-        st = router.ops_state.remote().result(timeout_s=30)
-        if st["cancelled"] - before >= 2 and st["active"] == 0:
-            break
-        time.sleep(0.2)
-    assert st["cancelled"] - before >= 2 and st["active"] == 0, st
+    wait_until(lambda st: st["cancelled"] - before >= 1 and st["active"] == 0,
+               "the closed stream's cancel")
+    # non-streamed: the client closes its connection once the Router has admitted the request
+    u = urlparse(app.http)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", u.path + "/v1/completions", json.dumps({**body, "stream": False}),
+                 {"Content-Type": "application/json"})
+    wait_until(lambda st: st["active"] == 1, "the non-streamed request to start")
+    conn.sock.shutdown(2)
+    conn.close()
+    st = wait_until(lambda st: st["cancelled"] - before >= 2 and st["active"] == 0,
+                    "the closed request's cancel")
     # no draft or verify call is made any more for them (the release calls are fire-and-forget
     # and routed like any call, so with 2 replicas a cache may wait for its LRU eviction)
     # (a call already in flight at the cancel still completes: wait for two equal snapshots)
-    calls, t_end = st["replica_calls"], time.monotonic() + 30
+    calls, t_end = st["replica_calls"], time.monotonic() + DEADLINE_S
     while True:
         time.sleep(2.0)
-        later = router.ops_state.remote().result(timeout_s=30)["replica_calls"]
+        later = state()["replica_calls"]
         if later == calls or time.monotonic() > t_end:
             break
         calls = later

@@ -7,13 +7,16 @@ import sys
 import pytest
 import torch
 
+from budget import Budget
+
 
 @pytest.mark.slow
 def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
+    budget = Budget()  # each subprocess: the time this test has left
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
                            "--out", str(out), "--export", str(tmp_path / "assets")],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=budget.left())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for d in ("target", "drafter", "ar-draft"):
         assert (tmp_path / "assets" / d / "model.safetensors").is_file()
@@ -68,7 +71,7 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
                              "--init-from", str(out / "drafter" / "export-fp16"),
                              "--stage0-steps", "0", "--stage1-steps", "0", "--stage2-steps", "3",
                              "--lr2", "4e-4", "--docstring-rows", "4"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=budget.left())
     assert manual.returncode == 0, manual.stderr[-3000:]
     assert not (out / "manual-v2-v2").exists()  # D2A flags given: no continuation phases
     # each invocation appends its stages' wall times to out/timing.jsonl
@@ -89,7 +92,7 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
                                "--out", str(out), "--stages", "drafter", "--drafter-name", "emb",
                                "--init-from", str(out / "drafter" / "export-fp16"),
                                "--stage0-steps", "0", "--stage1-steps", "0", "--stage2-steps", "2",
-                               "--train-embeddings"], capture_output=True, text=True, timeout=600)
+                               "--train-embeddings"], capture_output=True, text=True, timeout=budget.left())
     assert unfrozen.returncode == 0, unfrozen.stderr[-3000:]
     e = load_file(out / "emb" / "final" / "model.safetensors")
     assert not torch.equal(e["embed_tokens.weight"], a["embed_tokens.weight"])
@@ -100,7 +103,7 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     # z-lab's loader reads; the pair decodes losslessly with it
     dfl = subprocess.run([sys.executable, "-m", "deer_serve", "train", "--preset", "smoke",
                           "--out", str(out), "--stages", "drafter", "--drafter-name", "dfl",
-                          "--arch", "dflash"], capture_output=True, text=True, timeout=600)
+                          "--arch", "dflash"], capture_output=True, text=True, timeout=budget.left())
     assert dfl.returncode == 0, dfl.stderr[-3000:]
     dcfg = json.loads((out / "dfl" / "final" / "config.json").read_text())
     assert dcfg["architectures"] == ["DFlashDraftModel"] and "target_layer_ids" in dcfg["dflash_config"]
@@ -109,11 +112,11 @@ def test_smoke_pipeline_trains_a_pair_that_decodes_losslessly(tmp_path):
     exp = subprocess.run([sys.executable, "-m", "deer_serve", "export", "--format", "dflash",
                           str(out / "dfl" / "final"), str(tmp_path / "dfl-export"),
                           "--target", str(tmp_path / "assets" / "target")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=budget.left())
     assert exp.returncode == 0, exp.stderr
     refused = subprocess.run([sys.executable, "-m", "deer_serve", "export", "--format", "dflash",
                               str(tmp_path / "assets" / "drafter"), str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=budget.left())
     assert refused.returncode == 2 and "DeerDrafter" in refused.stderr
     from deer_serve.drafters import load_drafter
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from any_targets import make_gpt2, make_llama, write_prompts
+from budget import Budget
 
 from deer_serve.cli import run as cli_run
 
@@ -32,6 +33,11 @@ RUNS = [("llama", "deer", ["--minutes", "0.25"]),
         ("gpt2", "dflash", ["--stage1-steps", "4", "--stage2-steps", "8"])]
 
 
+# the time of the first test that uses `trained` (its fixture's time counts towards it): its
+# subprocesses get what is left of it
+budget = {"first_test": Budget()}
+
+
 def deer_serve_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "deer-serve"      # the installed console script
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "deer_serve"]
@@ -40,6 +46,7 @@ def deer_serve_cmd() -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{(target, arch): (target_dir, OUT)}: each drafter trained by the command."""
+    budget["first_test"] = Budget()
     root = tmp_path_factory.mktemp("anytarget")
     targets = {"llama": make_llama(root / "llama"), "gpt2": make_gpt2(root / "gpt2")}
     prompts = write_prompts(root / "prompts.jsonl")
@@ -51,7 +58,7 @@ def trained(tmp_path_factory):
         if i == 0:   # the command itself, as a user runs it
             env = dict(os.environ, OMP_NUM_THREADS="1")
             p = subprocess.run(deer_serve_cmd() + args, capture_output=True, text=True,
-                               timeout=600, env=env)
+                               timeout=budget["first_test"].left(), env=env)
             assert p.returncode == 0, p.stderr[-4000:]
             assert "Traceback" not in p.stderr
         else:        # the same entry point in this process (no second interpreter start-up)
@@ -67,7 +74,8 @@ def generate(target: Path, drafter: Path, mode: str, tmp: Path, subprocess_: boo
             "--temperature", "0", "--json", "--prompts", str(prompts), "--max-new-tokens",
             str(MAX_NEW), "--block-size", "8", "--ignore-eos", "--device", "cpu"]
     if subprocess_:
-        p = subprocess.run(deer_serve_cmd() + args, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(deer_serve_cmd() + args, capture_output=True, text=True,
+                           timeout=budget["first_test"].left())
         assert p.returncode == 0, p.stderr[-3000:]
         stdout = p.stdout
     else:
