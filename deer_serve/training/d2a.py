@@ -436,7 +436,12 @@ def train_drafter(cfg: D2AConfig, target_dir: str | Path, teacher_path: str | Pa
         model.load_state_dict(s["model"])
         opt.load_state_dict(s["opt"])
         step, elapsed = s["step"], s["elapsed"]
-    log = (out / "metrics.jsonl").open("a")
+    log_path = out / "metrics.jsonl"
+    if log_path.exists():  # an interrupted run logged steps past its checkpoint: they rerun
+        kept = [ln for ln in log_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+    log = log_path.open("a")
     bar = tqdm(total=total, initial=step, desc=f"d2a {cfg.arch} {cfg.context_mode}", unit="step")
     t0 = time.time() - elapsed
     result = {}
