@@ -5,6 +5,7 @@
                       [--target PATH] [--drafter PATH] [--target-backend torch|vllm] [--json]
   deer-serve serve ...   (deer_serve.serve_cli)
   deer-serve bench ...   (deer_serve.bench.cli)
+  deer-serve bench-serve ...   (deer_serve.bench.servers)
   deer-serve train ...   (deer_serve.training.cli)
 
 With no model flags `generate` uses the embedded default (`deer_serve.assets.default_paths`).
@@ -26,6 +27,8 @@ from typing import Optional, Sequence
 DELEGATED = {
     "serve": ("deer_serve.serve_cli", "start (or join) Ray and serve HTTP + gRPC", "serve"),
     "bench": ("deer_serve.bench.cli", "benchmark DEER against AR decoding and peers", "bench"),
+    "bench-serve": ("deer_serve.bench.servers", "vLLM's and deer-serve's OpenAI servers, one "
+                    "client", "bench"),
     "train": ("deer_serve.training.cli", "train the tokenizer, target and drafter", None),
     "load": ("deer_serve.loadtest", "N concurrent streams against a running service", "bench"),
     "export": ("deer_serve.export", "write a drafter in the DFlash format vLLM loads", None),
