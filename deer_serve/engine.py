@@ -25,17 +25,15 @@ import numbers
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Generator, Optional, Sequence, Union
+from typing import Callable, Collection, Generator, Optional, Sequence, Union
 
 import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
+from deer_serve.calls import Draft, Plan, Score, run_direct
+from deer_serve.pipeliner import Pipeliner
 from deer_serve.sampling import process_logits, sample
-from deer_serve.types import (Drafter, GenerationResult, PendingDraft, SamplingParams,
-                              TargetBackend)
-
-if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
+from deer_serve.types import Drafter, GenerationResult, SamplingParams, TargetBackend
 
 MODES = ("deer", "ar")
 MAX_BLOCK_SIZE = 64
@@ -82,14 +80,28 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
     prompt = _validate(target, drafter, prompt_ids, sampling, mode, block_size)
     if sampling.stop and detokenize is None:
         raise ValueError("stop strings need a detokenize function")
-    if eos_token_id is None:
-        eos_token_id = getattr(target, "eos_token_id", None)
-    eos = set() if sampling.ignore_eos or eos_token_id is None else (
-        {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
-    return _decode(target, drafter, prompt, sampling, mode, int(block_size), detokenize,
-                   seq_id or f"gen-{uuid.uuid4().hex}", eos,
+    eos = eos_set(target, sampling, eos_token_id)
+    seq_id = seq_id or f"gen-{uuid.uuid4().hex}"
+    core = _decode(target, prompt, sampling, mode, int(block_size), detokenize, seq_id, eos,
+                   uses_features(drafter, mode),
                    AdaptiveK(int(block_size)) if adaptive_k else None,
                    Pipeliner(drafter, pipeline_min_p) if pipeline and mode == "deer" else None)
+    return run_direct(core, target, drafter if mode == "deer" else None, seq_id)
+
+
+def eos_set(target, sampling: SamplingParams,
+            eos_token_id: Union[int, Collection[int], None] = None) -> set[int]:
+    """The token ids that end a request (none with `sampling.ignore_eos`)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(target, "eos_token_id", None)
+    if sampling.ignore_eos or eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def uses_features(drafter, mode: str) -> bool:
+    """Whether the request's drafter reads target features (its verifies return them)."""
+    return mode == "deer" and drafter.context_mode == "target-features"
 
 
 class AdaptiveK:
@@ -136,77 +148,18 @@ class AdaptiveK:
             self.ar_len = self.ar_steps
 
 
-class Pipeliner:
-    """Pre-drafts block b+1 while block b is verified (DESIGN.md section 2, pipelining).
-
-    The hypothesis is the most likely outcome of b by the drafter's own confidences c_i:
-    m = argmax_m P(exactly m accepted) = prod_{i<=m} c_i * (1 - c_{m+1}), and the target's
-    correction at m+1 is the drafter's runner-up there (`DraftResult.alt`). The pre-draft
-    reads the same verified context and the block [anchor, y_1..y_m, guess, masks] (the
-    unverified tokens as the drafter's `prefix`). It is used only when block b's outcome is
-    exactly that (m accepted, next token == guess): then its context IS the verified one, and
-    any proposal drawn from the context alone keeps the acceptance rule exact. (A whole block
-    accepted needs a guess of the bonus token, which the drafter does not make: not a
-    hypothesis here.)
-
-    Remote drafters send the pre-draft at once (`draft_async`); for in-process ones it runs in
-    a thread of its own, and a missed one is waited for before the next draft of the same
-    sequence (one cache)."""
-
-    def __init__(self, drafter, min_p: float = 0.0):
-        """min_p: pre-draft only when the hypothesis's probability P(exactly m) is at least
-        this (0 = always); below it the next block is drafted after the verify, as without
-        pipelining, and no compute is spent on a likely miss."""
-        self.drafter = drafter
-        self.min_p = float(min_p)
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self.hits = self.misses = self.skipped = 0
-        self.record: Optional[list] = None  # [(P(hypothesis), hit)] when a list (calibration)
-
-    def submit(self, *args, **kw) -> PendingDraft:
-        if hasattr(self.drafter, "draft_async"):
-            return self.drafter.draft_async(*args, **kw)
-        from concurrent.futures import ThreadPoolExecutor, wait
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="deer-predraft")
-        fut = self._pool.submit(self.drafter.draft, *args, **kw)
-
-        def drop():  # the thread may be running on this sequence's cache: let it finish
-            if not fut.cancel():
-                wait([fut])
-
-        return PendingDraft(fut.result, drop)
-
-    @staticmethod
-    def hypothesis(d, drafts: list[int]) -> Optional[tuple[int, int, float]]:
-        """(m, guess, P(exactly m accepted)) for the block `drafts` drafted as `d`, or None
-        without confidences."""
-        if d.conf is None or d.alt is None or not drafts:
-            return None
-        c = d.conf[:len(drafts)].double()
-        head = torch.cat([torch.ones(1, dtype=c.dtype), torch.cumprod(c, 0)[:-1]])  # prod_{i<m}
-        pm = head * (1 - c)                                                         # (k,)
-        m = int(torch.argmax(pm))
-        guess = int(d.alt[m])
-        if guess == drafts[m]:  # a spliced-in token equals the runner-up: no such outcome
-            return None
-        return m, guess, float(pm[m])
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
-def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq_id, eos,
-            adapt: Optional[AdaptiveK] = None, pipe: Optional[Pipeliner] = None):
+def _decode(target, prompt, sampling, mode, block_size, detokenize, seq_id, eos,
+            use_features: bool, adapt: Optional[AdaptiveK] = None,
+            pipe: Optional[Pipeliner] = None):
+    """One request's decode as a generator of calls (`deer_serve.calls`: Plan, Draft, Score,
+    StepOutput), returning its GenerationResult. Its driver runs the calls: `run_direct` one
+    by one, `StepEngine` batched across requests. `target` is read for its device only."""
     gen = torch.Generator()  # CPU: see the module docstring
     if sampling.seed is not None:
         gen.manual_seed(sampling.seed)
     else:
         gen.seed()
     use_drafter = mode == "deer"
-    use_features = use_drafter and drafter.context_mode == "target-features"
     sync = _syncer(getattr(target, "device", None))
     T = {"prefill": 0.0, "draft": 0.0, "verify": 0.0}
     busy, t_mark = 0.0, time.perf_counter()  # engine time only: paused while the caller holds a step
@@ -247,10 +200,10 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
         #    features: the drafter's context is all of ctx.
         t0 = time.perf_counter()
         if use_features:
-            res = target.score(seq_id, ctx, 1, return_hidden=True, n_hidden=len(ctx))
+            res = yield Score(list(ctx), 1, True, len(ctx))
             feats = res.hidden                                              # (len(ctx), F)
         else:
-            res = target.score(seq_id, ctx, 1)
+            res = yield Score(list(ctx), 1)
         anchor = pick(res)[0]
         sync()
         T["prefill"] += time.perf_counter() - t0
@@ -260,9 +213,12 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
         t_mark = time.perf_counter()
 
         while finish is None:
-            # Never draft past the budget: a cycle emits at most k+1 tokens.
+            # Never draft past the budget: a cycle emits at most k+1 tokens. The driver may
+            # shorten the block (a batch's verify budget): a choice from past steps only.
             kmax = adapt.next_k() if adapt is not None else block_size
             k = min(kmax, sampling.max_new_tokens - len(out) - 1) if use_drafter else 0
+            if k > 0:
+                k = min(k, max(0, int((yield Plan(k)))))
             cycles += 1
             if k == 0:
                 if ready is not None:  # (the budget ended drafting)
@@ -270,7 +226,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                     ready = None
                 # 2a. Plain AR step: the anchor alone, its row is the next token's p.
                 t0 = time.perf_counter()
-                res = target.score(seq_id, ctx + [anchor], 1, return_hidden=use_features)
+                res = yield Score(ctx + [anchor], 1, use_features)
                 nxt = pick(res)[0]
                 sync()
                 T["verify"] += time.perf_counter() - t0
@@ -284,7 +240,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                     if not drafts:
                         raise RuntimeError("the pre-draft is empty")
                 else:
-                    d = drafter.draft(seq_id, ctx, anchor, k, sampling, gen, feats)
+                    d = yield Draft(ctx, anchor, k, sampling, gen, feats)
                     drafts = d.tokens.tolist()
                 if not 1 <= len(drafts) <= k:  # a lookup drafter may propose fewer than k
                     raise RuntimeError(f"drafter returned {len(drafts)} tokens, asked for 1..{k}")
@@ -295,8 +251,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 t1 = time.perf_counter()
                 T["draft"] += t1 - t0
                 # 3. Verify: one target forward over anchor + drafts -> p_1..p_{k+1}.
-                res = target.score(seq_id, ctx + [anchor] + drafts, k + 1,
-                                   return_hidden=use_features)
+                res = yield Score(ctx + [anchor] + drafts, k + 1, use_features)
                 sync()
                 t2 = time.perf_counter()
                 T["verify"] += t2 - t1
@@ -330,7 +285,7 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
             if use_features:
                 assert feats is not None  # set at the prefill in target-features mode
                 feats = torch.cat([feats, res.hidden[: (n_acc or 0) + 1]])       # (len(ctx), F)
-            ctx += [anchor] + drafts[: n_acc or 0]
+            ctx = ctx + [anchor] + drafts[: n_acc or 0]  # a new list: a Draft call may hold the old
             anchor = nxt
             new, finish = commit(drafts[: n_acc or 0] + [nxt])
             busy += time.perf_counter() - t_mark
@@ -342,9 +297,6 @@ def _decode(target, drafter, prompt, sampling, mode, block_size, detokenize, seq
                 pd.cancel()
         if pipe is not None:
             pipe.close()
-        target.release(seq_id)
-        if use_drafter:
-            drafter.release(seq_id)
 
     busy += time.perf_counter() - t_mark
     text = ""

@@ -104,6 +104,11 @@ class LookupDrafter:
                                        context_hidden, prefix)
         return PendingDraft(lambda: self._splice(seq, inner.result()), inner.cancel)
 
+    def splice(self, context_ids: Sequence[int], anchor: int, d: DraftResult) -> DraftResult:
+        """Lookup spliced into the block `d` the inner drafter made after context + anchor (a
+        caller that ran the inner drafter itself, batched: deer_serve.step_engine)."""
+        return self._splice(self._seq(context_ids, anchor, ()), d)
+
     @staticmethod
     def _seq(context_ids, anchor, prefix) -> np.ndarray:
         return np.fromiter((*context_ids, anchor, *prefix), dtype=np.int64,
