@@ -30,6 +30,7 @@ from typing import Callable, Collection, Generator, Optional, Sequence, Union
 import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
+from deer_serve.adaptive import DraftGate
 from deer_serve.calls import Draft, Plan, Score, run_direct
 from deer_serve.pipeliner import Pipeliner
 from deer_serve.sampling import process_logits, sample
@@ -63,13 +64,15 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
                   seq_id: Optional[str] = None,
                   eos_token_id: Union[int, Collection[int], None] = None,
                   adaptive_k: bool = False, pipeline: bool = False,
-                  pipeline_min_p: float = 0.0,
+                  pipeline_min_p: float = 0.0, gate: Optional[DraftGate] = None,
                   ) -> Generator[StepOutput, None, GenerationResult]:
     """Validate now (ValueError), then return the decode generator.
 
     mode: "deer" (draft k tokens per cycle with `drafter`) or "ar" (plain decoding of `target`).
     adaptive_k: block_size becomes the largest k; each cycle's k follows the request's own
     acceptance (`AdaptiveK`). Lossless either way: k depends only on past cycles.
+    gate: with adaptive_k, the process's `DraftGate` (deer_serve.adaptive): it may start the
+    request with drafting off where drafts are rarely accepted at its temperature.
     pipeline: while block b is verified, pre-draft block b+1 for the most likely outcome of b
     (`Pipeliner`); use it when the outcome is that one. Counted in `result.extra`
     (pipeline_hits / pipeline_misses / pipeline_skipped). pipeline_min_p: pre-draft only when
@@ -84,7 +87,8 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
     seq_id = seq_id or f"gen-{uuid.uuid4().hex}"
     core = _decode(target, prompt, sampling, mode, int(block_size), detokenize, seq_id, eos,
                    uses_features(drafter, mode),
-                   AdaptiveK(int(block_size)) if adaptive_k else None,
+                   AdaptiveK(int(block_size), gate=gate, temperature=sampling.temperature)
+                   if adaptive_k else None,
                    Pipeliner(drafter, pipeline_min_p) if pipeline and mode == "deer" else None)
     return run_direct(core, target, drafter if mode == "deer" else None, seq_id)
 
@@ -121,11 +125,18 @@ class AdaptiveK:
     run repeats."""
 
     def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7,
-                 ar_below: float = 1.0, ar_steps: int = 8, max_ar_steps: int = 64):
+                 ar_below: float = 1.0, ar_steps: int = 8, max_ar_steps: int = 64,
+                 gate: Optional[DraftGate] = None, temperature: float = 0.0):
+        """gate: a process's `DraftGate` (deer_serve.adaptive), which may start the request
+        with drafting off and learns from its cycles; temperature: the request's (the gate's
+        key)."""
         self.max_k, self.min_k = max_k, min(min_k, max_k)
         self.tau, self.decay = start, decay
         self.ar_below, self.ar_steps, self.max_ar_steps = ar_below, ar_steps, max_ar_steps
         self.ar_left, self.ar_len = 0, ar_steps
+        self.gate, self.temperature = gate, temperature
+        if gate is not None:
+            self.ar_left = gate.start(temperature)
 
     def next_k(self) -> int:
         """The next cycle's block size; 0 = a plain AR step."""
@@ -139,6 +150,8 @@ class AdaptiveK:
 
     def update(self, accepted: int, k: int) -> None:
         # a block that was accepted whole says only "at least k": count it a bit higher
+        if self.gate is not None:
+            self.gate.observe(self.temperature, accepted)
         a = accepted + (1 if accepted == k else 0)
         self.tau = self.decay * self.tau + (1 - self.decay) * a
         if self.tau < self.ar_below:

@@ -10,11 +10,12 @@ machine hits all methods alike. Each method gets one untimed warm-up call first.
 
 Block sizes: `deer` runs once per `--block-size` entry; the FIRST is the main one, reported as
 `methods.deer`, the others as `methods["deer@k8"]` etc. (each entry carries its `block_size`).
-`deer` drafts as `deer-serve generate` does by default (the DEER drafter's block with prompt
-lookup spliced in); `deer-nolookup` (the DEER drafter alone), `deer-adaptive` and the service
-methods use the first block size. `sd-ar` (the AR draft model as the engine's drafter, no lookup)
-runs once per block size as `deer` does (`sd-ar`, `sd-ar@k8`, ...); `sd-ar-adaptive` uses the
-first.
+`deer` decodes as `deer-serve generate` does by default (adaptive k up to the block size, a
+`DraftGate` per method, the DEER drafter's block with prompt lookup spliced in);
+`deer-fixed` (a fixed block), `deer-nolookup` (no lookup) and the service methods use the first
+block size. `sd-ar` (the AR draft model as the engine's drafter, no lookup, adaptive k and a gate
+as deer has them) runs once per block size as `deer` does (`sd-ar`, `sd-ar@k8`, ...);
+`sd-ar-fixed` uses the first.
 
 results.json: `machine`, `command`, `suite`, `n_prompts`, `settings`, `methods` (the first
 temperature's), `runs` ([{temperature, methods}] for every temperature), `warnings`, `total_s`,
@@ -194,28 +195,27 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
     for name in s["methods"]:
         if name == "ar":
             out.append(EngineMethod("ar", models, "ar"))
-        elif name == "deer":
+        elif name == "deer":  # as deer-serve decodes by default: adaptive k, the gate, lookup
             for k in s["block_sizes"]:
                 out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k,
-                                        lookup=True))
+                                        lookup=True, adaptive_k=True))
+        elif name == "deer-fixed":
+            out.append(EngineMethod("deer-fixed", models, "deer", k0, lookup=True))
         elif name == "deer-alt":
             for k in s["block_sizes"]:
                 out.append(EngineMethod("deer-alt" if k == k0 else f"deer-alt@k{k}", models,
-                                        "deer", k, lookup=True, alt=True))
+                                        "deer", k, lookup=True, adaptive_k=True, alt=True))
         elif name == "deer-alt-nolookup":
-            out.append(EngineMethod("deer-alt-nolookup", models, "deer", k0, alt=True))
+            out.append(EngineMethod("deer-alt-nolookup", models, "deer", k0, adaptive_k=True,
+                                    alt=True))
         elif name == "deer-nolookup":
-            out.append(EngineMethod("deer-nolookup", models, "deer", k0))
-        elif name == "deer-adaptive":
-            out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
-                                    adaptive_k=True))
+            out.append(EngineMethod("deer-nolookup", models, "deer", k0, adaptive_k=True))
         elif name == "sd-ar":
             for k in s["block_sizes"]:
                 out.append(EngineMethod("sd-ar" if k == k0 else f"sd-ar@k{k}", models, "deer", k,
-                                        ar_draft=True))
-        elif name == "sd-ar-adaptive":
-            out.append(EngineMethod("sd-ar-adaptive", models, "deer", k0, adaptive_k=True,
-                                    ar_draft=True))
+                                        adaptive_k=True, ar_draft=True))
+        elif name == "sd-ar-fixed":
+            out.append(EngineMethod("sd-ar-fixed", models, "deer", k0, ar_draft=True))
         elif name == "deer-pipe":
             out.append(EngineMethod("deer-pipe", models, "deer", k0, lookup=True, pipeline=True))
         elif name in SERVICE_METHODS:
@@ -419,6 +419,12 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
             warnings.append(f"T={T:g} {m.name} failed: {errors[m.name]}")
             continue
         row = stats.summarize(grids[m.name], block_size=m.block_size)
+        if getattr(m, "adaptive_k", False):
+            row["adaptive_k"] = True
+        gate = getattr(m, "gate", None)
+        if gate is not None:  # cumulative over the run: requests started with drafting off
+            row["gate"] = {"gated": gate.gated, "probes": gate.probes, "state": {
+                str(t): v for t, v in gate.state().items()}}
         if T == 0:
             row.update(stats.identity(grids[m.name], ar, names))
         else:

@@ -1,21 +1,22 @@
 """The methods `deer-serve bench` compares: one class per way of generating, one `Sample` each.
 
   ar               deer_serve engine, mode "ar" (plain decoding of the HFTarget)
-  deer             deer_serve engine, mode "deer", as `deer-serve generate` drafts by default:
-                   the DeerDrafterBackend's block with prompt lookup spliced in after its
-                   confident head (`LookupDrafter`); one per block size
-  deer-nolookup    the DeerDrafterBackend's block alone (no lookup); main k
+  deer             deer_serve engine, mode "deer", as `deer-serve generate` decodes by default:
+                   adaptive k (the block size is the largest k) with the method's own
+                   `DraftGate`, and the DeerDrafterBackend's block with prompt lookup spliced in
+                   after its confident head (`LookupDrafter`); one per block size
+  deer-fixed       deer with a fixed block size (no adaptive k, no gate); main k
+  deer-nolookup    deer without the lookup splice (the drafter's block alone); main k
   deer-alt         `deer` with a second drafter (`--alt-drafter`, either format): two drafters
                    side by side in one run; one per block size
   deer-alt-nolookup  that drafter's block alone; main k
-  deer-pipe        deer with pipelining (engine `pipeline`: the next block is pre-drafted in a
-                   thread while the target verifies); main k
-  deer-adaptive    deer with a per-request block size from its acceptance (engine `adaptive_k`;
-                   the main k is the largest)
+  deer-pipe        deer-fixed with pipelining (engine `pipeline`: the next block is pre-drafted
+                   in a thread while the target verifies); main k
   sd-ar            deer_serve engine, mode "deer", with the AR draft model as the drafter
                    (`ARDrafterBackend`: k tokens one by one, its own KV cache rolled back like
-                   the DEER drafter's; no lookup); one per block size
-  sd-ar-adaptive   sd-ar with adaptive k (the main k is the largest)
+                   the DEER drafter's; no lookup), adaptive k and a gate as deer has them; one
+                   per block size
+  sd-ar-fixed      sd-ar with a fixed block size; main k
   hf-ar            Hugging Face `model.generate` with its own cache (the reference for the HF peers)
   hf-assisted      `generate(assistant_model=<AR draft model>)` (HF assisted generation)
   pld              `generate(prompt_lookup_num_tokens=10)` (prompt-lookup decoding)
@@ -49,9 +50,9 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-nolookup", "deer-adaptive", "deer-pipe", "deer-alt",
-                  "deer-alt-nolookup", "sd-ar", "sd-ar-adaptive")
-AR_DRAFT_METHODS = ("hf-assisted", "sd-ar", "sd-ar-adaptive")  # those that need --ar-draft
+ENGINE_METHODS = ("ar", "deer", "deer-fixed", "deer-nolookup", "deer-pipe", "deer-alt",
+                  "deer-alt-nolookup", "sd-ar", "sd-ar-fixed")
+AR_DRAFT_METHODS = ("hf-assisted", "sd-ar", "sd-ar-fixed")  # those that need --ar-draft
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
 SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
 VLLM_METHODS = ("vllm", "deer-vllm")
@@ -173,6 +174,11 @@ class EngineMethod:
         """alt: draft with the second drafter (`Models.alt_drafter`); ar_draft: with the AR
         draft model (`Models.ar_drafter`, sd-ar)."""
         self.name, self.models, self.mode, self.adaptive_k = name, models, mode, adaptive_k
+        self.gate = None
+        if adaptive_k and mode == "deer":
+            from deer_serve.adaptive import DraftGate
+
+            self.gate = DraftGate()  # learns across this method's requests, as a server's does
         self.pipeline = pipeline
         self.block_size = block_size if mode == "deer" else None
         self.drafter = None
@@ -195,6 +201,7 @@ class EngineMethod:
         r = generate(self.target, self.drafter, prompt_ids, sampling, mode=self.mode,
                      block_size=self.block_size or 1, eos_token_id=self.models.eos_token_id,
                      seq_id=f"bench-{uuid.uuid4().hex}", adaptive_k=self.adaptive_k,
+                     gate=self.gate,
                      pipeline=self.pipeline)
         wall = time.perf_counter() - t0
         extra = {}

@@ -43,13 +43,19 @@ def method_table(methods: dict) -> str:
             rows.append(f"| {name} | {_f(r.get('block_size'), '{}')} | error: {r['error'][:120]} "
                         "| | | | | | | | |")
             continue
+        k = _f(r.get('block_size'), '{}')
+        if r.get("adaptive_k"):
+            k = f"0-{k}"  # adaptive: up to the block size, 0 = plain AR steps
         rows.append(
-            f"| {name} | {_f(r.get('block_size'), '{}')} | {_f(r.get('tokens_per_s_median'), '{:.1f}')} "
+            f"| {name} | {k} | {_f(r.get('tokens_per_s_median'), '{:.1f}')} "
             f"| {_f(r.get('speedup_vs_ar'), '{:.2f}x')} | {_f(r.get('speedup_vs_ar_best'), '{:.2f}x')} "
             f"| {_f(r.get('mean_accepted'))} "
             f"| {_f(r.get('max_accepted'), '{}')} | {_f(r.get('tokens_per_target_forward'))} "
             f"| {_ident(r)} | {_ms(r)} | {_f(r.get('prefill_ms'), '{:.1f}')} |")
-    return head + "\n".join(rows) + "\n"
+    gated = [f"{n}: {r['gate']['gated']} requests started with drafting off, "
+             f"{r['gate']['probes']} probes" for n, r in methods.items() if r.get("gate")]
+    note = ("\nDraftGate (cumulative over the run): " + "; ".join(gated) + "\n") if gated else ""
+    return head + "\n".join(rows) + "\n" + note
 
 
 def service_table(methods: dict) -> Optional[str]:

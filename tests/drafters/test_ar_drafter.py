@@ -338,14 +338,14 @@ def test_bench_sd_ar_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "deer_serve", "bench", "--suite", "humaneval", "--limit", "2",
-           "--methods", "ar,sd-ar,sd-ar-adaptive", "--block-size", "4,2",
+           "--methods", "ar,sd-ar,sd-ar-fixed", "--block-size", "4,2",
            "--max-new-tokens", "16", "--repeats", "1", "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     m = res["methods"]
-    assert set(m) == {"ar", "sd-ar", "sd-ar@k2", "sd-ar-adaptive"}
-    for name in ("sd-ar", "sd-ar@k2", "sd-ar-adaptive"):
+    assert set(m) == {"ar", "sd-ar", "sd-ar@k2", "sd-ar-fixed"}
+    for name in ("sd-ar", "sd-ar@k2", "sd-ar-fixed"):
         assert "error" not in m[name], m[name]
         assert m[name]["identical_to_ar"] is True, m[name]
         assert m[name]["cycles"] > 0 and m[name]["mean_accepted"] > 0

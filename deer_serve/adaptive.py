@@ -1,0 +1,85 @@
+"""Whether drafting pays, learned across the requests of one process (`DraftGate`).
+
+Per-request adaptive k (`engine.AdaptiveK`) stops drafting when a request's own acceptance is
+low, but each request has to draft a few cycles to learn that, and every probe after an AR
+stretch costs a cycle again. Where drafts are rarely accepted for any request at some
+temperature (the embedded pair at T=0.6: about 0.7 accepted drafts per cycle, while a cycle costs
+about three plain steps), those cycles are the whole loss, and DEER is slower than plain
+sampling.
+
+The gate keeps, per temperature, a moving average of accepted drafts per cycle over every
+request's drafting cycles. Below `min_tau`, a new request at that temperature starts with
+drafting off (plain AR steps only), except every `probe_every`-th one, which drafts as usual and
+keeps the average current; above it (or before `min_cycles` cycles were seen) requests draft.
+
+Exactness: the gate's choice for a request depends only on OTHER requests' past acceptance,
+never on this request's drafts or samples, so every request's output keeps the target's law
+(and greedy output is the plain AR output). A seeded request repeats when the gate is in the
+same state (a fresh gate, or none: `generate(..., gate=None)`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+OFF = 1 << 30  # AR steps that stand for "never draft in this request"
+
+
+class DraftGate:
+    def __init__(self, min_tau: float = 2.0, probe_every: int = 8, min_cycles: int = 32,
+                 decay: float = 0.98):
+        """min_tau: accepted drafts per cycle below which drafting does not pay (a cycle costs
+        about 3 plain steps on the embedded pair, so it must yield 3 tokens: tau 2); decay: of
+        the per-cycle moving average (0.98: about the last 50 cycles count)."""
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {probe_every}")
+        self.min_tau, self.probe_every = float(min_tau), int(probe_every)
+        self.min_cycles, self.decay = int(min_cycles), float(decay)
+        self._lock = threading.Lock()
+        self._tau: dict[float, float] = {}     # temperature -> moving average of accepted drafts
+        self._cycles: dict[float, int] = {}    # temperature -> drafting cycles seen
+        self._closed_starts: dict[float, int] = {}  # requests started while closed (probe count)
+        self.gated = self.probes = 0           # requests started with drafting off / probing
+
+    @staticmethod
+    def key(temperature: float) -> float:
+        return round(float(temperature), 2)
+
+    def is_open(self, temperature: float) -> bool:
+        k = self.key(temperature)
+        with self._lock:
+            return self._open(k)
+
+    def _open(self, k: float) -> bool:
+        return self._cycles.get(k, 0) < self.min_cycles or self._tau[k] >= self.min_tau
+
+    def start(self, temperature: float) -> int:
+        """AR steps a new request at this temperature starts with: 0 (draft) or OFF."""
+        k = self.key(temperature)
+        with self._lock:
+            if self._open(k):
+                return 0
+            n = self._closed_starts.get(k, 0) + 1
+            self._closed_starts[k] = n
+            if n % self.probe_every == 0:
+                self.probes += 1
+                return 0
+            self.gated += 1
+            return OFF
+
+    def observe(self, temperature: float, accepted: int) -> None:
+        """One drafting cycle of some request at this temperature accepted `accepted` drafts."""
+        k = self.key(temperature)
+        with self._lock:
+            n = self._cycles.get(k, 0)
+            prev: Optional[float] = self._tau.get(k)
+            self._tau[k] = float(accepted) if prev is None else \
+                self.decay * prev + (1 - self.decay) * float(accepted)
+            self._cycles[k] = n + 1
+
+    def state(self) -> dict:
+        """{temperature: {"tau", "cycles", "open"}} (metrics, tests)."""
+        with self._lock:
+            return {k: {"tau": round(self._tau[k], 3), "cycles": self._cycles[k],
+                        "open": self._open(k)} for k in self._tau}
