@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deer_serve.engine import MAX_BLOCK_SIZE
+from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET
 
 
 # ---- the Router's options (AppConfig.service, limits; RouterSettings) -------------------------
@@ -83,12 +84,19 @@ class ServiceOptions(BaseModel):
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "
         "their KV caches are hits; off = Serve's power-of-two-choices per call")
-    loop: Literal["router", "colocated"] = Field(
+    loop: Literal["router", "colocated", "engine"] = Field(
         "router", description="where a request's decode loop runs: 'router' (the Router calls "
         "the Drafter and the Verifier every cycle: two remote calls) or 'colocated' (one "
         "streaming call to a Verifier replica, which runs the loop with a drafter in its own "
         "process: no remote call in the cycle; drafter and target then scale together, as one "
-        "pool; spans stop at the request)")
+        "pool; spans stop at the request) or 'engine' (one streaming call to a Verifier "
+        "replica whose step engine runs every request it holds in ONE loop: per step one "
+        "batched draft and one ragged verify over all of them, mode ar rows included, up to "
+        "`max_batch_size` at once; deer_serve.step_engine; no pipelining)")
+    engine_verify_budget: Optional[int] = Field(
+        DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
+        "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
+        "as the batch fills; null = no cap")
     greedy_argmax: bool = Field(
         True, description="at temperature 0 the Verifier replies with each position's argmax "
         "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
@@ -352,7 +360,10 @@ def build_app(args: Optional[dict] = None):
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
         tokenizer_path=cfg.tokenizer_path,
-        colocated_drafter=drafter_args if cfg.service.loop == "colocated" else None)
+        colocated_drafter=drafter_args if cfg.service.loop in ("colocated", "engine") else None,
+        engine={"max_running": cfg.max_batch_size,
+                "verify_budget": cfg.service.engine_verify_budget}
+        if cfg.service.loop == "engine" else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

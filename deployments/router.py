@@ -8,8 +8,9 @@ asyncio queue -> JSON / SSE chunks / gRPC messages.
 The session (deployments.session) is `deer_serve.engine.iter_generate` in segments, with the
 drafter-to-AR fallback and the verifier resume. Where its loop runs is `ServiceOptions.loop`:
 `router` (here, over `RemoteTarget` / `RemoteDrafter`, deployments.clients, through the
-transport `ServiceOptions.transport` picks) or `colocated` (one streaming call per segment to a
-Verifier replica that holds its own drafter). No acceptance, sampling or caching here.
+transport `ServiceOptions.transport` picks), `colocated` (one streaming call per segment to a
+Verifier replica that holds its own drafter) or `engine` (the same call, run by the replica's
+step engine). No acceptance, sampling or caching here.
 
 Admission: at most `max_pending_requests` requests per Router replica; more get 429 /
 RESOURCE_EXHAUSTED with Retry-After. A client that goes away cancels its decode loop (no more
@@ -216,7 +217,7 @@ class Router(HttpIngress, GrpcIngress):
                            adaptive_k=p.adaptive_k, pipeline=p.pipeline, lookup=s.lookup,
                            drafter_timeout_s=s.drafter_timeout_s)
         segment: Segment
-        if s.loop == "colocated":  # the Verifier replica drafts (and falls back to AR) itself
+        if s.loop in ("colocated", "engine"):  # the Verifier replica drafts (and falls back) itself
             def segment(spec: DecodeSpec, timeout: float):
                 return remote_segment(verifier_h, spec)
         else:

@@ -45,11 +45,14 @@ class Verifier:
                  max_sequences: int = 64, feature_layers: Optional[Sequence[int]] = None,
                  torch_threads: Optional[int] = None, batching: bool = True,
                  max_batch_size: int = 16, backend: str = "torch",
-                 tokenizer_path: Optional[str] = None, colocated_drafter: Optional[dict] = None):
+                 tokenizer_path: Optional[str] = None, colocated_drafter: Optional[dict] = None,
+                 engine: Optional[dict] = None):
         """colocated_drafter: the keyword arguments of a `Drafter` that this replica holds in its
         own process, for `decode` (the decode loop in this replica, `ServiceOptions.loop:
         colocated`; its torch threads are this replica's); tokenizer_path: for the stop strings
-        of `decode`."""
+        of `decode`. engine: the `StepEngine` options (`loop: engine`): `decode` then runs
+        each request in this replica's step engine, over its target and the colocated
+        drafter."""
         self.local_drafter = self._local_pool = None
         self.tokenizer_path = tokenizer_path or str(target_path)
         self._tokenizer = None
@@ -80,6 +83,12 @@ class Verifier:
             self.local_drafter = Drafter(**colocated_drafter)  # (torch threads: this replica's)
             self._local_pool = ThreadPoolExecutor(2 * max_batch_size,
                                                   thread_name_prefix="deer-local-draft")
+        self.step_engine = None
+        if engine is not None:
+            from deer_serve.step_engine import StepEngine
+
+            drafter_backend = self.local_drafter.backend if self.local_drafter else None
+            self.step_engine = StepEngine(self.backend, drafter_backend, lock=self._lock, **engine)
 
     def meta(self) -> dict:
         """What a remote `TargetBackend` proxy needs to know about this target."""
@@ -159,7 +168,7 @@ class Verifier:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        it = self._segment(spec)
+        it = self._segment(spec) if self.step_engine is None else self._engine_segment(spec)
         wake, stop, lock = asyncio.Event(), threading.Event(), threading.Lock()
         pending: list = []  # the events since the last batch
         end = object()
@@ -248,6 +257,46 @@ class Verifier:
                 yield "step", step
         finally:
             it.close()
+
+    def _engine_segment(self, spec: DecodeSpec):
+        """One segment in this replica's step engine (`loop: engine`), with the events of
+        `_segment`. Closing it (the stream was cancelled) cancels the request in the engine,
+        which frees its slot and caches at the next step boundary. (No pipelining here.)"""
+        from deer_serve.step_engine import DraftFailed
+
+        assert self.step_engine is not None
+        ids = np.asarray(spec.token_ids).tolist()
+        detok = None
+        if spec.sampling.stop:
+            full, before = self._detokenizer(), ids[len(ids) - spec.emitted:]
+            detok = lambda new: full(before + new)  # noqa: E731
+        req = self.step_engine.submit(ids, spec.sampling, mode=spec.mode,
+                                      block_size=spec.block_size, seq_id=spec.seq_id,
+                                      adaptive_k=spec.adaptive_k, lookup=spec.lookup,
+                                      detokenize=detok)
+        it = iter(req)
+        try:
+            while True:
+                try:
+                    step = next(it)
+                except StopIteration as stop:
+                    yield "done", stop.value
+                    return
+                except DraftFailed as e:
+                    yield "drafter_unavailable", f"draft failed: {e}"
+                    return
+                yield "step", step
+        finally:
+            it.close()  # cancels the request unless it finished
+
+    def engine_stats(self) -> dict:
+        """The step engine's counters and running requests (`loop: engine`; tests, operators)."""
+        if self.step_engine is None:
+            return {"engine": False}
+        from dataclasses import asdict
+
+        e = self.step_engine
+        return {"engine": True, **asdict(e.stats), "running": e.running(), "waiting": e.waiting()}
 
     def _detokenizer(self):
         if self._tokenizer is None:
