@@ -27,7 +27,11 @@ def _free_port() -> int:
 
 
 class LocalService:
-    """The deer-serve app, started in this process on a local Ray (`with LocalService(...)`)."""
+    """The deer-serve app, started in this process on a local Ray (`with LocalService(...)`).
+    `engine_url` adds, on first ask, a second app beside it with `service.loop: engine` (the
+    `deer-ray-engine` method), the same models and settings otherwise."""
+
+    active: Optional["LocalService"] = None  # the one entered in this process
 
     def __init__(self, target_path: str, drafter_path: str, block_size: int,
                  startup_timeout_s: float = 300.0, extra_args: Optional[dict] = None):
@@ -35,7 +39,39 @@ class LocalService:
                      "block_size": int(block_size), "device": "cpu", **(extra_args or {})}
         self.startup_timeout_s = startup_timeout_s
         self.url: Optional[str] = None
+        self._engine_url: Optional[str] = None
         self._started_ray = False
+
+    @classmethod
+    def engine_url_for(cls, url: str) -> str:
+        """The URL of the `loop: engine` app beside the local service at `url` (started now
+        if needed); a service this process did not start is taken as it is."""
+        s = cls.active
+        if s is None or s.url is None or url.rstrip("/") != s.url:
+            return url
+        return s.engine_url()
+
+    def engine_url(self) -> str:
+        from ray import serve
+
+        from deployments.app import build_app
+
+        if self._engine_url is None:
+            assert self.url is not None, "the local service is not started"
+            svc = dict(self.args.get("service") or {})
+            svc["loop"] = "engine"
+            # its idle Drafter deployment (health and metadata only) reserves little
+            args = {**self.args, "service": svc,
+                    "drafter": {"ray_actor_options": {"num_cpus": 0.1}}}
+            serve.run(build_app(args), name="deer-bench-engine", route_prefix="/engine")
+            self._engine_url = self.url + "/engine"
+            client, t0 = ServiceClient(self._engine_url), time.time()
+            while not client.healthy():
+                if time.time() - t0 > self.startup_timeout_s:
+                    raise ServiceError("the loop: engine app did not become healthy in "
+                                       f"{self.startup_timeout_s:.0f} s")
+                time.sleep(0.5)
+        return self._engine_url
 
     def __enter__(self) -> LocalService:
         try:
@@ -80,9 +116,12 @@ class LocalService:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        LocalService.active = self
         return self
 
     def __exit__(self, *exc):
+        if LocalService.active is self:
+            LocalService.active = None
         try:
             from ray import serve
 

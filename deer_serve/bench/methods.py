@@ -27,6 +27,8 @@
                    main k
   deer-ray         DEER through the Ray Serve app (HTTP), pipelining as the service has it
   deer-ray-nopipe  the same with pipelining switched off per request
+  deer-ray-engine  the same models as a second app with `service.loop: engine` (one step
+                   engine per Verifier replica batches every request; no pipelining)
 
 Every method gets the same prompt ids, max_new_tokens, sampling and EOS id, and returns the new
 token ids cut before the first EOS (HF `generate` includes EOS and may pad: both are cut here),
@@ -54,7 +56,7 @@ ENGINE_METHODS = ("ar", "deer", "deer-fixed", "deer-nolookup", "deer-pipe", "dee
                   "deer-alt-nolookup", "sd-ar", "sd-ar-fixed")
 AR_DRAFT_METHODS = ("hf-assisted", "sd-ar", "sd-ar-fixed")  # those that need --ar-draft
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
-SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe")
+SERVICE_METHODS = ("deer-ray", "deer-ray-nopipe", "deer-ray-engine")
 VLLM_METHODS = ("vllm", "deer-vllm")
 ALL_METHODS = ENGINE_METHODS + HF_METHODS + SERVICE_METHODS + VLLM_METHODS
 PLD_TOKENS = 10  # prompt_lookup_num_tokens, as in FINDINGS.md

@@ -1,6 +1,6 @@
-"""Service methods of the bench (`deer-ray`, `deer-ray-nopipe`): an HTTP client for a running
-deer-serve app, and `local_service`, which starts one in this process through the service side's
-plugin (`deer_serve.plugins`; `deployments.bench_service` starts Ray and the app).
+"""Service methods of the bench (`deer-ray`, `deer-ray-nopipe`, `deer-ray-engine`): an HTTP
+client for a running deer-serve app, and `local_service`, which starts one in this process
+through the service side's plugin (`deer_serve.plugins`; `deployments.bench_service` starts Ray and the app).
 
 The service is driven through its OpenAI-compatible HTTP API, as a user would: POST
 /v1/completions with the prompt as token ids (so every method sees the same ids) and the
@@ -88,11 +88,28 @@ class ServiceClient:
 
 
 class ServiceMethod:
-    """`deer-ray` (pipeline as the service has it) or `deer-ray-nopipe` (pipeline off)."""
+    """`deer-ray` (pipeline as the service has it), `deer-ray-nopipe` (pipeline off) or
+    `deer-ray-engine` (a second app beside the local one, with `service.loop: engine`: the
+    Verifier replica's step engine batches all requests; pipelining off, which it lacks)."""
 
     def __init__(self, name: str, client: ServiceClient, block_size: int, eos: Optional[int]):
         self.name, self.client, self.block_size, self.eos = name, client, block_size, eos
-        self.pipeline = name != "deer-ray-nopipe"
+        self.pipeline = name == "deer-ray"
+        if name == "deer-ray-engine":
+            self.client = ServiceClient(engine_url(client))
+
+
+def engine_url(client: ServiceClient) -> str:
+    """The `loop: engine` app for `deer-ray-engine`: beside the service this process started
+    (the plugin starts it on first ask), else the service at the client's URL itself."""
+    from deer_serve import plugins
+
+    url = f"http://{client.host}:{client.port}{client.prefix}"
+    try:
+        cls = plugins.load(plugins.BENCH_SERVICES, "local")
+    except plugins.PluginMissing:
+        return url
+    return cls.engine_url_for(url)
 
     def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
         t0 = time.perf_counter()
