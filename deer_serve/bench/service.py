@@ -98,6 +98,12 @@ class ServiceMethod:
         if name == "deer-ray-engine":
             self.client = ServiceClient(engine_url(client))
 
+    def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
+        t0 = time.perf_counter()
+        out = self.client.complete(prompt_ids, sampling, self.block_size, self.pipeline)
+        wall = time.perf_counter() - t0
+        return sample_of(out, wall, self.eos)
+
 
 def engine_url(client: ServiceClient) -> str:
     """The `loop: engine` app for `deer-ray-engine`: beside the service this process started
@@ -110,12 +116,6 @@ def engine_url(client: ServiceClient) -> str:
     except plugins.PluginMissing:
         return url
     return cls.engine_url_for(url)
-
-    def run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Sample:
-        t0 = time.perf_counter()
-        out = self.client.complete(prompt_ids, sampling, self.block_size, self.pipeline)
-        wall = time.perf_counter() - t0
-        return sample_of(out, wall, self.eos)
 
 
 def sample_of(resp: dict, wall: float, eos: Optional[int]) -> Sample:
