@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from deployments.schemas import GenerationRequest
+from deployments.schemas import GenerationRequest, RequestError
 
 
 def prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
@@ -22,7 +22,12 @@ def prompt_ids(tokenizer, req: GenerationRequest) -> list[int]:
 def render_chat(tokenizer, req: GenerationRequest) -> str:
     msgs = [{"role": m.role, "content": m.text} for m in req.messages or ()]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001  the template refused these messages (jinja2's
+            # raise_exception, e.g. roles that do not alternate): the client's mistake
+            raise RequestError(f"the model's chat template rejected the messages: {e}",
+                               param="messages") from None
     # no template (e.g. a base code model): a plain transcript ending in the assistant's turn
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
