@@ -294,6 +294,12 @@ class Server:
             time.sleep(0.2)
         return left
 
+    def check_alive(self) -> None:
+        """RuntimeError when the server process has exited (its requests would all fail)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.spec.name} exited with {self.proc.returncode} (log: "
+                               f"{self.log_path}):\n{self.log_tail()}")
+
     def log_tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -579,7 +585,12 @@ def write_report(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     st = results["settings"]
     md = [f"# Servers on one target: {', '.join(results['servers'])}", "",
-          f"`{results['command']}`", "",
+          f"`{results['command']}`", ""]
+    for m in results.get("merged_from", []):
+        if m["servers"]:
+            md += [f"Kept from an earlier run ({', '.join(m['servers'])}; {m['machine']}): "
+                   f"`{m['command']}`", ""]
+    md += [
           f"{results['machine']}; {st['n_prompts']} prompts of `{st['suite']}`, temperature 0, "
           f"max_tokens {st['max_tokens']}, {st['threads']} OpenMP thread(s) per server process; "
           f"each server alone, warmed up with {st['warmup']} requests; one client "
@@ -664,6 +675,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
             if bad:
                 raise RuntimeError(f"warm-up requests failed: {bad[0]}")
         for c in concurrency:
+            server.check_alive()
             recs, wall = run_level(server.url, model, prompts, c, max_tokens, spec.body(),
                                    request_timeout_s)
             summary = summarize_level(recs, wall)
@@ -677,6 +689,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
         if vllm_bench:
             res["vllm_bench"] = {}
             for c in vllm_bench:
+                server.check_alive()
                 try:
                     r = vllm_bench_serve(server.url, model, target, c,
                                          num_prompts=max(16, 4 * c),
@@ -719,8 +732,10 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         ready_timeout_s: float = 900, request_timeout_s: float = 600,
         vllm_bench: Sequence[int] = (), vllm_bench_servers: Sequence[str] = (),
         vllm_bench_input_len: int = 64, vllm_bench_output_len: int = 128,
-        command: str = "", progress=print) -> dict:
-    """Every server in turn; results.json / report.md are rewritten after each server."""
+        command: str = "", merge: bool = False, progress=print) -> dict:
+    """Every server in turn; results.json / report.md are rewritten after each server.
+    merge: keep the servers of an earlier results.json in `out` that are not run again (same
+    prompts and settings required), e.g. to rerun one server against a kept reference."""
     t0 = time.perf_counter()
     results: dict[str, Any] = {
         "machine": machine(), "command": command, "complete": False,
@@ -731,6 +746,19 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
                      "vllm_bench_input_len": vllm_bench_input_len,
                      "vllm_bench_output_len": vllm_bench_output_len},
         "prompt_ids": [p for p, _ in prompts], "servers": {}, "warnings": []}
+    if merge and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        same = ("suite", "n_prompts", "max_tokens", "temperature")
+        if old.get("prompt_ids") != results["prompt_ids"] or any(
+                old["settings"].get(k) != results["settings"][k] for k in same):
+            raise UsageError(f"--merge: {out / 'results.json'} has other prompts or settings")
+        rerun = {s.name for s in servers}
+        kept = {n: v for n, v in old["servers"].items() if n not in rerun}
+        results["servers"] = kept
+        results["merged_from"] = old.get("merged_from", []) + [
+            {"command": old.get("command"), "machine": old.get("machine"),
+             "servers": list(kept)}]
+        progress(f"kept from {out / 'results.json'}: {', '.join(kept) or 'nothing'}")
     for spec in servers:
         results["servers"][spec.name] = bench_server(
             spec, prompts, target=target, drafter=drafter, concurrency=concurrency,
@@ -739,13 +767,17 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
             vllm_bench=vllm_bench if spec.name in vllm_bench_servers else (),
             vllm_bench_input_len=vllm_bench_input_len,
             vllm_bench_output_len=vllm_bench_output_len, progress=progress)
-        add_identity(results)
-        results["warnings"] = warnings(results)
-        results["total_s"] = round(time.perf_counter() - t0, 1)
-        write_report(results, out)
+        _finish(results, out, t0)
     results["complete"] = True
-    write_report(results, out)
+    _finish(results, out, t0)
     return results
+
+
+def _finish(results: dict, out: Path, t0: float) -> None:
+    add_identity(results)
+    results["warnings"] = warnings(results)
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    write_report(results, out)
 
 
 def warnings(results: dict) -> list[str]:
@@ -790,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "are compared with (default vllm)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds per server start")
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other servers of an earlier results.json in --out (same "
+                        "prompts and settings): rerun some servers only")
     p.add_argument("--vllm-bench", action="store_true",
                    help="also run vllm.benchmarks.serve against --vllm-bench-servers")
     p.add_argument("--vllm-bench-servers", default=None,
@@ -841,13 +876,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     command = "deer-serve bench-serve " + shlex.join(list(argv if argv is not None
                                                            else sys.argv[1:]))
-    results = run(servers, prompts, out, target=target, drafter=args.drafter, concurrency=conc,
-                  max_tokens=args.max_tokens, suite=args.suite, reference=args.reference,
-                  threads=args.threads, warmup=args.warmup, ready_timeout_s=args.ready_timeout,
-                  request_timeout_s=args.request_timeout, vllm_bench=vb,
-                  vllm_bench_servers=vb_servers, vllm_bench_input_len=args.vllm_bench_input_len,
-                  vllm_bench_output_len=args.vllm_bench_output_len, command=command,
-                  progress=lambda s: print(s, flush=True))
+    try:
+        results = run(servers, prompts, out, target=target, drafter=args.drafter,
+                      concurrency=conc, max_tokens=args.max_tokens, suite=args.suite,
+                      reference=args.reference, threads=args.threads, warmup=args.warmup,
+                      ready_timeout_s=args.ready_timeout, request_timeout_s=args.request_timeout,
+                      vllm_bench=vb, vllm_bench_servers=vb_servers,
+                      vllm_bench_input_len=args.vllm_bench_input_len,
+                      vllm_bench_output_len=args.vllm_bench_output_len, command=command,
+                      merge=args.merge, progress=lambda s: print(s, flush=True))
+    except UsageError as e:
+        print(f"deer-serve bench-serve: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'servers.png'}")
     return 1 if any(s.get("error") for s in results["servers"].values()) else 0
 

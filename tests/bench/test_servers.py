@@ -182,3 +182,26 @@ def test_client_against_deer_serve(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
 def test_client_against_vllm_server(tmp_path):
     run_server("vllm", tmp_path)
+
+
+def test_merge_keeps_servers_not_rerun(tmp_path):
+    """--merge: an earlier run's servers stay (with their identity reference) when others are
+    rerun; other prompts or settings are refused."""
+    recs = [rec("p0", [1, 2], .1, .2), rec("p1", [3], .1, .1)]
+    old = {"machine": "m0", "command": "first", "prompt_ids": ["p0", "p1"], "warnings": [],
+           "settings": {"suite": "s", "n_prompts": 2, "max_tokens": 2, "temperature": 0.0,
+                        "threads": 1, "warmup": 0, "reference": "vllm"},
+           "servers": {"vllm": {"levels": {"1": {
+               "summary": S.summarize_level(recs, 1.0),
+               "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs]}}}}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    prompts = [("p0", "a"), ("p1", "b")]
+    kw = dict(target="t", drafter=None, concurrency=[1], max_tokens=2, suite="s", warmup=0,
+              progress=lambda s: None)
+    res = S.run([], prompts, tmp_path, merge=True, command="second", **kw)
+    assert list(res["servers"]) == ["vllm"]
+    assert res["servers"]["vllm"]["levels"]["1"]["identity"]["identical"] == 2
+    assert res["merged_from"][0]["command"] == "first"
+    assert "Kept from an earlier run (vllm; m0): `first`" in (tmp_path / "report.md").read_text()
+    with pytest.raises(S.UsageError):
+        S.run([], prompts[:1], tmp_path, merge=True, **kw)
