@@ -14,8 +14,9 @@ keeps the average current; above it (or before `min_cycles` cycles were seen) re
 
 Exactness: the gate's choice for a request depends only on OTHER requests' past acceptance,
 never on this request's drafts or samples, so every request's output keeps the target's law
-(and greedy output is the plain AR output). A seeded request repeats when the gate is in the
-same state (a fresh gate, or none: `generate(..., gate=None)`).
+(and greedy output is the plain AR output). But its block sizes, and so which random numbers it
+draws, would depend on other requests: a request with a seed therefore never goes through the
+gate where deer-serve decides (`gate_for`: the service and `deer-serve generate`), so it repeats.
 """
 
 from __future__ import annotations
@@ -83,3 +84,9 @@ class DraftGate:
         with self._lock:
             return {k: {"tau": round(self._tau[k], 3), "cycles": self._cycles[k],
                         "open": self._open(k)} for k in self._tau}
+
+
+def gate_for(gate: Optional[DraftGate], seed: Optional[int]) -> Optional[DraftGate]:
+    """The gate a request goes through: none for a seeded request (it must repeat whatever other
+    requests did before it)."""
+    return gate if seed is None else None

@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", metavar="PATH", help="DEER drafter checkpoint (default: embedded)")
     g.add_argument("--target-backend", choices=tuple(TARGET_BACKENDS), default="torch")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    g.add_argument("--adaptive-k", action="store_true",
-                   help="per-cycle block size from the request's acceptance (--block-size = max)")
+    g.add_argument("--adaptive-k", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-cycle block size from the request's acceptance (--block-size = max; "
+                        "plain AR steps where drafts are not accepted, and a DraftGate over the "
+                        "prompts of one run); --no-adaptive-k: a fixed block (default: on)")
     g.add_argument("--lookup", choices=("merge", "off", "only"), default=None,
                    help="prompt lookup in deer mode: merge = spliced into the diffusion block "
                         "after its confident head (the default with the torch backend); off = "
@@ -127,11 +129,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                           block_size=args.block_size, detokenize=detok)
     else:
         target, drafter, tokenizer = load_models(args)
+        from deer_serve.adaptive import DraftGate, gate_for
         from deer_serve.engine import generate
 
+        gate = DraftGate() if args.adaptive_k else None  # learns over this run's prompts
         gen = lambda ids: generate(target, drafter, ids, sampling, mode=args.mode,  # noqa: E731
                                    block_size=args.block_size, detokenize=detok,
-                                   adaptive_k=args.adaptive_k)
+                                   adaptive_k=args.adaptive_k, gate=gate_for(gate, args.seed))
 
     def detok(ids: list[int]) -> str:  # a def: its type is known where `gen` above refers to it
         return tokenizer.decode(ids, skip_special_tokens=True)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Collection, Generator, Optional, Sequence, Uni
 import torch
 
 from deer_serve.calls import Draft, Plan, Score
+from deer_serve.adaptive import DraftGate, gate_for
 from deer_serve.engine import (AdaptiveK, StepOutput, _decode, _validate, eos_set,
                                uses_features)
 from deer_serve.types import GenerationResult, SamplingParams
@@ -121,17 +122,19 @@ class EngineStats:
 class StepEngine:
     def __init__(self, target, drafter=None, *, max_running: int = 16,
                  verify_budget: Optional[int] = DEFAULT_VERIFY_BUDGET,
-                 lock: Optional[threading.Lock] = None, start: bool = True):
+                 lock: Optional[threading.Lock] = None, start: bool = True,
+                 gate: Optional[DraftGate] = None):
         """target: a TargetBackend with `score_batch` (HFTarget); drafter: a block drafter
         (with `draft_batch` for batched drafting), or None for mode ar only. max_running:
         requests in the step at once (more wait in order). verify_budget: None = no cap on the
         block sizes. lock: held around every backend call (a replica shares its backend with
-        other callers). start=False: no thread; the caller runs `step()`."""
+        other callers). start=False: no thread; the caller runs `step()`. gate: the
+        `DraftGate` of adaptive-k requests (deer_serve.adaptive)."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         if verify_budget is not None and verify_budget < 1:
             raise ValueError(f"verify_budget must be >= 1 or None, got {verify_budget}")
-        self.target, self.drafter = target, drafter
+        self.target, self.drafter, self.gate = target, drafter, gate
         self.max_running, self.verify_budget = max_running, verify_budget
         self.lock = lock or threading.Lock()
         self.stats = EngineStats()
@@ -167,7 +170,8 @@ class StepEngine:
         core = _decode(self.target, prompt, sampling, mode, int(block_size), detokenize, seq_id,
                        eos_set(self.target, sampling, eos_token_id),
                        uses_features(self.drafter, mode),
-                       AdaptiveK(int(block_size)) if adaptive_k else None)
+                       AdaptiveK(int(block_size), gate=gate_for(self.gate, sampling.seed),
+                                 temperature=sampling.temperature) if adaptive_k else None)
         req = EngineRequest(self, seq_id, core, mode == "deer", lookup and mode == "deer")
         with self.changed:
             if any(r.seq_id == seq_id for r in (*self._running, *self._waiting)):

@@ -97,9 +97,6 @@ class ServiceOptions(BaseModel):
         DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
         "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
         "as the batch fills; null = no cap")
-    greedy_argmax: bool = Field(
-        True, description="at temperature 0 the Verifier replies with each position's argmax "
-        "token instead of its logits (k+1 ints instead of (k+1) x V floats)")
     pipeline: bool = Field(
         False, description="default of the request field `pipeline`: while block b is "
         "verified, the Drafter pre-drafts block b+1 for b's most likely outcome "
@@ -108,6 +105,14 @@ class ServiceOptions(BaseModel):
         True, description="prompt lookup spliced into each drafted block after its confident "
         "head (deer_serve.drafters.lookup, as `deer-serve generate --lookup merge`); off = the "
         "diffusion drafter's block alone")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "greedy_argmax" in data:
+            raise ValueError("greedy_argmax was removed: at temperature 0 a verify reply always "
+                             "carries the argmax tokens, at T > 0 the logits")
+        return data
 
     @field_validator("transport", "loop", mode="before")
     @classmethod
@@ -131,8 +136,10 @@ class DecodeDefaults(BaseModel):
     the Router's settings)."""
 
     block_size: int = Field(16, ge=1, le=MAX_BLOCK_SIZE, description="default draft block k")
-    adaptive_k: bool = Field(False, description="requests adapt k (block_size the largest) and "
-                                                "take plain AR stretches unless they say not to")
+    adaptive_k: bool = Field(True, description="requests adapt k (block_size the largest) and "
+                             "take plain AR stretches, and a process's DraftGate starts them "
+                             "with drafting off at a temperature where drafts are rarely "
+                             "accepted (deer_serve.adaptive), unless they say not to")
     limits: Limits = Field(default_factory=Limits)
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")

@@ -38,6 +38,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Generator, Optional, Sequ
 import numpy as np
 from pydantic import Field
 
+from deer_serve.adaptive import DraftGate
 from deer_serve.drafters.lookup import LookupDrafter
 from deer_serve.engine import StepOutput
 from deer_serve.types import GenerationResult, SamplingParams
@@ -134,6 +135,7 @@ class Router(HttpIngress, GrpcIngress):
         self.counts = {"cancelled": 0, "resumed": 0, "rejected": 0, "fallbacks": 0}
         # calls answered per replica id, by role (ops_state: which replicas carry the traffic)
         self.replica_calls: dict[str, dict[str, int]] = {"drafter": {}, "verifier": {}}
+        self.gate = DraftGate()  # `loop: router`: whether drafting pays, per temperature
 
     # ---- shared by HTTP and gRPC
     def detokenize(self, ids: Sequence[int]) -> str:  # as `deer-serve generate` decodes
@@ -242,13 +244,13 @@ class Router(HttpIngress, GrpcIngress):
         tracing, each call in a span and each step closing its cycle span."""
         spans = p.spans
         remote_t = RemoteTarget(verifier_h, self.known_target_meta(), timeout,
-                                argmax_only=self.settings.greedy_argmax and spec.sampling.greedy)
+                                argmax_only=spec.sampling.greedy)
         target: Any = remote_t
         d = drafter if spec.mode == "deer" else None
         if spans is not None:
             target = TracedTarget(target, spans)
             d = TracedDrafter(d, spans) if d is not None else None
-        it = run_segment(target, d, spec, target_client=remote_t,
+        it = run_segment(target, d, spec, target_client=remote_t, gate=self.gate,
                          drafter_client=remote_d if d is not None else None,
                          detokenize=self.detokenize)
         try:

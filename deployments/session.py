@@ -24,6 +24,7 @@ from typing import Any, Callable, Generator, Optional, Sequence
 
 import numpy as np
 
+from deer_serve.adaptive import gate_for
 from deer_serve.engine import StepOutput, iter_generate
 from deer_serve.types import GenerationResult, SamplingParams
 from deployments.clients import DrafterUnavailable, VerifierUnavailable
@@ -138,13 +139,14 @@ def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_win
 
 
 def run_segment(target, drafter, spec: DecodeSpec, *, target_client, drafter_client=None,
-                detokenize: Optional[Callable[[list[int]], str]] = None,
+                detokenize: Optional[Callable[[list[int]], str]] = None, gate=None,
                 ) -> Generator[StepOutput, None, GenerationResult]:
     """One segment in this process: `iter_generate(target, drafter, spec...)`, whose result's
     timings are split by what the replicas reported (`split_timings`). target_client: the
     `RemoteTarget` (or a replica's own target) under `target`, whose `calls` hold each call's
     (wait, compute); drafter_client: the `RemoteDrafter` under `drafter` (deer mode), whose
-    `server_s` sums them. detokenize: the completion's ids -> text (stop strings)."""
+    `server_s` sums them. detokenize: the completion's ids -> text (stop strings). gate: the
+    host's `DraftGate` for adaptive-k requests (deer_serve.adaptive)."""
     ids = np.asarray(spec.token_ids).tolist()
     detok: Optional[Callable[[list[int]], str]] = None
     if detokenize is not None:
@@ -153,7 +155,8 @@ def run_segment(target, drafter, spec: DecodeSpec, *, target_client, drafter_cli
     d0 = tuple(drafter_client.server_s) if drafter_client is not None else (0.0, 0.0)
     it = iter_generate(target, drafter, ids, spec.sampling, mode=spec.mode,
                        block_size=spec.block_size, seq_id=spec.seq_id,
-                       adaptive_k=spec.adaptive_k, pipeline=spec.pipeline, detokenize=detok)
+                       adaptive_k=spec.adaptive_k, pipeline=spec.pipeline, detokenize=detok,
+                       gate=gate_for(gate, spec.sampling.seed))
     try:
         r = yield from it
     finally:

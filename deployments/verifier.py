@@ -84,11 +84,15 @@ class Verifier:
             self._local_pool = ThreadPoolExecutor(2 * max_batch_size,
                                                   thread_name_prefix="deer-local-draft")
         self.step_engine = None
+        from deer_serve.adaptive import DraftGate
+
+        self.gate = DraftGate()  # the loops hosted here: whether drafting pays, per temperature
         if engine is not None:
             from deer_serve.step_engine import StepEngine
 
             drafter_backend = self.local_drafter.backend if self.local_drafter else None
-            self.step_engine = StepEngine(self.backend, drafter_backend, lock=self._lock, **engine)
+            self.step_engine = StepEngine(self.backend, drafter_backend, lock=self._lock,
+                                          gate=self.gate, **engine)
 
     def meta(self) -> dict:
         """What a remote `TargetBackend` proxy needs to know about this target."""
@@ -243,6 +247,7 @@ class Verifier:
                 drafter = LookupDrafter(client, vocab_size=self.backend.vocab_size)
         local = _LocalTarget(self)
         it = run_segment(local, drafter, spec, target_client=local, drafter_client=client,
+                         gate=self.gate,
                          detokenize=self._detokenizer() if spec.sampling.stop else None)
         try:
             while True:

@@ -180,7 +180,9 @@ class EngineMethod:
         if adaptive_k and mode == "deer":
             from deer_serve.adaptive import DraftGate
 
-            self.gate = DraftGate()  # learns across this method's requests, as a server's does
+            # learns across this method's requests, as a server's does for unseeded requests
+            # (the bench seeds every sampled run only to repeat its own numbers)
+            self.gate = DraftGate()
         self.pipeline = pipeline
         self.block_size = block_size if mode == "deer" else None
         self.drafter = None

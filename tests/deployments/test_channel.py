@@ -129,7 +129,7 @@ def test_remote_drafter_over_a_channel_matches_the_serve_path(drafters):
     d._channel = None
 
 
-@pytest.mark.parametrize("loop_opts", [{}, {"pipeline": True}, {"greedy_argmax": False}])
+@pytest.mark.parametrize("loop_opts", [{}, {"pipeline": True}, {"adaptive_k": False}])
 def test_greedy_deer_over_channels_is_plain_ar(tiny_checkpoints, drafters, verifier, reference,
                                                loop_opts):
     router = make_router(tiny_checkpoints, drafters["target-features"], verifier,

@@ -114,3 +114,13 @@ def test_a_removed_topology_fails_validation_and_says_so(field, value, left):
     with pytest.raises(ValidationError, match="Input should be"):  # other values: pydantic's own
         ServiceOptions.model_validate({field: "nope"})
     assert getattr(ServiceOptions.model_validate({field: left}), field) == left
+
+
+def test_the_removed_greedy_argmax_switch_is_refused_with_the_reason():
+    from pydantic import ValidationError
+
+    from deployments.app import AppConfig
+
+    with pytest.raises(ValidationError, match="greedy_argmax was removed.*argmax tokens"):
+        AppConfig.model_validate({"service": {"greedy_argmax": False}})
+    assert AppConfig().adaptive_k is True  # the default decode: adaptive k with the DraftGate

@@ -70,12 +70,11 @@ def test_affinity_keeps_each_request_on_one_replica_per_pool(app, reference):
 
 
 @pytest.mark.parametrize("service_opts", [
-    {"transport": "object-store", "greedy_argmax": False, "affinity": False},
-    {"transport": "object-store", "greedy_argmax": True, "affinity": True},
-    {"transport": "channel", "greedy_argmax": False, "affinity": False},
-    {"transport": "channel", "greedy_argmax": True, "affinity": True, "pipeline": True},
-], ids=["object-store+logits", "object-store+argmax", "channel+logits",
-        "channel+argmax+pipeline"])
+    {"transport": "object-store", "affinity": False},
+    {"transport": "object-store", "affinity": True},
+    {"transport": "channel", "affinity": False},
+    {"transport": "channel", "affinity": True, "pipeline": True},
+], ids=["object-store", "object-store+affinity", "channel", "channel+affinity+pipeline"])
 def test_every_transport_gives_the_plain_ar_text(service, reference, service_opts):
     a = deploy(service, "transport-alt", own_models=False,
                service={"tracing": {"exporter": "memory"}, **service_opts})
