@@ -210,6 +210,7 @@ class Server:
             return vllm_command(self.spec, self.target, self.port, cpu=self.cpu)
         import yaml
 
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = self.log_dir / f"{_slug(self.spec.name)}.serve_config.yaml"
         cfg_path.write_text(yaml.safe_dump(deer_config(self.spec), sort_keys=False))
         cmd = [sys.executable, "-m", "deer_serve", "serve", "--config", str(cfg_path),
