@@ -12,32 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING
 
 from deployments.clients import VerifierUnavailable
-from deployments.schemas import RequestError, RequestKind
+from deployments.ingress_core import IngressCore
+from deployments.schemas import RequestError
 from deployments.security import grpc_key
 
 if TYPE_CHECKING:
-    from deployments.router import Prepared, RouterSettings, Slot
+    from deployments.router import Prepared
     from deployments.session import Outcome
 
 log = logging.getLogger("deer_serve.router")
 
 
-class GrpcIngress:
+class GrpcIngress(IngressCore):
     """The Router's gRPC methods."""
-
-    if TYPE_CHECKING:  # the Router's (deployments.router), which these methods adapt
-        settings: RouterSettings
-        verifier: Any
-
-        def admit(self, key: Optional[str], protocol: str) -> Slot: ...
-        async def prepare(self, data: Any, kind: RequestKind) -> Prepared: ...
-        async def complete(self, p: Prepared) -> tuple[Outcome, str]: ...
-        def stream(self, p: Prepared) -> AsyncIterator[tuple[str, list[int],
-                                                             Optional[Outcome]]]: ...
-        def _count_error(self, e: Exception, status: int) -> None: ...
 
     async def Generate(self, request, grpc_context=None):
         from deer_serve.protos import deer_pb2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.clients import VerifierUnavailable
+from deployments.ingress_core import IngressCore
 from deployments.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                  ChatCompletionResponse, ChatDelta, ChatMessageOut,
                                  CompletionChoice, CompletionChunk, CompletionResponse, ModelCard,
@@ -30,30 +31,13 @@ from deployments.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChun
 from deployments.security import http_key
 
 if TYPE_CHECKING:
-    from deployments.router import Prepared, RouterSettings, Slot
-    from deployments.security import ApiKeys
-    from deployments.session import Outcome
-    from deployments.schemas import Usage
+    from deployments.router import Prepared
 
 log = logging.getLogger("deer_serve.router")
 
 
-class HttpIngress:
+class HttpIngress(IngressCore):
     """The Router's HTTP methods (FastAPI routes: `ROUTES`)."""
-
-    if TYPE_CHECKING:  # the Router's (deployments.router), which these methods adapt
-        settings: RouterSettings
-        keys: ApiKeys
-        drafter: Any
-        verifier: Any
-
-        def admit(self, key: Optional[str], protocol: str) -> Slot: ...
-        async def prepare(self, data: Any, kind: RequestKind) -> Prepared: ...
-        async def complete(self, p: Prepared) -> tuple[Outcome, str]: ...
-        def stream(self, p: Prepared) -> AsyncIterator[tuple[str, list[int],
-                                                             Optional[Outcome]]]: ...
-        def usage(self, p: Prepared, o: Outcome) -> Usage: ...
-        def _count_error(self, e: Exception, status: int) -> None: ...
 
     async def _read(self, request: Request, kind: RequestKind) -> Prepared:
         limit = self.settings.limits.max_body_bytes
