@@ -84,7 +84,7 @@ class ServiceOptions(BaseModel):
         True, description="every call of one request goes to the same Drafter and Verifier "
         "replica (Serve's consistent-hash request router over the request id as session), so "
         "their KV caches are hits; off = Serve's power-of-two-choices per call")
-    loop: Literal["router", "colocated", "engine"] = Field(
+    loop: Literal["router", "colocated", "engine", "vllm"] = Field(
         "router", description="where a request's decode loop runs: 'router' (the Router calls "
         "the Drafter and the Verifier every cycle: two remote calls) or 'colocated' (one "
         "streaming call to a Verifier replica, which runs the loop with a drafter in its own "
@@ -92,7 +92,11 @@ class ServiceOptions(BaseModel):
         "pool; spans stop at the request) or 'engine' (one streaming call to a Verifier "
         "replica whose step engine runs every request it holds in ONE loop: per step one "
         "batched draft and one ragged verify over all of them, mode ar rows included, up to "
-        "`max_batch_size` at once; deer_serve.step_engine; no pipelining)")
+        "`max_batch_size` at once; deer_serve.step_engine; no pipelining) or 'vllm' (the same "
+        "call, run by the replica's vLLM AsyncLLM with the drafter inside vLLM's native DFlash "
+        "proposer: continuous batching of every request the replica holds; needs a DFlash-"
+        "format drafter and vLLM; k = block_size for all requests; no Drafter deployment; "
+        "deployments.vllm_loop)")
     engine_verify_budget: Optional[int] = Field(
         DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
         "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
@@ -342,6 +346,11 @@ def build_app(args: Optional[dict] = None):
 
     cfg = (args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})).resolved()
     feature_layers = check_models(cfg)
+    vllm_loop = cfg.service.loop == "vllm"
+    if vllm_loop:  # the drafter runs inside vLLM: a DFlash-format drafter, no Drafter deployment
+        from deployments.vllm_loop import check_drafter
+
+        check_drafter(cfg.drafter_path)
     def threads(d: DeploymentConfig) -> int:  # default: the CPUs Ray reserved
         return d.torch_threads or max(1, int(d.ray_actor_options.num_cpus))
 
@@ -357,9 +366,9 @@ def build_app(args: Optional[dict] = None):
     drafter_args = dict(drafter_path=cfg.drafter_path, target_path=cfg.target_path, device=cfg.device,
                         max_sequences=cfg.max_sequences, use_cache=cfg.drafter_prefix_cache,
                         batching=cfg.batching, max_batch_size=cfg.max_batch_size)
-    drafter = serve.deployment(measured(Drafter, "draft"), name="Drafter",
-                               **pool_options(cfg.drafter, cfg.service.transport),
-                               **pool_opts).bind(torch_threads=threads(cfg.drafter), **drafter_args)
+    drafter = None if vllm_loop else serve.deployment(
+        measured(Drafter, "draft"), name="Drafter", **pool_options(cfg.drafter, cfg.service.transport),
+        **pool_opts).bind(torch_threads=threads(cfg.drafter), **drafter_args)
     verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
                                 **pool_options(cfg.verifier, cfg.service.transport),
                                 **pool_opts).bind(
@@ -370,10 +379,13 @@ def build_app(args: Optional[dict] = None):
         colocated_drafter=drafter_args if cfg.service.loop in ("colocated", "engine") else None,
         engine={"max_running": cfg.max_batch_size,
                 "verify_budget": cfg.service.engine_verify_budget}
-        if cfg.service.loop == "engine" else None)
+        if cfg.service.loop == "engine" else None,
+        vllm_loop={"drafter_path": cfg.drafter_path, "block_size": cfg.block_size,
+                   "max_running": cfg.max_batch_size} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())
     router = serve.deployment(make_ingress(), name="Router",
                               **cfg.router.options())
-    return router.bind(drafter, verifier, settings.model_dump())
+    # loop vllm: no Drafter deployment; the Router's drafter handle (health, info) is the Verifier
+    return router.bind(verifier if drafter is None else drafter, verifier, settings.model_dump())

