@@ -123,15 +123,30 @@ class StepEngine:
     def __init__(self, target, drafter=None, *, max_running: int = 16,
                  verify_budget: Optional[int] = DEFAULT_VERIFY_BUDGET,
                  lock: Optional[threading.Lock] = None, start: bool = True,
-                 gate: Optional[DraftGate] = None):
+                 gate: Optional[DraftGate] = None, kv: str = "auto"):
         """target: a TargetBackend with `score_batch` (HFTarget); drafter: a block drafter
         (with `draft_batch` for batched drafting), or None for mode ar only. max_running:
         requests in the step at once (more wait in order). verify_budget: None = no cap on the
         block sizes. lock: held around every backend call (a replica shares its backend with
         other callers). start=False: no thread; the caller runs `step()`. gate: the
-        `DraftGate` of adaptive-k requests (deer_serve.adaptive)."""
+        `DraftGate` of adaptive-k requests (deer_serve.adaptive). kv: where the running
+        requests' target KV lives: "slots" = one persistent slot buffer over an HFTarget's model
+        (`deer_serve.targets.hf_slots.SlotTarget`, its caches apart from the HFTarget's),
+        "per-sequence" = the target as given; "auto" = slots for an HFTarget when
+        max_running > 1 (one row per step has nothing to batch)."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
+        if kv not in ("auto", "slots", "per-sequence"):
+            raise ValueError(f"kv must be auto, slots or per-sequence, got {kv!r}")
+        from deer_serve.targets.hf import HFTarget
+
+        if kv == "slots" or (kv == "auto" and max_running > 1 and isinstance(target, HFTarget)):
+            from deer_serve.targets.hf_slots import SlotTarget
+
+            if not isinstance(target, (HFTarget, SlotTarget)):
+                raise ValueError("kv='slots' needs an HFTarget")
+            if isinstance(target, HFTarget):
+                target = SlotTarget.from_hf(target, slots=max_running)
         if verify_budget is not None and verify_budget < 1:
             raise ValueError(f"verify_budget must be >= 1 or None, got {verify_budget}")
         self.target, self.drafter, self.gate = target, drafter, gate

@@ -312,3 +312,46 @@ def test_submit_validates_and_a_closed_engine_refuses(model):
     eng.close()
     with pytest.raises(RuntimeError):
         eng.submit([3, 4], SamplingParams(), mode="ar")
+
+
+# ---- the slot KV backend (deer_serve/targets/hf_slots.py) ----------------------------------
+
+@pytest.mark.parametrize("context_mode", ["tokens", "target-features"])
+def test_greedy_with_the_slot_backend_equals_plain_ar(model, drafters, context_mode):
+    """Staggered joins and leaves, deer and ar rows, a buffer that starts too small (it grows
+    and compacts): every request's output is plain AR's, and every slot is freed."""
+    from deer_serve.targets.hf_slots import SlotTarget
+
+    slots = SlotTarget(model, feature_layers=drafters["target-features"].feature_layers
+                       if context_mode == "target-features" else None, slots=2, capacity=48,
+                       prefill_split=16)
+    eng = StepEngine(slots, drafters[context_mode], max_running=6, verify_budget=24,
+                     start=False, kv="slots")
+    assert eng.target is slots
+    out = run_staggered(eng, REQUESTS, "k")
+    for i, (n, _bs, mx, *_rest) in enumerate(REQUESTS):
+        assert out[i].token_ids == reference(model, prompt_of(n, i), mx), i
+    assert eng.stats.rows > 2 * eng.stats.steps
+    assert slots.stats["grown"] > 0 and slots.stats["compactions"] > 0, slots.stats
+    assert not slots._seqs and sorted(slots._free) == list(range(slots.slots))
+    assert not bool(slots.valid.any())
+
+
+def test_step_engine_picks_the_slot_backend_for_an_hf_target(model):
+    from deer_serve.targets.hf_slots import SlotTarget
+
+    target = HFTarget(model)
+    assert isinstance(StepEngine(target, None, max_running=4, start=False).target, SlotTarget)
+    assert StepEngine(target, None, max_running=1, start=False).target is target
+    assert StepEngine(target, None, max_running=4, start=False, kv="per-sequence").target \
+        is target
+    with pytest.raises(ValueError):
+        StepEngine(target, None, kv="paged")
+    eng = StepEngine(target, None, max_running=4, start=False)
+    reqs = [eng.submit(prompt_of(3 + i, i), SamplingParams(max_new_tokens=9, ignore_eos=True),
+                       mode="ar", seq_id=f"p{i}") for i in range(6)]
+    while eng.step():
+        pass
+    for i, r in enumerate(reqs):
+        assert eng_result(r).token_ids == reference(model, prompt_of(3 + i, i), 9)
+        assert eng.target.cached_length(f"p{i}") == 0
