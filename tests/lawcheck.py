@@ -175,3 +175,81 @@ def check_two_samples(a: Mapping[Hashable, int], b: Mapping[Hashable, int], m: i
         raise ValueError(f"{len(seen)} outcomes seen, more than m = {m}")
     d = 0.5 * sum(abs(a.get(x, 0) / na - b.get(x, 0) / nb) for x in seen)
     return d, two_sample_threshold(m, na, nb, alpha)
+
+
+# ---- the exact law of the first tokens of an autoregressive model ----------------------------
+
+def sequence_law(next_probs, vocab: int, window: int) -> dict:
+    """{(x_1..x_window): prod_i p(x_i | x_<i)} over every sequence of `window` tokens from
+    range(vocab); next_probs(prefix tuple) -> the model's next-token probabilities after the
+    prompt and `prefix` (indexable by token, e.g. a (vocab,) tensor). Each prefix is asked
+    once: 1 + vocab + ... + vocab^(window-1) calls."""
+    law: dict = {}
+
+    def walk(prefix: tuple, pr: float) -> None:
+        if len(prefix) == window:
+            law[prefix] = pr
+            return
+        p = next_probs(prefix)
+        for t in range(vocab):
+            walk(prefix + (t,), pr * float(p[t]))
+
+    walk((), 1.0)
+    return law
+
+
+# ---- a sequence's law and the laws of its prefixes, in one check ----------------------------
+
+def prefix_marginal(x: Mapping[Hashable, float], j: int) -> dict:
+    """The law (or counts) of the first j tokens of tuple outcomes."""
+    out: dict = {}
+    for key, v in x.items():
+        k = key[:j] if isinstance(key, tuple) else key
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass
+class PrefixCheck:
+    """`check_law` of the first j tokens' law for j = 1..W (W: the outcomes' length), each at
+    alpha / W: by the union bound a correct sampler fails ANY of them with probability <= alpha.
+    The last is the joint law of all W tokens, so everything `check_law` detects at alpha / W
+    this detects too; the shorter prefixes (far fewer outcomes, so smaller thresholds) catch
+    a bug in the first tokens with far fewer samples."""
+    checks: list   # LawCheck of prefixes of length 1..W
+
+    @property
+    def rejected(self) -> bool:
+        return any(c.rejected for c in self.checks)
+
+    @property
+    def joint(self) -> LawCheck:
+        return self.checks[-1]
+
+    def __str__(self) -> str:
+        rows = "; ".join(f"x1..x{j + 1}: TV {c.tv:.4f} vs {c.threshold:.4f} (m={c.cells}, detects "
+                         f"{c.detectable:.4f}{', REJECTS' if c.rejected else ''})"
+                         for j, c in enumerate(self.checks))
+        return (f"n={self.joint.n}, false alarm <= {self.joint.alpha * len(self.checks):g} in all; "
+                f"{rows}; {self.joint.impossible} impossible samples; largest gaps (joint) "
+                + ", ".join(f"{x}: {f:.4f} vs {p:.4f}" for x, f, p in self.joint.worst))
+
+
+def check_prefix_laws(counts: Mapping[Hashable, int], law: Mapping[Hashable, float],
+                      alpha: float = ALPHA, beta: float = BETA) -> PrefixCheck:
+    """counts / law over tuples of W tokens (e.g. from `sequence_law`)."""
+    w = max(len(k) for k in law if isinstance(k, tuple))
+    return PrefixCheck([check_law(prefix_marginal(counts, j), prefix_marginal(law, j),
+                                  alpha / w, beta) for j in range(1, w + 1)])
+
+
+def assert_prefix_laws(counts, law, alpha: float = ALPHA) -> PrefixCheck:
+    c = check_prefix_laws(counts, law, alpha)
+    assert not c.rejected, f"sampled law differs from the exact one: {c}"
+    return c
+
+
+def assert_prefix_rejects(counts, law, alpha: float = ALPHA) -> PrefixCheck:
+    c = check_prefix_laws(counts, law, alpha)
+    assert c.rejected, f"the check missed a planted bug: {c}"
+    return c
