@@ -133,16 +133,17 @@ class StepEngine:
         requests' target KV lives: "slots" = one persistent slot buffer over an HFTarget's model
         (`deer_serve.targets.hf_slots.SlotTarget`, its caches apart from the HFTarget's),
         "per-sequence" = the target as given; "auto" = slots for an HFTarget when
-        max_running > 1 (one row per step has nothing to batch)."""
+        max_running > 1 (one row per step has nothing to batch) and its model's layers are all
+        full attention (`hf_slots.supports`)."""
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         if kv not in ("auto", "slots", "per-sequence"):
             raise ValueError(f"kv must be auto, slots or per-sequence, got {kv!r}")
         from deer_serve.targets.hf import HFTarget
+        from deer_serve.targets.hf_slots import SlotTarget, supports
 
-        if kv == "slots" or (kv == "auto" and max_running > 1 and isinstance(target, HFTarget)):
-            from deer_serve.targets.hf_slots import SlotTarget
-
+        if kv == "slots" or (kv == "auto" and max_running > 1 and isinstance(target, HFTarget)
+                             and supports(target.model)):
             if not isinstance(target, (HFTarget, SlotTarget)):
                 raise ValueError("kv='slots' needs an HFTarget")
             if isinstance(target, HFTarget):

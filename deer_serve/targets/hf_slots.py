@@ -35,6 +35,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
 
 from deer_serve.targets.hf import HFTarget, _Row, common_prefix_len
 from deer_serve.types import ScoreResult
@@ -64,6 +66,37 @@ class _Window(Cache):
         return kb[a:b, :, :end], vb[a:b, :, :end]
 
 
+def _slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                    scaling: Optional[float] = None, slot_fold: bool = False, **kwargs):
+    """SDPA over the slot buffer without copying it per kv-head group: the query heads that
+    share a kv head are folded into the query length, q (B, Hq, N, d) -> (B, Hkv, G*N, d), and
+    the mask comes folded the same way (B, 1, G*N, L) (`repeat_kv` would copy the whole window
+    of keys and values in every layer). Any other call is plain `sdpa`."""
+    if not slot_fold or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    B, Hq, N, d = query.shape
+    Hk = key.shape[1]
+    q = query.reshape(B, Hk, (Hq // Hk) * N, d)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value,
+                                                           attn_mask=attention_mask,
+                                                           scale=scaling)
+    return out.view(B, Hq, N, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+SLOT_ATTENTION = "deer_slots_sdpa"
+AttentionInterface.register(SLOT_ATTENTION, _slot_attention)
+
+
+def supports(model) -> bool:
+    """Whether SlotTarget can run `model`: every layer full causal attention (its one 4-D mask
+    has no sliding window)."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or ["full_attention"]
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    return all(t == "full_attention" for t in types) and not sliding
+
+
 class SlotTarget:
     """`TargetBackend` with `score_batch` over a Hugging Face causal LM whose sequences share
     one slot-per-row KV buffer (see the module doc)."""
@@ -76,6 +109,8 @@ class SlotTarget:
         more new positions than this (a prefill, a long miss) runs as its own forward."""
         if slots < 1 or capacity < 1 or max_sequences < 1:
             raise ValueError("slots, capacity and max_sequences must be >= 1")
+        if not supports(model):
+            raise ValueError("SlotTarget needs a model whose layers are all full attention")
         # the model's facts (feature layers, vocabulary, eos) exactly as HFTarget states them
         ref = HFTarget(model, feature_layers=feature_layers, eos_token_id=eos_token_id)
         self.model, self.config, self.device = ref.model, ref.config, ref.device
@@ -272,17 +307,36 @@ class SlotTarget:
             keep = len(s.ids)
             input_ids[s.slot - a, :n] = torch.tensor(r.ids[keep:])
             position_ids[s.slot - a] = torch.arange(keep, keep + N)  # padding continues
+        cfg = self.model.config
+        fold = cfg._attn_implementation == "sdpa"
+        G = int(cfg.get_text_config().num_attention_heads) // self.kv_heads if fold else 1
         mask: Any = None
-        if C > 0 or S > 1:
-            mask = torch.empty(S, 1, N, C + N, dtype=torch.bool, device=dev)
-            mask[:, 0, :, :C] = self.valid[a:b, None, :C]
-            mask[:, 0, :, C:] = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+        kw: dict = {}
+        if C > 0 or S > 1:  # (a fresh row alone: plain causal attention)
+            # query row g*N + j (head group g, position j) sees the row's valid columns and
+            # the new columns up to its own
+            mask = torch.empty(S, 1, G, N, C + N, dtype=torch.bool, device=dev)
+            mask[:, 0, :, :, :C] = self.valid[a:b, None, None, :C]
+            mask[:, 0, :, :, C:] = torch.ones(N, N, dtype=torch.bool, device=dev).tril()
+            mask = mask.view(S, 1, G * N, C + N)
+            if fold:
+                kw["slot_fold"] = True
+            else:  # other attention implementations (eager) add the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill_(
+                    ~mask, torch.finfo(self.dtype).min)
         first_needed = min(n - r.nq for r, n in zip(rows, n_new))
         cache = _Window(self.keys, self.values, a, b, C)
         self.stats["forwards"] += 1
-        out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
-                         attention_mask=mask, past_key_values=cache, use_cache=True,
-                         output_hidden_states=return_hidden, logits_to_keep=N - first_needed)
+        if fold:  # our sdpa for this forward (any other caller meanwhile gets plain sdpa)
+            cfg._attn_implementation = SLOT_ATTENTION
+        try:
+            out = self.model(input_ids=input_ids.to(dev), position_ids=position_ids.to(dev),
+                             attention_mask=mask, past_key_values=cache, use_cache=True,
+                             output_hidden_states=return_hidden, logits_to_keep=N - first_needed,
+                             **kw)
+        finally:
+            if fold:
+                cfg._attn_implementation = "sdpa"
         off = N - out.logits.shape[1]                                          # = first_needed
         results = []
         for r, s, n in zip(rows, seqs, n_new):

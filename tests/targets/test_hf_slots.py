@@ -131,3 +131,32 @@ def test_validates_like_hf_target(model):
     with pytest.raises(ValueError):
         st.score("x", [1, 2], 1, return_hidden=True, n_hidden=5)
     assert st.feature_dim == HFTarget(model).feature_dim and st.vocab_size == V
+
+
+def test_eager_attention_and_no_gqa(model):
+    """Without sdpa (no folded-GQA attention) and with as many kv heads as query heads."""
+    eager = make_target(vocab_size=V, layers=2, hidden=64, seed=0)
+    eager.set_attn_implementation("eager")
+    random_run(eager, steps=40, hidden=True, seed=7, slots=2, capacity=32)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(2)
+    mha = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=2, head_dim=16)).eval()
+    random_run(mha, steps=40, hidden=False, seed=8, slots=2, capacity=32)
+    assert model.config._attn_implementation == "sdpa"  # restored after every forward
+
+
+def test_refuses_sliding_window_models():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from deer_serve.targets.hf_slots import supports
+
+    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    m = Qwen3ForCausalLM(cfg).eval()
+    assert not supports(m)
+    with pytest.raises(ValueError):
+        SlotTarget(m)
