@@ -9,8 +9,9 @@ The session (deployments.session) is `deer_serve.engine.iter_generate` in segmen
 drafter-to-AR fallback and the verifier resume. Where its loop runs is `ServiceOptions.loop`:
 `router` (here, over `RemoteTarget` / `RemoteDrafter`, deployments.clients, through the
 transport `ServiceOptions.transport` picks), `colocated` (one streaming call per segment to a
-Verifier replica that holds its own drafter) or `engine` (the same call, run by the replica's
-step engine). No acceptance, sampling or caching here.
+Verifier replica that holds its own drafter), `engine` (the same call, run by the replica's
+step engine) or `vllm` (the same call, run by the replica's vLLM AsyncLLM with the drafter
+inside vLLM, deployments.vllm_loop). No acceptance, sampling or caching here.
 
 Admission: at most `max_pending_requests` requests per Router replica; more get 429 /
 RESOURCE_EXHAUSTED with Retry-After. A client that goes away cancels its decode loop (no more
