@@ -22,6 +22,12 @@ rotary positions are each row's logical positions, `position_ids`). So:
       C) pile up or C nears the    (and packs the rows into the lowest slots); the buffer grows
       capacity                     (doubling) when that is not enough
 
+Attention (sdpa models): the query heads that share a kv head are folded into the query length,
+so the window is read in place instead of copied per head group (`repeat_kv`); the model's
+`_attn_implementation` names that function for the duration of a forward, and any other call
+of the model meanwhile gets plain sdpa from it. Sliding-window models are refused (one mask
+serves every layer).
+
 The contract is `HFTarget`'s: every call carries the full ids; each row keeps the longest
 matching prefix of what it holds and recomputes the rest (a miss recomputes). Results equal
 `HFTarget.score` up to float rounding, target features (`return_hidden`) included.
