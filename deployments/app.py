@@ -97,6 +97,11 @@ class ServiceOptions(BaseModel):
         "proposer: continuous batching of every request the replica holds; needs a DFlash-"
         "format drafter and vLLM; k = block_size for all requests; no Drafter deployment; "
         "deployments.vllm_loop)")
+    vllm_spec_schedule: Optional[list[tuple[int, int, int]]] = Field(
+        None, description="loop 'vllm': draft tokens per step by the number of requests in the "
+        "step, as vLLM's dynamic speculative decoding takes it: [[first, last, k], ...] from 1 "
+        "(k capped at block_size; 0 = plain steps), e.g. [[1, 4, 8], [5, 1024, 0]]; null = "
+        "block_size at every batch size")
     engine_verify_budget: Optional[int] = Field(
         DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
         "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
@@ -381,7 +386,8 @@ def build_app(args: Optional[dict] = None):
                 "verify_budget": cfg.service.engine_verify_budget}
         if cfg.service.loop == "engine" else None,
         vllm_loop={"drafter_path": cfg.drafter_path, "block_size": cfg.block_size,
-                   "max_running": cfg.max_batch_size} if vllm_loop else None)
+                   "max_running": cfg.max_batch_size,
+                   "spec_schedule": cfg.service.vllm_spec_schedule} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

@@ -44,7 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncGenerator, Optional
+from typing import Any, AsyncGenerator, Optional, Sequence
 
 from deer_serve.engine import StepOutput, _stop_cut
 from deer_serve.types import GenerationResult
@@ -128,7 +128,8 @@ class VLLMLoop:
     def __init__(self, target_path: str, drafter_path: str, *, block_size: int,
                  max_running: int = 16, device: Optional[str] = None,
                  tokenizer_path: Optional[str] = None, max_model_len: Optional[int] = None,
-                 engine_kwargs: Optional[dict] = None):
+                 engine_kwargs: Optional[dict] = None,
+                 spec_schedule: Optional[Sequence[Sequence[int]]] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -149,13 +150,17 @@ class VLLMLoop:
         self.eos_token_id = int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None
         self.vocab_size = int(text["vocab_size"])
         max_len = int(max_model_len or min(4096, int(text.get("max_position_embeddings", 2048))))
+        spec: dict[str, Any] = {"method": "dflash", "model": self.drafter_path,
+                                "num_speculative_tokens": self.block_size}
+        if spec_schedule:  # k by the step's batch size (vLLM's dynamic speculative decoding)
+            spec["num_speculative_tokens_per_batch_size"] = [
+                [int(a), int(b), int(k)] for a, b, k in spec_schedule]
         self.engine_args = dict(
             model=self.target_path, tokenizer=self.tokenizer_path, seed=0,
             max_model_len=max_len, max_num_seqs=int(max_running), enable_prefix_caching=True,
             gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
             enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
-            speculative_config={"method": "dflash", "model": self.drafter_path,
-                                "num_speculative_tokens": self.block_size},
+            speculative_config=spec,
             per_request_spec_decode_metrics="detailed",
             worker_extension_cls=f"{__name__}.WorkerFixes",
             disable_log_stats=False)

@@ -37,6 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.service]
 HERE = Path(__file__).resolve().parent
 APP, PREFIX = "deer-vllm-loop", "/vllm-loop"
 K, MAX_TOKENS = 8, 40
+# k by the step's batch size (vLLM's dynamic speculative decoding): the 6 concurrent requests of
+# the first test decode plain steps while 4 or more are in the batch, drafts when fewer
+SCHEDULE = [[1, 3, K], [4, 64, 0]]
 DEADLINE_S = 120.0  # how long a test waits for a counter before it fails
 PROMPTS = [json.loads(line)["prompt"] for line in
            (HERE / "code_prompts.jsonl").read_text().splitlines()]
@@ -91,7 +94,8 @@ def vllm_loop_app(pair):
     port = _get_global_client().http_config.port
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     config = {"target_path": target, "drafter_path": drafter, "device": "cpu",
-              "block_size": K, "limits": {"max_tokens": 2000}, "service": {"loop": "vllm"},
+              "block_size": K, "limits": {"max_tokens": 2000},
+              "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE},
               "verifier": small, "router": small}
     try:
         serve.run(build_app(config), name=APP, route_prefix=PREFIX)
