@@ -30,7 +30,7 @@ from typing import Callable, Collection, Generator, Optional, Sequence, Union
 import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
-from deer_serve.adaptive import DraftGate
+from deer_serve.adaptive import OFF, DraftGate
 from deer_serve.calls import Draft, Plan, Score, run_direct
 from deer_serve.pipeliner import Pipeliner
 from deer_serve.sampling import process_logits, sample
@@ -85,10 +85,9 @@ def iter_generate(target: TargetBackend, drafter: Optional[Drafter], prompt_ids:
         raise ValueError("stop strings need a detokenize function")
     eos = eos_set(target, sampling, eos_token_id)
     seq_id = seq_id or f"gen-{uuid.uuid4().hex}"
+    mode, adapt = adaptive_plan(mode, block_size, adaptive_k, gate, sampling)
     core = _decode(target, prompt, sampling, mode, int(block_size), detokenize, seq_id, eos,
-                   uses_features(drafter, mode),
-                   AdaptiveK(int(block_size), gate=gate, temperature=sampling.temperature)
-                   if adaptive_k else None,
+                   uses_features(drafter, mode), adapt,
                    Pipeliner(drafter, pipeline_min_p) if pipeline and mode == "deer" else None)
     return run_direct(core, target, drafter if mode == "deer" else None, seq_id)
 
@@ -101,6 +100,17 @@ def eos_set(target, sampling: SamplingParams,
     if sampling.ignore_eos or eos_token_id is None:
         return set()
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
+
+
+def adaptive_plan(mode: str, block_size: int, adaptive_k: bool, gate: Optional[DraftGate],
+                  sampling: SamplingParams) -> tuple[str, Optional["AdaptiveK"]]:
+    """The request's mode and its AdaptiveK (None: a fixed block). A request the gate starts
+    with drafting off runs as mode "ar": no drafter calls, and no target features fetched on
+    every step for a drafter that will never read them. (Same law: it never drafts either way.)"""
+    if not adaptive_k or mode != "deer":
+        return mode, None
+    adapt = AdaptiveK(int(block_size), gate=gate, temperature=sampling.temperature)
+    return ("ar", None) if adapt.ar_left >= OFF else (mode, adapt)
 
 
 def uses_features(drafter, mode: str) -> bool:

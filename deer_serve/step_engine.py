@@ -37,7 +37,7 @@ import torch
 
 from deer_serve.calls import Draft, Plan, Score
 from deer_serve.adaptive import DraftGate, gate_for
-from deer_serve.engine import (AdaptiveK, StepOutput, _decode, _validate, eos_set,
+from deer_serve.engine import (StepOutput, _decode, _validate, adaptive_plan, eos_set,
                                uses_features)
 from deer_serve.types import GenerationResult, SamplingParams
 
@@ -183,11 +183,11 @@ class StepEngine:
         if self._closed:
             raise RuntimeError("the step engine is closed")
         seq_id = seq_id or f"step-{uuid.uuid4().hex}"
+        mode, adapt = adaptive_plan(mode, block_size, adaptive_k,
+                                    gate_for(self.gate, sampling.seed), sampling)
         core = _decode(self.target, prompt, sampling, mode, int(block_size), detokenize, seq_id,
                        eos_set(self.target, sampling, eos_token_id),
-                       uses_features(self.drafter, mode),
-                       AdaptiveK(int(block_size), gate=gate_for(self.gate, sampling.seed),
-                                 temperature=sampling.temperature) if adaptive_k else None)
+                       uses_features(self.drafter, mode), adapt)
         req = EngineRequest(self, seq_id, core, mode == "deer", lookup and mode == "deer")
         with self.changed:
             if any(r.seq_id == seq_id for r in (*self._running, *self._waiting)):
