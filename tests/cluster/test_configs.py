@@ -99,6 +99,26 @@ def test_serve_config_validates_with_rays_schemas(configs, name):
     assert resolved.drafter == "Drafter" and resolved.verifier == "Verifier"
 
 
+def test_the_vllm_engine_config_validates_and_names_a_dflash_drafter():
+    """cluster/serve_config_vllm.yaml (`loop: vllm`): Ray's schema, our AppConfig, a DFlash-format
+    drafter (vLLM runs it natively), a batch-size schedule that vLLM's own validator accepts."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deer_serve.drafters import drafter_format
+    from deployments.app import AppConfig
+
+    cfg = load(CLUSTER / "serve_config_vllm.yaml")
+    ServeDeploySchema.model_validate(cfg)
+    app_cfg = AppConfig.model_validate(deer_app(cfg)["args"])
+    assert app_cfg.service.loop == "vllm" and app_cfg.block_size == 8
+    assert drafter_format(REPO / app_cfg.drafter_path) == "dflash"
+    schedule = app_cfg.service.vllm_spec_schedule
+    assert schedule and schedule[0][0] == 1
+    from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
+
+    assert validate_and_normalize_dynamic_sd_schedule([list(e) for e in schedule])
+
+
 def test_default_config_runs_on_a_2_cpu_laptop(configs):
     """`make serve` (deer-serve serve) on a CPU-only laptop: no GPU, no custom resource, and the
     minimum replicas fit 2 CPUs."""
