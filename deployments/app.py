@@ -102,6 +102,10 @@ class ServiceOptions(BaseModel):
         "step, as vLLM's dynamic speculative decoding takes it: [[first, last, k], ...] from 1 "
         "(k capped at block_size; 0 = plain steps), e.g. [[1, 4, 8], [5, 1024, 0]]; null = "
         "block_size at every batch size")
+    vllm_stream_interval: int = Field(
+        1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
+        "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
+        "through Serve and the Router, the first token still at once)")
     engine_verify_budget: Optional[int] = Field(
         DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
         "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
@@ -387,7 +391,8 @@ def build_app(args: Optional[dict] = None):
         if cfg.service.loop == "engine" else None,
         vllm_loop={"drafter_path": cfg.drafter_path, "block_size": cfg.block_size,
                    "max_running": cfg.max_batch_size,
-                   "spec_schedule": cfg.service.vllm_spec_schedule} if vllm_loop else None)
+                   "spec_schedule": cfg.service.vllm_spec_schedule,
+                   "stream_interval": cfg.service.vllm_stream_interval} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

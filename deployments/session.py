@@ -98,7 +98,7 @@ def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_win
         timeout = verifier_timeout_s if give_up_at is None else \
             max(1.0, min(verifier_timeout_s, give_up_at - time.monotonic()))
         it = segment(spec, timeout)
-        steps = 0
+        steps, seg_accepts = 0, len(accepts)
         try:
             while True:
                 try:
@@ -108,6 +108,9 @@ def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_win
                     if pipe is not None:
                         pipe["hits"] += int(r.extra.get("pipeline_hits", 0))
                         pipe["misses"] += int(r.extra.get("pipeline_misses", 0))
+                    # the segment's own count of accepted drafts per cycle: the streamed steps'
+                    # where every cycle was a step, vLLM's exact one where outputs were merged
+                    accepts[seg_accepts:] = list(r.accept_lengths)
                     return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
                                    r.finish_reason, fallback, r.timings, pipe)
                 except DrafterUnavailable as e:

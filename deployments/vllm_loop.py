@@ -129,7 +129,8 @@ class VLLMLoop:
                  max_running: int = 16, device: Optional[str] = None,
                  tokenizer_path: Optional[str] = None, max_model_len: Optional[int] = None,
                  engine_kwargs: Optional[dict] = None,
-                 spec_schedule: Optional[Sequence[Sequence[int]]] = None):
+                 spec_schedule: Optional[Sequence[Sequence[int]]] = None,
+                 stream_interval: int = 1):
         check_drafter(drafter_path)
         import torch
 
@@ -140,7 +141,7 @@ class VLLMLoop:
         _set_env("cpu" if cpu else "cuda")
         self.target_path, self.drafter_path = str(target_path), str(drafter_path)
         self.tokenizer_path = str(tokenizer_path or target_path)
-        self.block_size = int(block_size)
+        self.block_size, self.stream_interval = int(block_size), int(stream_interval)
         cfg = json.loads((Path(self.target_path) / "config.json").read_text())
         text = cfg.get("text_config") or cfg
         eos = cfg.get("eos_token_id", text.get("eos_token_id"))
@@ -161,7 +162,7 @@ class VLLMLoop:
             gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
             enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
             speculative_config=spec,
-            per_request_spec_decode_metrics="detailed",
+            per_request_spec_decode_metrics="detailed", stream_interval=int(stream_interval),
             worker_extension_cls=f"{__name__}.WorkerFixes",
             disable_log_stats=False)
         self.engine_args.update(engine_kwargs or {})
@@ -220,7 +221,9 @@ class VLLMLoop:
             async for ro in gen:
                 c = ro.outputs[0]
                 raw = [int(t) for t in c.token_ids]
-                accepted = len(raw) - 1 if outputs and raw else None  # the first is the prefill's
+                # the first output is the prefill's; with stream_interval > 1 an output merges
+                # several engine steps, and the exact count comes with the result
+                accepted = len(raw) - 1 if outputs and raw and self.stream_interval == 1 else None
                 outputs += 1
                 new, reason = cut.commit(raw)
                 if c.finish_reason is not None and reason is None:
