@@ -57,7 +57,7 @@ def pair():
 
     target, drafter = ASSETS_DIR / "target", ASSETS_DIR / "drafter-dflash"
     if not is_checkpoint(target):
-        pytest.skip("the embedded target is missing")
+        pytest.fail(f"the embedded target is missing ({target})")
     if not (drafter / "config.json").is_file():
         pytest.fail(f"the shipped DFlash drafter is missing ({drafter})")
     return str(target), str(drafter)
