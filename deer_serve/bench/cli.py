@@ -164,14 +164,9 @@ def machine_info() -> dict:
 
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from deer_serve.bench.stats import cpu_name
+
+    cpu = cpu_name()
 
     def ver(pkg):
         try:

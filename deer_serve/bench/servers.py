@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -60,6 +59,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from deer_serve.bench.stats import cpu_name, first_diff
 
 KINDS = ("vllm", "vllm-ngram", "deer", "deer-ar")
 NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4,
@@ -444,15 +445,6 @@ def summarize_level(records: Sequence[RequestRecord], wall_s: float) -> dict:
     }
 
 
-def first_diff(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
-    if list(a) == list(b):
-        return None
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
 def identity(records: Sequence[RequestRecord], reference: dict[str, list[int]]) -> dict:
     """{"identical": n, "compared": n, "mismatches": [{prompt_id, first_diff, ...}]}: token ids
     against the reference's, per prompt (prompts the reference lacks or errored are not
@@ -716,15 +708,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
+    return f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
 
 
 def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: Path, *,

@@ -22,12 +22,27 @@ Definitions (DESIGN.md section 5):
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from deer_serve.bench.methods import Sample
+if TYPE_CHECKING:  # (no torch import for the servers bench, which only reads numbers)
+    from deer_serve.bench.methods import Sample
 
-Grid = Sequence[Sequence[Optional[Sample]]]  # [prompt][repeat]; None: not run (yet)
+Grid = Sequence[Sequence[Optional["Sample"]]]  # [prompt][repeat]; None: not run (yet)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or f"{os.cpu_count()}-core CPU"
 
 
 def first_diff(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
