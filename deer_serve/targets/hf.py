@@ -44,6 +44,29 @@ class _Row:
     need: int    # positions that must run in this forward: max(nq, nh if features)
 
 
+def batch_rows(seq_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
+               n_query: Sequence[int], return_hidden: bool,
+               n_hidden: Optional[Sequence[Optional[int]]]) -> list[_Row]:
+    """A `score_batch` call's rows, checked (ValueError) as `score` checks one."""
+    B = len(seq_ids)
+    if not B == len(token_ids) == len(n_query):
+        raise ValueError("seq_ids, token_ids and n_query must have the same length")
+    if len(set(seq_ids)) != B:
+        raise ValueError("seq_ids in one batch must be distinct")
+    nh_list = list(n_hidden) if n_hidden is not None else [None] * B
+    rows = []
+    for sid, toks, nq, nh in zip(seq_ids, token_ids, n_query, nh_list):
+        ids = [int(t) for t in toks]
+        T = len(ids)
+        if not 1 <= nq <= T:
+            raise ValueError(f"n_query must be in [1, {T}], got {nq}")
+        nh = nq if nh is None else int(nh)
+        if return_hidden and not 1 <= nh <= T:
+            raise ValueError(f"n_hidden must be in [1, {T}], got {nh}")
+        rows.append(_Row(sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)))
+    return rows
+
+
 @dataclass
 class _SeqState:
     cache: Any                                      # transformers DynamicCache
@@ -149,25 +172,12 @@ class HFTarget:
 
         Per row the result equals `score` up to float rounding (different matmul shapes)."""
         B = len(seq_ids)
-        if not B == len(token_ids) == len(n_query):
-            raise ValueError("seq_ids, token_ids and n_query must have the same length")
-        if len(set(seq_ids)) != B:
-            raise ValueError("seq_ids in one batch must be distinct")
-        nh_list = list(n_hidden) if n_hidden is not None else [None] * B
-        if B == 1:
-            return [self.score(seq_ids[0], token_ids[0], n_query[0], return_hidden, nh_list[0])]
+        if B == 1 and len(token_ids) == len(n_query) == 1:
+            nh1 = None if n_hidden is None else list(n_hidden)[0]
+            return [self.score(seq_ids[0], token_ids[0], n_query[0], return_hidden, nh1)]
         from transformers import DynamicCache
 
-        rows = []
-        for sid, toks, nq, nh in zip(seq_ids, token_ids, n_query, nh_list):
-            ids = [int(t) for t in toks]
-            T = len(ids)
-            if not 1 <= nq <= T:
-                raise ValueError(f"n_query must be in [1, {T}], got {nq}")
-            nh = nq if nh is None else int(nh)
-            if return_hidden and not 1 <= nh <= T:
-                raise ValueError(f"n_hidden must be in [1, {T}], got {nh}")
-            rows.append(_Row(sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)))
+        rows = batch_rows(seq_ids, token_ids, n_query, return_hidden, n_hidden)
         states: list[tuple[Optional[_SeqState], int]] = []
         for r in rows:
             state = self._seqs.pop(r.sid, None)

@@ -44,7 +44,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-from deer_serve.targets.hf import HFTarget, _Row, common_prefix_len
+from deer_serve.targets.hf import HFTarget, _Row, batch_rows, common_prefix_len
 from deer_serve.types import ScoreResult
 
 
@@ -163,22 +163,8 @@ class SlotTarget:
                     n_query: Sequence[int], return_hidden: bool = False,
                     n_hidden: Optional[Sequence[Optional[int]]] = None) -> list[ScoreResult]:
         """As `HFTarget.score_batch`: per row the result equals `score` up to float rounding."""
-        B = len(seq_ids)
-        if not B == len(token_ids) == len(n_query):
-            raise ValueError("seq_ids, token_ids and n_query must have the same length")
-        if len(set(seq_ids)) != B:
-            raise ValueError("seq_ids in one batch must be distinct")
-        nh_list = list(n_hidden) if n_hidden is not None else [None] * B
-        rows = []
-        for sid, toks, nq, nh in zip(seq_ids, token_ids, n_query, nh_list):
-            ids = [int(t) for t in toks]
-            T = len(ids)
-            if not 1 <= nq <= T:
-                raise ValueError(f"n_query must be in [1, {T}], got {nq}")
-            nh = nq if nh is None else int(nh)
-            if return_hidden and not 1 <= nh <= T:
-                raise ValueError(f"n_hidden must be in [1, {T}], got {nh}")
-            rows.append(_Row(sid, ids, int(nq), nh, max(nq, nh if return_hidden else 0)))
+        rows = batch_rows(seq_ids, token_ids, n_query, return_hidden, n_hidden)
+        B = len(rows)
 
         seqs = [self._claim(r, set(seq_ids)) for r in rows]
         self._maybe_compact()
