@@ -263,19 +263,7 @@ class Verifier:
         it = run_segment(local, drafter, spec, target_client=local, drafter_client=client,
                          gate=self.gate,
                          detokenize=self._detokenizer() if spec.sampling.stop else None)
-        try:
-            while True:
-                try:
-                    step = next(it)
-                except StopIteration as stop:
-                    yield "done", stop.value
-                    return
-                except DrafterUnavailable as e:
-                    yield "drafter_unavailable", str(e)
-                    return
-                yield "step", step
-        finally:
-            it.close()
+        yield from _events(it, DrafterUnavailable, "")
 
     def _engine_segment(self, spec: DecodeSpec):
         """One segment in this replica's step engine (`loop: engine`), with the events of
@@ -293,20 +281,7 @@ class Verifier:
                                       block_size=spec.block_size, seq_id=spec.seq_id,
                                       adaptive_k=spec.adaptive_k, lookup=spec.lookup,
                                       detokenize=detok)
-        it = iter(req)
-        try:
-            while True:
-                try:
-                    step = next(it)
-                except StopIteration as stop:
-                    yield "done", stop.value
-                    return
-                except DraftFailed as e:
-                    yield "drafter_unavailable", f"draft failed: {e}"
-                    return
-                yield "step", step
-        finally:
-            it.close()  # cancels the request unless it finished
+        yield from _events(iter(req), DraftFailed, "draft failed: ")  # closing it cancels
 
     def engine_stats(self) -> dict:
         """The step engine's counters and running requests (`loop: engine`; tests, operators)."""
@@ -399,3 +374,22 @@ class _LocalTarget:
 
     def release(self, seq_id: str) -> None:
         self.v.release(seq_id)
+
+
+def _events(it, drafter_error: type[BaseException], prefix: str):
+    """A segment's decode generator as `decode`'s events: ("step", StepOutput)..., then
+    ("done", GenerationResult), or ("drafter_unavailable", why) on `drafter_error`. Closed
+    when the stream is (the decode stops; the engine's request is cancelled)."""
+    try:
+        while True:
+            try:
+                step = next(it)
+            except StopIteration as stop:
+                yield "done", stop.value
+                return
+            except drafter_error as e:
+                yield "drafter_unavailable", f"{prefix}{e}"
+                return
+            yield "step", step
+    finally:
+        it.close()
