@@ -194,6 +194,9 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
             for k in s["block_sizes"]:
                 out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k,
                                         lookup=True, adaptive_k=True))
+        elif name == "deer-adaptive":
+            out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
+                                    adaptive_k=True))
         elif name == "deer-fixed":
             out.append(EngineMethod("deer-fixed", models, "deer", k0, lookup=True))
         elif name == "deer-alt":

@@ -6,6 +6,7 @@
                    `DraftGate`, and the DeerDrafterBackend's block with prompt lookup spliced in
                    after its confident head (`LookupDrafter`); one per block size
   deer-fixed       deer with a fixed block size (no adaptive k, no gate); main k
+  deer-adaptive    deer at the main k (the name scripts know; adaptive k is now the default)
   deer-nolookup    deer without the lookup splice (the drafter's block alone); main k
   deer-alt         `deer` with a second drafter (`--alt-drafter`, either format): two drafters
                    side by side in one run; one per block size
@@ -52,7 +53,7 @@ import torch
 
 from deer_serve.types import SamplingParams
 
-ENGINE_METHODS = ("ar", "deer", "deer-fixed", "deer-nolookup", "deer-pipe", "deer-alt",
+ENGINE_METHODS = ("ar", "deer", "deer-fixed", "deer-nolookup", "deer-adaptive", "deer-pipe", "deer-alt",
                   "deer-alt-nolookup", "sd-ar", "sd-ar-fixed")
 AR_DRAFT_METHODS = ("hf-assisted", "sd-ar", "sd-ar-fixed")  # those that need --ar-draft
 HF_METHODS = ("hf-ar", "hf-assisted", "pld")
