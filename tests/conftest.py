@@ -37,3 +37,18 @@ def tiny_checkpoints(tmp_path_factory, tokenizer):
     make_tiny_dflash(target, [0, 1], num_layers=1, seed=2).save_pretrained(root / "drafter-dflash")
     dirs["drafter-dflash"] = root / "drafter-dflash"
     return dirs
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with a `service` test run last, whole and in their collected order, the live-app
+    folder (tests/deployments/service) first: its session-scoped local Ray cluster and Serve app
+    (its conftest) stay up to the end, and the other service modules deploy beside it instead of
+    starting a cluster each. The fast in-process tests fail first under -x."""
+    service = {it.module for it in items if it.get_closest_marker("service")}
+
+    def group(it) -> int:
+        if it.module not in service:
+            return 0
+        return 1 if it.path.parent.name == "service" else 2
+
+    items.sort(key=group)  # stable: the collected order within each group

@@ -32,7 +32,7 @@ does not depend on the law; a peaked law needs fewer):
      256           340k              54k                 0.106               0.067
 
 (`samples_for` computes these; the McDiarmid threshold lowers them when p is peaked.)
-The engine checks (tests/test_engine_law.py, m = 64) take 12k runs each, about 1 ms a run, so
+The engine checks (tests/deer_serve/test_engine_law.py, m = 64) take 12k runs each, about 1 ms a run, so
 they detect TV >= 0.066; TV 0.02 there needs 133k runs (DEER_LAW_SCALE=11, ~10x the time).
 tests/test_lawcheck.py shows the 0.02 case at that count on numpy samples.
 

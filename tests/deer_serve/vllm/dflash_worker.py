@@ -1,8 +1,8 @@
-"""Run by tests/vllm/test_vllm_dflash.py in a subprocess (vLLM owns process-wide state): greedy
+"""Run by tests/deer_serve/vllm/test_vllm_dflash.py in a subprocess (vLLM owns process-wide state): greedy
 generations of the prompts by plain vLLM and by vLLM with a DFlash drafter in its native
 proposer (`speculative_config={"method": "dflash", ...}`), and vLLM's spec-decode counters.
 
-    python tests/vllm/dflash_worker.py TARGET DRAFTER PROMPTS.json OUT.json K MAX_NEW
+    python tests/deer_serve/vllm/dflash_worker.py TARGET DRAFTER PROMPTS.json OUT.json K MAX_NEW
 
 OUT.json: {"ar": [[ids]], "dflash": [[ids]], "counters": {drafts, draft_tokens, accepted}}.
 """

@@ -1,9 +1,9 @@
-"""Run by tests/vllm/test_vllm_law.py in a subprocess (vLLM owns process-wide state): samples of
+"""Run by tests/deer_serve/vllm/test_vllm_law.py in a subprocess (vLLM owns process-wide state): samples of
 the first WINDOW tokens from vLLM verifying DEER drafts (`VLLMTarget.generate_batch`, mode
 "deer": the `DeerProposer` drafts, vLLM's rejection sampler verifies), each phase's requests in
 one vLLM call (continuous batching), one engine for all phases.
 
-    python tests/vllm/law_worker.py TARGET DRAFTER DIR K WINDOW TEMP PHASE:N [PHASE:N ...]
+    python tests/deer_serve/vllm/law_worker.py TARGET DRAFTER DIR K WINDOW TEMP PHASE:N [PHASE:N ...]
 
 DIR holds prompt.json (token ids) and receives out.json. PHASE "exact" is vLLM as installed;
 "recovered-from-p" plants a bug in vLLM's rejection sampler, in this process (the engine runs

@@ -2,7 +2,7 @@
 Verifier replicas, `loop: router`, the default features: lookup splice, adaptive k) through its
 HTTP API, against the target's EXACT law, with a sound bound.
 
-The app is deployed beside the session's (tests/service/ops_app.py) over its own tiny models:
+The app is deployed beside the session's (tests/deployments/service/ops_app.py) over its own tiny models:
 a random Qwen3 target with V = 4 tokens and no EOS, and a random tiny DeerDrafter in
 `target-features` mode (as the session app's), with the tests' tokenizer; prompts are token
 ids. N seeded requests (`/v1/completions`, temperature 1, max_tokens 3, `seed` = s; the API

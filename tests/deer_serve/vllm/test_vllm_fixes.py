@@ -8,7 +8,7 @@ import torch
 
 import tiny_models  # noqa: F401  (one torch thread)
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 
 
 def cpu_fallbacks():

@@ -1,7 +1,7 @@
-"""Run by tests/vllm/test_vllm_generate.py in a subprocess (vLLM owns process-wide state):
+"""Run by tests/deer_serve/vllm/test_vllm_generate.py in a subprocess (vLLM owns process-wide state):
 N samples of a short continuation from vLLM with the DEER proposer, all in one vLLM call.
 
-    python tests/vllm/sample_worker.py TARGET DRAFTER OUT.json N K
+    python tests/deer_serve/vllm/sample_worker.py TARGET DRAFTER OUT.json N K
 
 OUT.json: {"prompt_ids", "samples": [[t1, t2, t3], ...], "accepted": [...], "startup_s",
 "generate_s"}; accepted = the proposer's accepted drafts per cycle, all rows.

@@ -11,8 +11,8 @@ one streaming call to it (deployments.vllm_loop). Real local Ray, real vLLM, the
 * a config whose drafter is not in DFlash format is refused with the reason.
 
 One app, one vLLM engine (start ~50 s on 2 cores). When the session already runs Ray and Serve
-(tests/service's session fixture), the app is deployed beside it under its own route prefix;
-otherwise Ray is started here as tests/vllm/test_vllm_service.py does it.
+(tests/deployments/service's session fixture), the app is deployed beside it under its own route prefix;
+otherwise Ray is started here as tests/deer_serve/vllm/test_vllm_service.py does it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 
 from tiny_models import REPO
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 pytest.importorskip("ray")
 pytest.importorskip("openai")
 
@@ -77,7 +77,7 @@ def vllm_loop_app(pair):
         os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
         pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
                                                     if os.environ.get("PYTHONPATH") else []))
-        for i in range(3):  # as tests/service/conftest.start_ray: a loaded machine starts slowly
+        for i in range(3):  # as tests/deployments/service/conftest.start_ray: a loaded machine starts slowly
             try:
                 ray.init(address="local", num_cpus=4, include_dashboard=False,
                          object_store_memory=256 << 20, log_to_driver=False,

@@ -2,8 +2,8 @@
 `openai` client: the same text and token ids as in-process torch AR decoding.
 
 One app, one vLLM engine (in the Verifier replica). When the session already runs Ray and Serve
-(tests/service's session fixture), this app is deployed beside it under its own route prefix;
-otherwise Ray is started here as tests/service/conftest.py does it.
+(tests/deployments/service's session fixture), this app is deployed beside it under its own route prefix;
+otherwise Ray is started here as tests/deployments/service/conftest.py does it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from tiny_models import REPO
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 pytest.importorskip("ray")
 pytest.importorskip("openai")
 
@@ -50,7 +50,7 @@ def vllm_service():
         os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
         pythonpath = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
                                                     if os.environ.get("PYTHONPATH") else []))
-        for i in range(3):  # as tests/service/conftest.start_ray: a loaded machine starts slowly
+        for i in range(3):  # as tests/deployments/service/conftest.start_ray: a loaded machine starts slowly
             try:
                 ray.init(address="local", num_cpus=4, include_dashboard=False,
                          object_store_memory=256 << 20, log_to_driver=False,

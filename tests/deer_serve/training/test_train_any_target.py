@@ -147,7 +147,7 @@ def test_a_trained_pair_through_the_serve_app(trained, tmp_path):
     from deer_serve.types import SamplingParams
 
     target, out = trained[("gpt2", "deer")]
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     started = not ray.is_initialized()
     if started:
         import socket
@@ -163,7 +163,7 @@ def test_a_trained_pair_through_the_serve_app(trained, tmp_path):
                  object_store_memory=128 << 20, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-    else:  # the session's Ray and Serve (tests/service): its HTTP proxy's port
+    else:  # the session's Ray and Serve (tests/deployments/service): its HTTP proxy's port
         from ray.serve.context import _get_global_client
 
         port = _get_global_client().http_config.port

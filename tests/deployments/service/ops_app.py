@@ -1,6 +1,6 @@
 """Extra Serve applications for the reliability / security / observability tests.
 
-They run beside the session's `deer` app (tests/service/conftest.py) in the same local Ray and
+They run beside the session's `deer` app (tests/deployments/service/conftest.py) in the same local Ray and
 Serve instance, each under its own route prefix (`/NAME/v1/...`) and gRPC `application`
 metadata, so a test module can kill its replicas or change its limits without touching the
 other tests' app and without starting Ray again. Replicas ask for a tenth of a CPU each (the

@@ -22,7 +22,7 @@ import torch
 
 from tiny_models import REPO  # noqa: F401  (one torch thread, repo on sys.path)
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = HERE / "code_prompts.jsonl"
@@ -76,7 +76,7 @@ def test_cli_vllm_deer_greedy_equals_torch_ar(embedded, capsys):
 
 
 def tv_bound(cells: int, n: int) -> float:
-    """As tests/test_acceptance.py: 3x the mean-TV bound 0.5*sqrt(cells/n)."""
+    """As tests/deer_serve/test_acceptance.py: 3x the mean-TV bound 0.5*sqrt(cells/n)."""
     return 1.5 * math.sqrt(cells / n)
 
 

@@ -215,7 +215,7 @@ def test_seeded_sampled_requests_repeat(model, drafters):
 # ---- the sampled law through the step engine ---------------------------------------------
 
 class BatchedPrefixTarget(law.PrefixTarget):
-    """The memoised real target of tests/test_engine_law.py, with `score_batch` (row by row:
+    """The memoised real target of tests/deer_serve/test_engine_law.py, with `score_batch` (row by row:
     the same memoised rows)."""
 
     def score_batch(self, seq_ids, token_ids, n_query, return_hidden=False, n_hidden=None):

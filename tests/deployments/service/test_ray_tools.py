@@ -25,7 +25,7 @@ from budget import pytest_timeout_s
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent          # .venv/bin: deer-serve, serve, ray
 DASHBOARD = "http://127.0.0.1:8265"
 # pytest's per-test timeout (900 s) covers the server fixture, the tools and the stop, so they

@@ -15,7 +15,7 @@ import pytest
 
 from tiny_models import REPO
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 
 HERE = Path(__file__).resolve().parent
 K, MAX_NEW = 8, 48

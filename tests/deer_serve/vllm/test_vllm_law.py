@@ -27,7 +27,7 @@ one-hot q but were sampled" is not a bug there and cannot be planted as one; the
 in vLLM's rejection sampler instead, in the worker process, where its engine runs:
   recovered-from-p: after a rejected draft y the token is drawn from p, not from p without y.
 
-Both phases run in ONE vLLM engine (tests/vllm/law_worker.py), the correct one first.
+Both phases run in ONE vLLM engine (tests/deer_serve/vllm/law_worker.py), the correct one first.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import lawcheck
 from budget import Budget
 from tiny_models import REPO, build_tokenizer
 
-# vLLM missing: a failure, not a skip (tests/vllm/conftest.py)
+# vLLM missing: a failure, not a skip (tests/deer_serve/vllm/conftest.py)
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow

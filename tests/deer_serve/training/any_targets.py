@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_models import TOKENIZER_TEXTS  # noqa: E402
 
 PROMPT_TEXTS = [
