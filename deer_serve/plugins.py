@@ -1,6 +1,6 @@
 """Service-side parts the library finds by name, never by import: Python entry points.
 
-`deer_serve` never imports Ray or `deployments` (DESIGN.md section 1; tests/test_boundary.py
+`deer_serve` never imports Ray or `deployments` (DESIGN.md section 1; tests/deer_serve/test_boundary.py
 checks it). Where a library feature needs the service side, the package that provides it
 declares an entry point in pyproject.toml and the library loads it here, so no module of
 `deer_serve` names a `deployments` module in its code, and an install without the service side

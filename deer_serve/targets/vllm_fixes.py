@@ -9,7 +9,7 @@ uninitialised memory: at temperature > 0 vLLM's rejection sampler scores drafts 
 distributions and its output is NOT the target's distribution (any proposer, ngram included).
 Greedy requests never reach the kernel (`all_greedy` returns first). Seen with the embedded
 target: after "def fibonacci(n):\\n    " + 283 the target gives token 222 with p = 0.63, and
-vLLM's speculative samples gave 598 (p = 0.003) every time; tests/vllm checks the fix.
+vLLM's speculative samples gave 598 (p = 0.003) every time; tests/deer_serve/vllm checks the fix.
 
 `patch()` swaps in a torch implementation of the kernel's documented semantics
 (x = [a, b], cu = [2, 5] -> [a, a, b, b, b], with replace_from -> replace_to), before vLLM

@@ -29,7 +29,7 @@ DFlash / MTP proposers). So:
   probability p(y); on rejection sample from p with y removed, renormalised). A deterministic
   argmax draft IS drawn from delta(y), so the distribution the sampler sees is exactly the one
   the draft came from, and the output is the target's distribution (docs/vllm.md has the proof;
-  tests/vllm checks it). Against one-hot verification the argmax is also the draft with the
+  tests/deer_serve/vllm checks it). Against one-hot verification the argmax is also the draft with the
   highest acceptance probability p(y), if q ranks like p.
 * Request identity. Rows are keyed by their batch index, and every cache (drafter prefix KV,
   feature model KV) is matched by token-id prefix, as everywhere in deer-serve: when a row holds

@@ -230,7 +230,7 @@ Stored in float32 (it defines the output distribution).
                 "float16 export, as it was shipped then); the last one is shipped. `deer-serve "
                 "train --preset tiny-code` runs these phases after the base drafter: one command "
                 "gives the shipped weights (the phases equal these commands bit for bit: "
-                "tests/training/test_pipeline_smoke.py).\n\n"
+                "tests/deer_serve/training/test_pipeline_smoke.py).\n\n"
                 "| run | steps | lr2 | minutes | " + " | ".join(f"tau k={k}" for k in KS)
                 + " | " + " | ".join(f"docstring tau k={k}" for k in KS) + " |\n|---|---|---|---|"
                 + "---|" * (2 * len(KS)) + "\n")
