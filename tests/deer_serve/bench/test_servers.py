@@ -10,59 +10,62 @@ from dataclasses import asdict
 
 import pytest
 
+from deer_serve.bench import serve_client as C
+from deer_serve.bench import serve_report as R
+from deer_serve.bench import server_process as P
 from deer_serve.bench import servers as S
 
 
 # ---- specs and commands -------------------------------------------------------------------------
 
 def test_parse_server_kinds_and_options(tmp_path):
-    s = S.parse_server("deer-ar")
+    s = P.parse_server("deer-ar")
     assert (s.kind, s.options, s.body()) == ("deer-ar", {}, {"mode": "ar"})
-    assert S.parse_server("deer").body() == {"mode": "deer"}
-    assert S.parse_server("vllm").body() == {"return_token_ids": True}
-    s = S.parse_server("deer:loop=engine:block_size=8:body.pipeline=false")
+    assert P.parse_server("deer").body() == {"mode": "deer"}
+    assert P.parse_server("vllm").body() == {"return_token_ids": True}
+    s = P.parse_server("deer:loop=engine:block_size=8:body.pipeline=false")
     assert s.name == "deer:loop=engine:block_size=8:body.pipeline=false"
     assert s.body() == {"mode": "deer", "pipeline": False}
-    args = S.deer_config(s)["applications"][0]["args"]
+    args = P.deer_config(s)["applications"][0]["args"]
     assert args["service"]["loop"] == "engine" and args["block_size"] == 8
     assert "pipeline" not in args
     # the other app args of the default config are kept
     assert args["limits"]["max_tokens"] == 2048
     cfg = tmp_path / "c.yaml"
     cfg.write_text("applications:\n  - name: deer\n    args: {block_size: 4}\n")
-    args = S.deer_config(S.parse_server(f"deer:config={cfg}:service.transport=object-store"))
+    args = P.deer_config(P.parse_server(f"deer:config={cfg}:service.transport=object-store"))
     assert args["applications"][0]["args"] == {"block_size": 4,
                                                "service": {"transport": "object-store"}}
     for bad in ("sglang", "deer:loop", "deer:config=/no/such.yaml", f"vllm:config={cfg}"):
-        with pytest.raises(S.UsageError):
-            S.parse_server(bad)
+        with pytest.raises(P.UsageError):
+            P.parse_server(bad)
 
 
 def test_vllm_command():
-    cmd = S.vllm_command(S.parse_server("vllm-ngram:max_num_seqs=16:enable_prefix_caching=true"),
+    cmd = P.vllm_command(P.parse_server("vllm-ngram:max_num_seqs=16:enable_prefix_caching=true"),
                          "/m/target", 8123, cpu=True)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     i = cmd.index("--speculative-config")
-    assert json.loads(cmd[i + 1]) == S.NGRAM_CONFIG
+    assert json.loads(cmd[i + 1]) == P.NGRAM_CONFIG
     assert cmd[cmd.index("--max-num-seqs") + 1] == "16"
     assert "--enable-prefix-caching" in cmd and "--dtype" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "target"
-    assert "--speculative-config" not in S.vllm_command(S.parse_server("vllm"), "/m/t", 1,
+    assert "--speculative-config" not in P.vllm_command(P.parse_server("vllm"), "/m/t", 1,
                                                         cpu=False)
 
 
 # ---- aggregation on recorded numbers ------------------------------------------------------------
 
 def rec(pid, ids, ttft, lat, error=None):
-    return S.RequestRecord(prompt_id=pid, tokens=len(ids), usage_tokens=len(ids), ttft_s=ttft,
+    return C.RequestRecord(prompt_id=pid, tokens=len(ids), usage_tokens=len(ids), ttft_s=ttft,
                            latency_s=lat, token_ids=list(ids), error=error)
 
 
 def test_percentile_interpolates():
-    assert S.percentile([], 50) is None
-    assert S.percentile([3.0], 90) == 3.0
-    assert S.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
-    assert S.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert R.percentile([], 50) is None
+    assert R.percentile([3.0], 90) == 3.0
+    assert R.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert R.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
 
 
 def test_summarize_level():
@@ -71,7 +74,7 @@ def test_summarize_level():
             rec("c", range(9), 0.3, 1.1),     # 0.1
             rec("d", [1], 0.05, 0.05),        # one token: no tpot
             rec("e", range(7), None, None, error="HTTP 500")]
-    s = S.summarize_level(recs, wall_s=2.0)
+    s = R.summarize_level(recs, wall_s=2.0)
     assert (s["requests"], s["ok"], s["errors"], s["tokens"]) == (5, 4, 1, 18)
     assert s["tokens_per_s"] == 9.0                       # failed requests' tokens not counted
     assert s["ttft_ms_p50"] == pytest.approx(150.0)       # of 50, 100, 200, 300 ms
@@ -83,7 +86,7 @@ def test_summarize_level():
 
 def test_identity_report_and_plot(tmp_path):
     def level(records, wall):
-        return {"summary": S.summarize_level(records, wall),
+        return {"summary": R.summarize_level(records, wall),
                 "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in records]}
 
     results = {
@@ -101,14 +104,14 @@ def test_identity_report_and_plot(tmp_path):
                                           "failed": 0, "total_output_tokens": 2048,
                                           "median_ttft_ms": 20.0, "median_tpot_ms": 7.5}}},
             "broken": {"levels": {}, "error": "RuntimeError: exited with 2"}}}
-    S.add_identity(results)
+    R.add_identity(results)
     ident = results["servers"]["deer"]["levels"]["1"]["identity"]
     assert (ident["identical"], ident["compared"]) == (1, 2)
     assert ident["mismatches"][0] == {"prompt_id": "p0", "first_diff": 2, "tokens": 4,
                                            "reference_tokens": 4, "got": [9, 4],
                                            "reference": [3, 4]}
     assert results["servers"]["vllm"]["levels"]["4"]["identity"]["identical"] == 2
-    S.write_report(results, tmp_path)
+    R.write_report(results, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "| vllm | 4 | 12.0 | 100.0 / 100.0 |" in md
     assert "| deer | 1 | 7.5 |" in md and "| 1/2 |" in md
@@ -143,18 +146,18 @@ def run_server(spec, tmp_path, max_tokens=8):
     from deer_serve.bench.suites import load_suite
 
     prompts = [(p.id, p.text) for p in load_suite("humaneval", 2)]
-    server = S.Server(S.parse_server(spec), target=str(default_paths()[0]), drafter=None,
+    server = P.Server(P.parse_server(spec), target=str(default_paths()[0]), drafter=None,
                       log_dir=tmp_path, threads=1)
     server.start()
     sid = server.proc.pid
     try:
         server.wait_ready(600)
         assert server.model == "target"
-        levels = {c: S.run_level(server.url, server.model, prompts, c, max_tokens,
+        levels = {c: C.run_level(server.url, server.model, prompts, c, max_tokens,
                                  server.spec.body(), 300) for c in (1, 2)}
     finally:
         server.stop()
-    assert S.session_pids(sid) == [], "the server left processes behind"
+    assert P.session_pids(sid) == [], "the server left processes behind"
     ref = ar_reference(prompts, max_tokens)
     for c, (recs, wall) in levels.items():
         assert [r.prompt_id for r in recs] == [p for p, _ in prompts]
@@ -165,7 +168,7 @@ def run_server(spec, tmp_path, max_tokens=8):
             assert 0 < r.ttft_s <= r.latency_s <= wall
             assert r.token_ids == ref[r.prompt_id], (c, r.prompt_id)
             assert r.text
-        s = S.summarize_level(recs, wall)
+        s = R.summarize_level(recs, wall)
         assert s["tokens"] == 2 * max_tokens and s["tokens_per_s"] > 0
     return levels
 
@@ -193,7 +196,7 @@ def test_merge_keeps_servers_not_rerun(tmp_path):
            "settings": {"suite": "s", "n_prompts": 2, "max_tokens": 2, "temperature": 0.0,
                         "threads": 1, "warmup": 0, "reference": "vllm"},
            "servers": {"vllm": {"levels": {"1": {
-               "summary": S.summarize_level(recs, 1.0),
+               "summary": R.summarize_level(recs, 1.0),
                "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs]}}}}}
     (tmp_path / "results.json").write_text(json.dumps(old))
     prompts = [("p0", "a"), ("p1", "b")]
@@ -204,5 +207,5 @@ def test_merge_keeps_servers_not_rerun(tmp_path):
     assert res["servers"]["vllm"]["levels"]["1"]["identity"]["identical"] == 2
     assert res["merged_from"][0]["command"] == "first"
     assert "Kept from an earlier run (vllm; m0): `first`" in (tmp_path / "report.md").read_text()
-    with pytest.raises(S.UsageError):
+    with pytest.raises(P.UsageError):
         S.run([], prompts[:1], tmp_path, merge=True, **kw)
