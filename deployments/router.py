@@ -82,6 +82,7 @@ class Prepared:
     slot: Optional["Slot"] = None       # the admission slot, released when the decode ends
     trace_id: Optional[str] = None
     spans: Optional[CycleSpans] = None
+    streamed: bool = True  # the client reads each step (False: `complete`, only the result)
 
 
 class Slot:
@@ -218,7 +219,7 @@ class Router(HttpIngress, GrpcIngress):
         first = DecodeSpec(token_ids=np.asarray(p.prompt_ids, dtype=np.int32), emitted=0,
                            sampling=p.sampling, mode=mode, block_size=p.block_size, seq_id=p.id,
                            adaptive_k=p.adaptive_k, pipeline=p.pipeline, lookup=s.lookup,
-                           drafter_timeout_s=s.drafter_timeout_s)
+                           drafter_timeout_s=s.drafter_timeout_s, streamed=p.streamed)
         segment: Segment
         if s.loop in ("colocated", "engine", "vllm"):  # the Verifier replica drafts itself
             def segment(spec: DecodeSpec, timeout: float):
@@ -345,6 +346,7 @@ class Router(HttpIngress, GrpcIngress):
                 p.slot.release()
 
     async def complete(self, p: Prepared) -> tuple[Outcome, str]:
+        p.streamed = False  # a Verifier that decodes the segment replies once, at its end
         done = None
         async for kind, val in self.events(p):  # to its end: the slot is released there
             if kind == "done":

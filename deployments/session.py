@@ -47,6 +47,8 @@ class DecodeSpec:
     pipeline: bool            # pre-draft the next block during each verify (engine.Pipeliner)
     lookup: bool              # prompt lookup spliced into the drafts (ServiceOptions.lookup)
     drafter_timeout_s: float  # a slower draft -> DrafterUnavailable
+    streamed: bool = True     # False: nobody reads the steps before the result (a non-streamed
+    #                           request), so a Verifier decoding the segment sends one reply
 
 
 @dataclass

@@ -178,7 +178,18 @@ class Verifier:
         batch carries every event that came since the last one, so a cycle costs no hop
         through this replica's event loop and a slow consumer gets fewer, larger messages.
         When the Router cancels the stream (its client went away), Serve cancels this coroutine
-        and the loop stops after its current step and releases its caches."""
+        and the loop stops after its current step and releases its caches. A segment that is
+        not `streamed` (a non-streamed request) is sent as one batch when it ends."""
+        if not spec.streamed:  # nobody reads the steps before the result: one reply
+            everything: list = []
+            async for events in self._decode(spec):
+                everything += events
+            yield everything
+            return
+        async for events in self._decode(spec):
+            yield events
+
+    async def _decode(self, spec: DecodeSpec):
         import asyncio
 
         if self.vllm_loop is not None:  # `loop: vllm`: the replica's AsyncLLM decodes it

@@ -405,6 +405,16 @@ def test_a_verifier_with_its_own_drafter_decodes_plain_ar(tiny_checkpoints, refe
     events = asyncio.run(streamed())
     assert events[-1][0] == "done" and events[-1][1].token_ids == ref.token_ids
     assert [t for k, s in events[:-1] for t in s.new_token_ids] == ref.token_ids
+
+    async def one_reply():  # a non-streamed request's segment: every event in ONE batch
+        from dataclasses import replace
+
+        return [batch async for batch in v.decode(replace(spec("s-4"), streamed=False))]
+    batches = asyncio.run(one_reply())
+    assert len(batches) == 1 and batches[0][-1][0] == "done", [len(b) for b in batches]
+    assert batches[0][-1][1].token_ids == ref.token_ids
+    assert [t for k, s in batches[0][:-1] for t in s.new_token_ids] == ref.token_ids
+    assert len(batches[0]) > 2  # the steps came with the result, not only the result
     plain = Verifier(str(tiny_checkpoints["target"]), device="cpu",
                      feature_layers=check_models(cfg))
     with pytest.raises(ValueError, match="holds no drafter"):
