@@ -20,7 +20,6 @@ and itself). A block is [anchor x_s, m_1..m_k] and learns x_{s+1..s+k}.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from deer_serve.models import DeerDrafter, DeerDrafterConfig
-from deer_serve.targets.features import default_feature_layers, select_features
-from deer_serve.training.target_fit import (head_and_embeddings, init_from_target,
-                                            resolve_mask_token, target_dims)
+from deer_serve.models import DeerDrafter
+from deer_serve.training.d2a_init import drafter_from_target, load_for_training
+from deer_serve.training.d2a_losses import (block_loss, corpus_window_loss, device_of, lr_at,
+                                            make_blocks, target_features)
+from deer_serve.training.target_fit import resolve_mask_token
 
 if TYPE_CHECKING:
     from deer_serve.models.dflash import DFlashDrafter
@@ -81,152 +80,12 @@ class D2AConfig:
         return cls(**base)
 
 
-def dflash_layer_ids(num_target_layers: int) -> list[int]:
-    """Default target layers of a trained DFlash drafter: the two before the last. The last
-    layer is avoided: Hugging Face returns it after the final norm, vLLM's runner before it."""
-    L = num_target_layers
-    return sorted({max(0, L - 3), max(0, L - 2)})
-
-
-def dflash_from_target(target, cfg: "D2AConfig", mask_token_id: int):
-    """A DFlash drafter with the target's embeddings and head, its layers initialised from the
-    target's (`init_layers`, where names and shapes match), `fc` starting as "the last named
-    layer's features". Sizes come from the target's config in its own words (`target_dims`)."""
-    from deer_serve.models.dflash import DFlashConfig, DFlashDrafter
-
-    emb, head, _ = head_and_embeddings(target)
-    dims = target_dims(target.config, vocab_rows=head.shape[0])
-    ids = list(cfg.feature_layers) if cfg.feature_layers else dflash_layer_ids(dims.num_layers)
-    dcfg = DFlashConfig(
-        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size,
-        intermediate_size=dims.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
-        head_dim=dims.head_dim, target_layer_ids=ids, mask_token_id=mask_token_id,
-        block_size=max(cfg.block_sizes) + 1, num_target_layers=dims.num_layers,
-        rms_norm_eps=dims.eps, rope_theta=dims.rope_theta,
-        max_position_embeddings=dims.max_positions)
-    torch.manual_seed(cfg.seed)
-    d = DFlashDrafter(dcfg, emb.detach().float(), head.detach().float())
-    with torch.no_grad():
-        # (nn.Module.__setattr__ is typed for Tensor | Module values; a plain dict is stored as is)
-        d.init_report = init_from_target(d, target, cfg.init_layers)  # type: ignore[assignment]
-        w = torch.zeros_like(d.fc.weight)
-        w[:, -dims.hidden_size:] = torch.eye(dims.hidden_size)
-        d.fc.weight.copy_(w)
-    return d
-
-
-def load_for_training(cfg: "D2AConfig", path, target_dir):
-    """A trained drafter to continue from (`init_from`), in cfg.arch's format."""
-    if cfg.arch == "dflash":
-        from deer_serve.models.dflash import load_dflash
-
-        return load_dflash(path, target_dir, device="cpu", dtype=torch.float32).train()
-    model = DeerDrafter.from_pretrained(path, dtype=torch.float32).train()
-    if model.config.context_mode != cfg.context_mode:
-        raise ValueError(f"{path} is a {model.config.context_mode} drafter")
-    model.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
-    return model
-
-
-def drafter_from_target(target, cfg: D2AConfig, mask_token_id: int) -> DeerDrafter:
-    """A drafter shaped like the target (hidden size, heads, vocabulary; `num_layers` Qwen3-style
-    layers), initialised from it: embeddings = tied head (the target's LM head; the same table
-    when the target ties them), and, where parameter names and shapes match, its final norm and
-    `init_layers` decoder layers (Qwen3/Llama: all but Qwen3's q/k norms; GPT-2/NeoX: none).
-    `.init_report` on the result says what was copied."""
-    if cfg.arch == "dflash":
-        return dflash_from_target(target, cfg, mask_token_id)
-    emb, head, _ = head_and_embeddings(target)
-    dims = target_dims(target.config, vocab_rows=head.shape[0])
-    layers = cfg.feature_layers or default_feature_layers(dims.num_layers)
-    dcfg = DeerDrafterConfig(
-        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size,
-        intermediate_size=dims.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=dims.num_heads, num_key_value_heads=dims.num_kv_heads,
-        head_dim=dims.head_dim, rms_norm_eps=dims.eps, rope_theta=dims.rope_theta,
-        mask_token_id=mask_token_id, context_mode=cfg.context_mode,
-        target_feature_layers=layers if cfg.context_mode == "target-features" else None,
-        target_feature_dim=len(layers) * dims.hidden_size if cfg.context_mode == "target-features" else 0,
-    )
-    d = DeerDrafter(dcfg)
-    with torch.no_grad():
-        # an untied target's head, not its input table: with frozen embeddings the head is
-        # what the drafter predicts through
-        d.embed_tokens.weight.copy_(head)
-        d.init_report = init_from_target(d, target, cfg.init_layers)
-        if cfg.context_mode == "target-features":
-            # start as "the last layer's (normed) features", the slice nearest the next token
-            w = torch.zeros_like(d.feature_proj.weight)
-            w[:, -dims.hidden_size:] = torch.eye(dims.hidden_size)
-            d.feature_proj.weight.copy_(w)
-    d.embed_tokens.weight.requires_grad_(not cfg.freeze_embeddings)
-    return d
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def target_features(target, ids: torch.Tensor, layers: list, batch: int = 64) -> torch.Tensor:
-    """(n, N) teacher ids -> (n, N, F) float16 features (on the CPU), by teacher forcing."""
-    out = []
-    dev = _device_of(target)
-    for i in tqdm(range(0, len(ids), batch), desc="target features", unit="batch"):
-        o = target(ids[i:i + batch].long().to(dev), output_hidden_states=True)
-        out.append(select_features(o.hidden_states, layers).half().cpu())
-    return torch.cat(out)
-
-
-def make_blocks(ids: torch.Tensor, prompt_len: int, k: int, nb: int, mask_id: int,
-                rng: np.random.Generator, stage: int, alpha: float = 1.01):
-    """ids (B, N) -> block_ids (B, nb, k+1), anchor_pos (B, nb), labels (B, nb, k),
-    weights (B, nb, k) and masked (B, nb, k) bool. Anchors lie where the next k tokens are the
-    target's own continuation."""
-    B, N = ids.shape
-    lo, hi = prompt_len - 1, N - k - 1                                # anchor s in [lo, hi]
-    nb = max(1, min(nb, hi - lo + 1))
-    anchors = np.stack([np.sort(rng.choice(np.arange(lo, hi + 1), nb, replace=False)) for _ in range(B)])
-    anchor_pos = torch.from_numpy(anchors)
-    idx = anchor_pos[:, :, None] + torch.arange(k + 1)                # (B, nb, k+1)
-    toks = torch.gather(ids.long(), 1, idx.view(B, -1)).view(B, nb, k + 1)
-    labels = toks[:, :, 1:]
-    if stage == 1:
-        t = torch.from_numpy(rng.uniform(1e-3, 1.0, size=(B, nb, 1))).float()
-        masked = torch.from_numpy(rng.uniform(size=(B, nb, k))).float() < t
-        weights = masked.float() / t
-    else:
-        masked = torch.ones(B, nb, k, dtype=torch.bool)
-        R = torch.from_numpy(rng.integers(1, k + 1, size=(B, nb, 1)))
-        i = torch.arange(1, k + 1)
-        weights = torch.where(i <= R, alpha ** (R - i).float(),
-                              torch.zeros(()))
-    block = toks.clone()
-    block[:, :, 1:][masked] = mask_id
-    return block, anchor_pos, labels, weights, masked
-
-
-def block_loss(model, ids, feats, prompt_len, k, nb, mask_id, rng, stage, alpha=1.01):
-    block, anchor_pos, labels, weights, _ = make_blocks(ids, prompt_len, k, nb, mask_id, rng,
-                                                        stage, alpha)
-    dev = _device_of(model)   # the blocks are drawn on the CPU (numpy), then moved
-    logits = model(context_ids=ids.long().to(dev),
-                   context_features=None if feats is None else feats.to(dev).float(),
-                   block_ids=block.to(dev), anchor_pos=anchor_pos.to(dev))  # (B, nb, k, V)
-    weights = weights.to(dev)
-    ce = F.cross_entropy(logits.flatten(0, 2), labels.to(dev).flatten(), reduction="none").view_as(weights)
-    if stage == 1:
-        return (ce * weights).sum() / weights.numel()
-    return (ce * weights).sum() / weights.sum()
-
-
 @torch.no_grad()
 def evaluate(model, val_ids, val_feats, prompt_len, mask_id, ks, n_blocks, seed=123) -> dict:
     """Whole-block-masked greedy accuracy by position and the mean number of leading correct
     positions (= tau a greedy cycle would get from this context), per k."""
     model.eval()
-    dev = _device_of(model)
+    dev = device_of(model)
     out = {}
     for k in ks:
         rng = np.random.default_rng(seed)
@@ -244,27 +103,6 @@ def evaluate(model, val_ids, val_feats, prompt_len, mask_id, ks, n_blocks, seed=
     model.train()
     return out
 
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def corpus_window_loss(model, target, corpus_ids: np.ndarray, n: int, cfg: "D2AConfig", k: int,
-                       mask_id: int, rng: np.random.Generator):
-    """Stage 0: Stage I's masked-diffusion loss on cfg.batch_size raw corpus windows of n
-    tokens (blocks anywhere after the first token)."""
-    starts = rng.integers(0, len(corpus_ids) - n, cfg.batch_size)
-    win = torch.from_numpy(np.stack([corpus_ids[s:s + n] for s in starts]).astype(np.int64))
-    feats = None
-    if model.config.context_mode == "target-features":
-        with torch.no_grad():
-            hs = target(win.to(_device_of(target)), output_hidden_states=True).hidden_states
-            feats = select_features(hs, model.config.target_feature_layers).half()
-    nb = max(1, cfg.block_tokens // (k + 1))
-    return block_loss(model, win, feats, 1, k, nb, mask_id, rng, 1)
 
 
 def load_target(target_dir, device: str = "cpu"):

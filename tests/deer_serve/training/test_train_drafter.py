@@ -143,7 +143,8 @@ def test_mask_token_own_vocab_spare_or_refused(targets):
 def test_sizes_and_layers_from_any_config(targets):
     from transformers import AutoModelForCausalLM
 
-    from deer_serve.training.d2a import D2AConfig, drafter_from_target
+    from deer_serve.training.d2a import D2AConfig
+    from deer_serve.training.d2a_init import drafter_from_target
     from deer_serve.training.target_fit import target_dims
 
     # tensors copied per layer: Llama all but Qwen3's q/k norms; GPT-2 none (other names);
