@@ -104,9 +104,11 @@ def check_plan(plan: dict, c: dict, minutes: float) -> None:
     assert c["stage1_steps"] >= 1 and c["stage2_steps"] >= 3 * c["stage1_steps"] - 1
     left = minutes * 60 - m["spent_s"]  # after timing the run
 
-    def cost(steps: int) -> float:  # a second load, the steps with their checkpoints, the
-        return (m["setup_s"] + 2 * m["save_s"] + p["planned_evals"] * m["eval_s"]   # evals,
-                + steps * (m["step_s"] + m["save_s"] / c["ckpt_every"]))           # 2 saves
+    def cost(steps: int) -> float:
+        """Seconds of a run of `steps` steps at the measured costs: a second load, two saves,
+        the planned evaluations, the steps with their share of the checkpoints."""
+        return (m["setup_s"] + 2 * m["save_s"] + p["planned_evals"] * m["eval_s"]
+                + steps * (m["step_s"] + m["save_s"] / c["ckpt_every"]))
     total = p["stage1_steps"] + p["stage2_steps"]
     assert cost(total) <= left + 1e-6, (cost(total), left, plan)
     assert cost(total + 1) > SAFETY * left - 1e-6, (cost(total + 1), SAFETY * left, plan)
