@@ -1,6 +1,7 @@
-"""Whether drafting pays, learned across the requests of one process (`DraftGate`).
+"""Whether drafting pays: per request from its own acceptance (`AdaptiveK`), and learned
+across the requests of one process (`DraftGate`).
 
-Per-request adaptive k (`engine.AdaptiveK`) stops drafting when a request's own acceptance is
+Per-request adaptive k (`AdaptiveK`) stops drafting when a request's own acceptance is
 low, but each request has to draft a few cycles to learn that, and every probe after an AR
 stretch costs a cycle again. Where drafts are rarely accepted for any request at some
 temperature (the embedded pair at T=0.6: about 0.7 accepted drafts per cycle, while a cycle costs
@@ -96,3 +97,56 @@ def gate_for(gate: Optional[DraftGate], seed: Optional[int]) -> Optional[DraftGa
     """The gate a request goes through: none for a seeded request (it must repeat whatever other
     requests did before it)."""
     return gate if seed is None else None
+
+
+class AdaptiveK:
+    """Per-request block size from its acceptance history.
+
+    An exponential moving average `tau` of the accepted drafts per cycle (start: `start`) sets
+    k to the smallest power of two >= 2 * tau + 2, within [min_k, max_k]. A block much longer
+    than what gets accepted costs verify and draft time for nothing; one as long as what gets
+    accepted caps the cycle's gain. Powers of two keep the k of concurrent requests few, so a
+    batched drafter forms few groups.
+
+    When tau falls below `ar_below` (drafting no longer pays: a cycle yields under
+    1 + ar_below tokens), k is 0 for `ar_steps` steps: plain AR steps of the target, no draft.
+    Then one cycle drafts again (a probe); if tau stays low the next AR stretch is twice as
+    long (up to `max_ar_steps`), else it is back to `ar_steps`. `ar_below=0` never stops
+    drafting. Every choice depends only on past acceptance, so output stays exact and a seeded
+    run repeats."""
+
+    def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7,
+                 ar_below: float = 1.0, ar_steps: int = 8, max_ar_steps: int = 64,
+                 gate: Optional[DraftGate] = None, temperature: float = 0.0):
+        """gate: a process's `DraftGate` (deer_serve.adaptive), which may start the request
+        with drafting off and learns from its cycles; temperature: the request's (the gate's
+        key)."""
+        self.max_k, self.min_k = max_k, min(min_k, max_k)
+        self.tau, self.decay = start, decay
+        self.ar_below, self.ar_steps, self.max_ar_steps = ar_below, ar_steps, max_ar_steps
+        self.ar_left, self.ar_len = 0, ar_steps
+        self.gate, self.temperature = gate, temperature
+        if gate is not None:
+            self.ar_left = gate.start(temperature)
+
+    def next_k(self) -> int:
+        """The next cycle's block size; 0 = a plain AR step."""
+        if self.ar_left > 0:
+            self.ar_left -= 1
+            return 0
+        want, k = round(2 * self.tau + 2), 1
+        while k < want:
+            k *= 2
+        return max(self.min_k, min(self.max_k, k))
+
+    def update(self, accepted: int, k: int) -> None:
+        # a block that was accepted whole says only "at least k": count it a bit higher
+        if self.gate is not None:
+            self.gate.observe(self.temperature, accepted)
+        a = accepted + (1 if accepted == k else 0)
+        self.tau = self.decay * self.tau + (1 - self.decay) * a
+        if self.tau < self.ar_below:
+            self.ar_left = self.ar_len
+            self.ar_len = min(self.max_ar_steps, 2 * self.ar_len)
+        else:
+            self.ar_len = self.ar_steps

@@ -30,7 +30,7 @@ from typing import Callable, Collection, Generator, Optional, Sequence, Union
 import torch
 
 from deer_serve.acceptance import accept_greedy, accept_speculative
-from deer_serve.adaptive import OFF, DraftGate
+from deer_serve.adaptive import OFF, AdaptiveK, DraftGate
 from deer_serve.calls import Draft, Plan, Score, run_direct
 from deer_serve.pipeliner import Pipeliner
 from deer_serve.sampling import process_logits, sample
@@ -103,7 +103,7 @@ def eos_set(target, sampling: SamplingParams,
 
 
 def adaptive_plan(mode: str, block_size: int, adaptive_k: bool, gate: Optional[DraftGate],
-                  sampling: SamplingParams) -> tuple[str, Optional["AdaptiveK"]]:
+                  sampling: SamplingParams) -> tuple[str, Optional[AdaptiveK]]:
     """The request's mode and its AdaptiveK (None: a fixed block). A request the gate starts
     with drafting off runs as mode "ar": no drafter calls, and no target features fetched on
     every step for a drafter that will never read them. (Same law: it never drafts either way.)"""
@@ -116,59 +116,6 @@ def adaptive_plan(mode: str, block_size: int, adaptive_k: bool, gate: Optional[D
 def uses_features(drafter, mode: str) -> bool:
     """Whether the request's drafter reads target features (its verifies return them)."""
     return mode == "deer" and drafter.context_mode == "target-features"
-
-
-class AdaptiveK:
-    """Per-request block size from its acceptance history.
-
-    An exponential moving average `tau` of the accepted drafts per cycle (start: `start`) sets
-    k to the smallest power of two >= 2 * tau + 2, within [min_k, max_k]. A block much longer
-    than what gets accepted costs verify and draft time for nothing; one as long as what gets
-    accepted caps the cycle's gain. Powers of two keep the k of concurrent requests few, so a
-    batched drafter forms few groups.
-
-    When tau falls below `ar_below` (drafting no longer pays: a cycle yields under
-    1 + ar_below tokens), k is 0 for `ar_steps` steps: plain AR steps of the target, no draft.
-    Then one cycle drafts again (a probe); if tau stays low the next AR stretch is twice as
-    long (up to `max_ar_steps`), else it is back to `ar_steps`. `ar_below=0` never stops
-    drafting. Every choice depends only on past acceptance, so output stays exact and a seeded
-    run repeats."""
-
-    def __init__(self, max_k: int, min_k: int = 2, start: float = 3.0, decay: float = 0.7,
-                 ar_below: float = 1.0, ar_steps: int = 8, max_ar_steps: int = 64,
-                 gate: Optional[DraftGate] = None, temperature: float = 0.0):
-        """gate: a process's `DraftGate` (deer_serve.adaptive), which may start the request
-        with drafting off and learns from its cycles; temperature: the request's (the gate's
-        key)."""
-        self.max_k, self.min_k = max_k, min(min_k, max_k)
-        self.tau, self.decay = start, decay
-        self.ar_below, self.ar_steps, self.max_ar_steps = ar_below, ar_steps, max_ar_steps
-        self.ar_left, self.ar_len = 0, ar_steps
-        self.gate, self.temperature = gate, temperature
-        if gate is not None:
-            self.ar_left = gate.start(temperature)
-
-    def next_k(self) -> int:
-        """The next cycle's block size; 0 = a plain AR step."""
-        if self.ar_left > 0:
-            self.ar_left -= 1
-            return 0
-        want, k = round(2 * self.tau + 2), 1
-        while k < want:
-            k *= 2
-        return max(self.min_k, min(self.max_k, k))
-
-    def update(self, accepted: int, k: int) -> None:
-        # a block that was accepted whole says only "at least k": count it a bit higher
-        if self.gate is not None:
-            self.gate.observe(self.temperature, accepted)
-        a = accepted + (1 if accepted == k else 0)
-        self.tau = self.decay * self.tau + (1 - self.decay) * a
-        if self.tau < self.ar_below:
-            self.ar_left = self.ar_len
-            self.ar_len = min(self.max_ar_steps, 2 * self.ar_len)
-        else:
-            self.ar_len = self.ar_steps
 
 
 def _decode(target, prompt, sampling, mode, block_size, detokenize, seq_id, eos,

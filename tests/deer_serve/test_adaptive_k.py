@@ -7,8 +7,9 @@ import torch
 
 from tiny_models import make_target
 
+from deer_serve.adaptive import AdaptiveK
 from deer_serve.drafters.deer import DeerDrafterBackend
-from deer_serve.engine import AdaptiveK, generate
+from deer_serve.engine import generate
 from deer_serve.models import make_tiny_drafter
 from deer_serve.targets.hf import HFTarget
 from deer_serve.types import DraftResult, SamplingParams
