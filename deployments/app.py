@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from deer_serve.engine import MAX_BLOCK_SIZE
 from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET
+from deployments.checkpoints import check_models, embedded_paths
 
 
 # ---- the Router's options (AppConfig.service, limits; RouterSettings) -------------------------
@@ -256,7 +257,7 @@ class AppConfig(DecodeDefaults):
         """Fill the defaults that depend on the files: paths, tokenizer, model name."""
         target, drafter = self.target_path, self.drafter_path
         if target is None or drafter is None:
-            t, d = _embedded_paths()
+            t, d = embedded_paths()
             target, drafter = target or t, drafter or d
         return self.model_copy(update={
             "target_path": str(target), "drafter_path": str(drafter),
@@ -283,51 +284,6 @@ def app_args(data: dict, app_name: Optional[str] = None) -> dict:
         if app_name is None or app.get("name") == app_name:
             return app.get("args") or {}
     raise ValueError(f"no application named {app_name!r}")
-
-
-def _embedded_paths() -> tuple[str, str]:
-    try:
-        from deer_serve.assets import default_paths
-    except ImportError as e:
-        raise RuntimeError("no target_path/drafter_path given and the embedded default "
-                           "(deer_serve.assets.default_paths) is not available") from e
-    p = default_paths()
-    if isinstance(p, dict):
-        return str(p["target"]), str(p["drafter"])
-    if isinstance(p, (tuple, list)):
-        return str(p[0]), str(p[1])
-    return str(p.target), str(p.drafter)
-
-
-def check_models(cfg: AppConfig) -> Optional[list[int]]:
-    """Fail at build time, not on the first request: both checkpoints exist and share a
-    vocabulary. Returns the target layers a `target-features` drafter reads (the verifier
-    must return those), else None."""
-    import json
-
-    configs = {}
-    for what, path in (("target", cfg.target_path), ("drafter", cfg.drafter_path)):
-        f = Path(str(path)) / "config.json"  # None (not resolved): reported as missing below
-        if not f.is_file():
-            raise ValueError(f"no {what} checkpoint at {path} (no config.json); the embedded "
-                             "default is built by `make train-default`")
-        configs[what] = json.loads(f.read_text())
-    t, d = configs["target"], configs["drafter"]
-    t_vocab = t.get("vocab_size", (t.get("text_config") or {}).get("vocab_size"))
-    if t_vocab is not None and d.get("vocab_size") not in (None, t_vocab):
-        raise ValueError(f"drafter vocabulary ({d['vocab_size']}) differs from the target's "
-                         f"({t_vocab})")
-    from deer_serve.drafters import DrafterFormatError, config_feature_layers, config_format
-
-    try:
-        if config_format(d, cfg.drafter_path) == "dflash":
-            from deer_serve.models.dflash import DFlashConfig
-
-            DFlashConfig.from_dict(d).check_target(t)
-        layers = config_feature_layers(d)
-    except DrafterFormatError as e:
-        raise ValueError(f"drafter {cfg.drafter_path}: {e}") from None
-    return layers or None
 
 
 def pool_options(d: DeploymentConfig, transport: str) -> dict:
