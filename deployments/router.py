@@ -47,6 +47,7 @@ from deployments.clients import (DrafterUnavailable, RemoteDrafter, RemoteTarget
                                  VerifierUnavailable, close_channels, remote_segment, route_handle)
 from deployments.grpc_ingress import GrpcIngress
 from deployments.http_ingress import HttpIngress, fastapi_app
+from deployments.ingress_core import Slot
 from deployments.app import DecodeDefaults, ServiceOptions
 from deployments.schemas import (GenerationRequest, RequestError, RequestKind, Usage,
                                  check_prompt, parse_request)
@@ -83,21 +84,6 @@ class Prepared:
     trace_id: Optional[str] = None
     spans: Optional[CycleSpans] = None
     streamed: bool = True  # the client reads each step (False: `complete`, only the result)
-
-
-class Slot:
-    """One admitted request (bounded by `max_pending_requests`); release() is idempotent."""
-
-    def __init__(self, router: "Router"):
-        self.router, self.held = router, True
-        router._active += 1
-        router.metrics.inflight.set(router._active)
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.router._active -= 1
-            self.router.metrics.inflight.set(self.router._active)
 
 
 def _advance_all(gen, put, cancel: threading.Event) -> None:
