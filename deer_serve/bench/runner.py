@@ -38,6 +38,20 @@ def machine_info() -> dict:
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+# EngineMethod options of the decoding methods: run once per block size, or at the main one only
+SWEPT: dict[str, dict[str, bool]] = {
+    "deer": dict(lookup=True, adaptive_k=True),  # as deer-serve decodes by default (+ the gate)
+    "deer-alt": dict(lookup=True, adaptive_k=True, alt=True),
+    "sd-ar": dict(adaptive_k=True, ar_draft=True)}
+AT_MAIN_K: dict[str, dict[str, bool]] = {
+    "deer-adaptive": dict(lookup=True, adaptive_k=True),
+    "deer-fixed": dict(lookup=True),
+    "deer-alt-nolookup": dict(adaptive_k=True, alt=True),
+    "deer-nolookup": dict(adaptive_k=True),
+    "sd-ar-fixed": dict(ar_draft=True),
+    "deer-pipe": dict(lookup=True, pipeline=True)}
+
+
 def build_methods(s: dict, models, client, service_error: Optional[str] = None) -> list:
     from deer_serve.bench.methods import EngineMethod, HFGenerateMethod
     from deer_serve.bench.service import ServiceMethod, UnavailableMethod
@@ -47,32 +61,11 @@ def build_methods(s: dict, models, client, service_error: Optional[str] = None) 
     for name in s["methods"]:
         if name == "ar":
             out.append(EngineMethod("ar", models, "ar"))
-        elif name == "deer":  # as deer-serve decodes by default: adaptive k, the gate, lookup
-            for k in s["block_sizes"]:
-                out.append(EngineMethod("deer" if k == k0 else f"deer@k{k}", models, "deer", k,
-                                        lookup=True, adaptive_k=True))
-        elif name == "deer-adaptive":
-            out.append(EngineMethod("deer-adaptive", models, "deer", k0, lookup=True,
-                                    adaptive_k=True))
-        elif name == "deer-fixed":
-            out.append(EngineMethod("deer-fixed", models, "deer", k0, lookup=True))
-        elif name == "deer-alt":
-            for k in s["block_sizes"]:
-                out.append(EngineMethod("deer-alt" if k == k0 else f"deer-alt@k{k}", models,
-                                        "deer", k, lookup=True, adaptive_k=True, alt=True))
-        elif name == "deer-alt-nolookup":
-            out.append(EngineMethod("deer-alt-nolookup", models, "deer", k0, adaptive_k=True,
-                                    alt=True))
-        elif name == "deer-nolookup":
-            out.append(EngineMethod("deer-nolookup", models, "deer", k0, adaptive_k=True))
-        elif name == "sd-ar":
-            for k in s["block_sizes"]:
-                out.append(EngineMethod("sd-ar" if k == k0 else f"sd-ar@k{k}", models, "deer", k,
-                                        adaptive_k=True, ar_draft=True))
-        elif name == "sd-ar-fixed":
-            out.append(EngineMethod("sd-ar-fixed", models, "deer", k0, ar_draft=True))
-        elif name == "deer-pipe":
-            out.append(EngineMethod("deer-pipe", models, "deer", k0, lookup=True, pipeline=True))
+        elif name in SWEPT:  # one method per block size, the first named `name`
+            out += [EngineMethod(name if k == k0 else f"{name}@k{k}", models, "deer", k,
+                                 **SWEPT[name]) for k in s["block_sizes"]]
+        elif name in AT_MAIN_K:
+            out.append(EngineMethod(name, models, "deer", k0, **AT_MAIN_K[name]))
         elif name in SERVICE_METHODS:
             out.append(ServiceMethod(name, client, k0, models.eos_token_id) if client is not None
                        else UnavailableMethod(name, service_error or "no service"))
