@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, Iterable, Optional
 
@@ -306,3 +307,44 @@ class ChannelHandle(HandleShape):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class LocalHandle(HandleShape):
+    """The decode loop's subset of a Serve handle over an object in this process (`loop:
+    colocated`): `h.method.remote(...)` runs the method in a thread of `pool` and returns a
+    response with `.result(timeout_s)` and `.cancel()`, so `RemoteDrafter` runs over it
+    unchanged and a pipelined pre-draft still overlaps the verify. One-way calls (release)
+    run at once."""
+
+    def __init__(self, obj, pool):
+        self.obj, self.pool = obj, pool
+
+    def _client(self) -> "LocalHandle":
+        return self
+
+    def call(self, method: str, args: tuple, kwargs: dict, oneway: bool = False):
+        fn = getattr(self.obj, method)
+        if oneway:
+            fn(*args, **kwargs)
+            return _LocalResponse(None)
+        return _LocalResponse(self.pool.submit(fn, *args, **kwargs))
+
+    def options(self, **kw) -> "LocalHandle":
+        return self
+
+
+class _LocalResponse:
+    def __init__(self, fut):
+        self.fut = fut
+
+    def result(self, timeout_s: Optional[float] = None):
+        if self.fut is None:
+            return None
+        try:
+            return self.fut.result(timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"no result in {timeout_s} s") from None
+
+    def cancel(self) -> None:
+        if self.fut is not None:
+            self.fut.cancel()  # a call that already runs finishes; its result is dropped

@@ -43,7 +43,7 @@ class DecodeSpec:
     mode: str                 # "deer" | "ar"
     block_size: int           # draft tokens per cycle (the largest, with adaptive_k)
     seq_id: str               # the segment's KV cache key in the replicas
-    adaptive_k: bool          # k per cycle from the request's acceptance (engine.AdaptiveK)
+    adaptive_k: bool          # k per cycle from the request's acceptance (adaptive.AdaptiveK)
     pipeline: bool            # pre-draft the next block during each verify (engine.Pipeliner)
     lookup: bool              # prompt lookup spliced into the drafts (ServiceOptions.lookup)
     drafter_timeout_s: float  # a slower draft -> DrafterUnavailable

@@ -59,7 +59,8 @@ from deer_serve.targets.hf import HFTarget  # noqa: E402
 from deer_serve.types import DraftResult  # noqa: E402
 from deployments.drafter import Drafter  # noqa: E402
 from deployments.router import Router, RouterSettings  # noqa: E402
-from deployments.verifier import LocalHandle, Verifier, _LocalResponse  # noqa: E402
+from deployments.channel import LocalHandle, _LocalResponse  # noqa: E402
+from deployments.verifier import Verifier  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
