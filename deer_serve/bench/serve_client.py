@@ -1,5 +1,5 @@
-"""The client of `deer-serve bench-serve` (deer_serve.bench.servers): streaming
-/v1/completions requests through the `openai` package, one concurrency level at a time, and
+"""The client of `deer-serve bench-serve` (deer_serve.bench.servers): /v1/completions requests
+(streamed, or whole replies with --no-stream) through the `openai` package, one concurrency level at a time, and
 vLLM's own benchmark client (`vllm.benchmarks.serve`)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ class RequestRecord:
     prompt_id: str
     tokens: int = 0                       # token ids received in the stream
     usage_tokens: Optional[int] = None    # the server's usage.completion_tokens
-    ttft_s: Optional[float] = None        # request sent -> first chunk with a token
+    ttft_s: Optional[float] = None        # request sent -> first chunk with a token (streamed)
     latency_s: Optional[float] = None     # request sent -> last chunk
     finish_reason: Optional[str] = None
     token_ids: list[int] = field(default_factory=list)
@@ -31,14 +31,16 @@ class RequestRecord:
 
 
 async def one_request(client, model: str, prompt_id: str, prompt: str, max_tokens: int,
-                      body: dict) -> RequestRecord:
+                      body: dict, stream: bool = True) -> RequestRecord:
     rec = RequestRecord(prompt_id)
     t0 = time.perf_counter()
+    if not stream:
+        return await _one_reply(client, model, prompt, max_tokens, body, rec, t0)
     try:
-        stream = await client.completions.create(
+        chunks = await client.completions.create(
             model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_body=body)
-        async for chunk in stream:
+        async for chunk in chunks:
             now = time.perf_counter()
             for ch in chunk.choices:
                 ids = getattr(ch, "token_ids", None)
@@ -67,11 +69,38 @@ async def one_request(client, model: str, prompt_id: str, prompt: str, max_token
     return rec
 
 
+async def _one_reply(client, model: str, prompt: str, max_tokens: int, body: dict,
+                     rec: RequestRecord, t0: float) -> RequestRecord:
+    """A non-streamed request: the whole completion in one reply (no TTFT / TPOT)."""
+    try:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                            temperature=0.0, stream=False, extra_body=body)
+        rec.latency_s = time.perf_counter() - t0
+        ch = r.choices[0]
+        ids = getattr(ch, "token_ids", None)
+        if ids is None:
+            rec.error = "no token_ids in the reply"
+        rec.token_ids, rec.text, rec.finish_reason = list(ids or []), ch.text or "", ch.finish_reason
+        rec.tokens = len(rec.token_ids)
+        rec.usage_tokens = r.usage.completion_tokens if r.usage is not None else None
+        deer = (r.model_extra or {}).get("deer")
+        if isinstance(deer, dict) and deer.get("accept_lengths"):
+            rec.mean_accepted = deer.get("mean_accepted")
+        if rec.usage_tokens is not None and rec.usage_tokens != rec.tokens:
+            rec.error = rec.error or (f"{rec.tokens} token ids returned, usage says "
+                                      f"{rec.usage_tokens}")
+    except Exception as e:  # a failed request is counted, not fatal
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
 async def run_level_async(base_url: str, model: str, prompts: Sequence[tuple[str, str]],
                           concurrency: int, max_tokens: int, body: dict,
-                          timeout_s: float = 600.0) -> tuple[list[RequestRecord], float]:
+                          timeout_s: float = 600.0, stream: bool = True,
+                          ) -> tuple[list[RequestRecord], float]:
     """Every prompt once, `concurrency` requests in flight (a worker pool over the prompt list,
-    in order); (records in prompt order, wall seconds of the level)."""
+    in order); (records in prompt order, wall seconds of the level). stream: False sends
+    non-streamed requests."""
     from openai import AsyncOpenAI
 
     # the client's default pool (1000 connections, 100 kept alive) covers any level here
@@ -86,7 +115,7 @@ async def run_level_async(base_url: str, model: str, prompts: Sequence[tuple[str
             i = next_i
             next_i += 1
             pid, text = prompts[i]
-            records[i] = await one_request(client, model, pid, text, max_tokens, body)
+            records[i] = await one_request(client, model, pid, text, max_tokens, body, stream)
 
     try:
         t0 = time.perf_counter()

@@ -157,8 +157,10 @@ def write_report(results: dict, out: Path) -> None:
           f"{results['machine']}; {st['n_prompts']} prompts of `{st['suite']}`, temperature 0, "
           f"max_tokens {st['max_tokens']}, {st['threads']} OpenMP thread(s) per server process; "
           f"each server alone, warmed up with {st['warmup']} requests; one client "
-          "(openai AsyncOpenAI, streaming /v1/completions, token ids from the stream). "
-          "tok/s = all output tokens of a level / its wall time; TTFT = request sent -> first "
+          + ("(openai AsyncOpenAI, streaming /v1/completions, token ids from the stream). "
+             if st.get("stream", True) else
+             "(openai AsyncOpenAI, NON-streamed /v1/completions: whole replies, no TTFT / TPOT). ")
+          + "tok/s = all output tokens of a level / its wall time; TTFT = request sent -> first "
           "token; TPOT = (latency - TTFT) / (tokens - 1); identical = same token ids as "
           f"`{st['reference']}` at its lowest concurrency; tau = deer-serve's mean accepted "
           "draft tokens per cycle.", "", report_table(results), ""]

@@ -69,7 +69,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
                  log_dir: Path, threads: int = 1, warmup: int = 4, ready_timeout_s: float = 900,
                  request_timeout_s: float = 600, vllm_bench: Sequence[int] = (),
                  vllm_bench_input_len: int = 64, vllm_bench_output_len: int = 128,
-                 progress=print) -> dict:
+                 stream: bool = True, progress=print) -> dict:
     """Start one server, warm it up, run every level (and vLLM's client), stop it."""
     server = Server(spec, target=target, drafter=drafter, log_dir=log_dir, threads=threads)
     res: dict[str, Any] = {"kind": spec.kind, "options": spec.options, "body": spec.body(),
@@ -84,14 +84,14 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
         if warmup:
             recs, _ = run_level(server.url, model, list(prompts[:warmup]),
                                 min(warmup, max(concurrency)), max_tokens, spec.body(),
-                                request_timeout_s)
+                                request_timeout_s, stream)
             bad = [r.error for r in recs if r.error]
             if bad:
                 raise RuntimeError(f"warm-up requests failed: {bad[0]}")
         for c in concurrency:
             server.check_alive()
             recs, wall = run_level(server.url, model, prompts, c, max_tokens, spec.body(),
-                                   request_timeout_s)
+                                   request_timeout_s, stream)
             summary = summarize_level(recs, wall)
             res["levels"][str(c)] = {"summary": summary,
                                      "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs]}
@@ -138,7 +138,7 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         ready_timeout_s: float = 900, request_timeout_s: float = 600,
         vllm_bench: Sequence[int] = (), vllm_bench_servers: Sequence[str] = (),
         vllm_bench_input_len: int = 64, vllm_bench_output_len: int = 128,
-        command: str = "", merge: bool = False, progress=print) -> dict:
+        command: str = "", merge: bool = False, stream: bool = True, progress=print) -> dict:
     """Every server in turn; results.json / report.md are rewritten after each server.
     merge: keep the servers of an earlier results.json in `out` that are not run again (same
     prompts and settings required), e.g. to rerun one server against a kept reference."""
@@ -147,6 +147,7 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         "machine": machine(), "command": command, "complete": False,
         "settings": {"suite": suite, "n_prompts": len(prompts), "concurrency": list(concurrency),
                      "max_tokens": max_tokens, "temperature": 0.0, "threads": threads,
+                     "stream": stream,
                      "warmup": warmup, "reference": reference, "target": target,
                      "drafter": drafter, "vllm_bench_concurrency": list(vllm_bench),
                      "vllm_bench_input_len": vllm_bench_input_len,
@@ -154,9 +155,10 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         "prompt_ids": [p for p, _ in prompts], "servers": {}, "warnings": []}
     if merge and (out / "results.json").is_file():
         old = json.loads((out / "results.json").read_text())
-        same = ("suite", "n_prompts", "max_tokens", "temperature")
+        same = ("suite", "n_prompts", "max_tokens", "temperature", "stream")
         if old.get("prompt_ids") != results["prompt_ids"] or any(
-                old["settings"].get(k) != results["settings"][k] for k in same):
+                old["settings"].get(k, True if k == "stream" else None) != results["settings"][k]
+                for k in same):
             raise UsageError(f"--merge: {out / 'results.json'} has other prompts or settings")
         rerun = {s.name for s in servers}
         kept = {n: v for n, v in old["servers"].items() if n not in rerun}
@@ -172,7 +174,7 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
             ready_timeout_s=ready_timeout_s, request_timeout_s=request_timeout_s,
             vllm_bench=vllm_bench if spec.name in vllm_bench_servers else (),
             vllm_bench_input_len=vllm_bench_input_len,
-            vllm_bench_output_len=vllm_bench_output_len, progress=progress)
+            vllm_bench_output_len=vllm_bench_output_len, stream=stream, progress=progress)
         _finish(results, out, t0)
     results["complete"] = True
     _finish(results, out, t0)
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "are compared with (default vllm)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds per server start")
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--no-stream", action="store_true",
+                   help="non-streamed requests (whole replies; no TTFT / TPOT)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other servers of an earlier results.json in --out (same "
                         "prompts and settings): rerun some servers only")
@@ -273,7 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       vllm_bench=vb, vllm_bench_servers=vb_servers,
                       vllm_bench_input_len=args.vllm_bench_input_len,
                       vllm_bench_output_len=args.vllm_bench_output_len, command=command,
-                      merge=args.merge, progress=lambda s: print(s, flush=True))
+                      merge=args.merge, stream=not args.no_stream,
+                      progress=lambda s: print(s, flush=True))
     except UsageError as e:
         print(f"deer-serve bench-serve: error: {e}", file=sys.stderr)
         return 2

@@ -153,19 +153,23 @@ def run_server(spec, tmp_path, max_tokens=8):
     try:
         server.wait_ready(600)
         assert server.model == "target"
-        levels = {c: C.run_level(server.url, server.model, prompts, c, max_tokens,
-                                 server.spec.body(), 300) for c in (1, 2)}
+        levels = {(c, stream): C.run_level(server.url, server.model, prompts, c, max_tokens,
+                                           server.spec.body(), 300, stream)
+                  for c, stream in ((1, True), (2, True), (2, False))}  # --no-stream: False
     finally:
         server.stop()
     assert P.session_pids(sid) == [], "the server left processes behind"
     ref = ar_reference(prompts, max_tokens)
-    for c, (recs, wall) in levels.items():
+    for (c, stream), (recs, wall) in levels.items():
         assert [r.prompt_id for r in recs] == [p for p, _ in prompts]
         for r in recs:
             assert r.error is None, r.error
             assert r.tokens == len(r.token_ids) == r.usage_tokens == max_tokens, r
             assert r.finish_reason == "length"
-            assert 0 < r.ttft_s <= r.latency_s <= wall
+            if stream:
+                assert 0 < r.ttft_s <= r.latency_s <= wall
+            else:  # a whole reply: no first-token time
+                assert r.ttft_s is None and 0 < r.latency_s <= wall
             assert r.token_ids == ref[r.prompt_id], (c, r.prompt_id)
             assert r.text
         s = R.summarize_level(recs, wall)
