@@ -87,7 +87,7 @@ def _slot_attention(module, query, key, value, attention_mask, dropout: float = 
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value,
                                                            attn_mask=attention_mask,
                                                            scale=scaling)
-    return out.view(B, Hq, N, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return out.reshape(B, Hq, N, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 SLOT_ATTENTION = "deer_slots_sdpa"
