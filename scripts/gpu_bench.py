@@ -76,7 +76,7 @@ from deer_serve.drafters.deer import DeerDrafterBackend  # noqa: E402
 from deer_serve.drafters.lookup import LookupDrafter  # noqa: E402
 from deer_serve.engine import generate  # noqa: E402
 from deer_serve.models import DeerDrafter  # noqa: E402
-from deer_serve.step_engine import StepEngine  # noqa: E402
+from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET, StepEngine  # noqa: E402
 from deer_serve.targets.hf import HFTarget  # noqa: E402
 from deer_serve.types import SamplingParams  # noqa: E402
 
@@ -104,11 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sdp", default="default", choices=["default", "no-cudnn"],
                     help="scaled_dot_product_attention backends on cuda: torch's default, or "
                          "without the cuDNN one (torch.backends.cuda.enable_cudnn_sdp(False))")
+    ap.add_argument("--verify-budget", default=str(DEFAULT_VERIFY_BUDGET),
+                    help="step engine deer rows, one per verify budget (tokens a step; 'none': "
+                         f"no cap), comma list (default {DEFAULT_VERIFY_BUDGET})")
     ap.add_argument("--time-budget", type=float, default=300.0,
                     help="seconds after which rows not yet started are skipped (300)")
     a = ap.parse_args(argv)
     a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     a.concurrency = [int(n) for n in a.concurrency.split(",") if n.strip()]
+    a.verify_budget = [None if b.strip() == "none" else int(b) for b in a.verify_budget.split(",")
+                       if b.strip()]
     bad = [d for d in [*a.dtypes, a.engine_dtype] if d not in DTYPES]
     if bad:
         ap.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
@@ -281,10 +286,12 @@ def request_row(dtype: str, pair: Pair, method: str, ids_p, results, walls, look
 
 
 def run_engine(pair: Pair, mode: str, prompts: list[list[int]], sp: SamplingParams, block: int,
-               eos: Optional[int], kv: str, sync: Callable[[], None]) -> tuple[list, float, Any, list]:
+               eos: Optional[int], kv: str, sync: Callable[[], None],
+               budget: Optional[int] = DEFAULT_VERIFY_BUDGET) -> tuple[list, float, Any, list]:
     """All `prompts` at once through one StepEngine (max_running = their number), stepped here:
     (EngineRequests, seconds, engine stats, errors of batched calls)."""
-    eng = StepEngine(pair.target, pair.drafter, max_running=len(prompts), start=False, kv=kv)
+    eng = StepEngine(pair.target, pair.drafter, max_running=len(prompts), start=False, kv=kv,
+                     verify_budget=budget)
     errors: list[str] = []
     with raised_in(eng.target, "score_batch", errors), \
             raised_in(pair.drafter, "draft_batch", errors):
@@ -313,7 +320,7 @@ def engine_row(dtype: str, n: int, mode: str, kv: str, prompt_idx: list[int], re
     return {
         "part": "step-engine", "dtype": dtype, "n": n, "mode": mode, "kv": kv, "requests": n,
         "new_tokens": toks, "seconds": round(dt, 4), "tok_s": round(toks / dt, 2) if dt else None,
-        "tau": tau_of(accepts) if mode == "deer" else None, "drafting_cycles": len(accepts),
+        "tau": tau_of(accepts) if mode != "ar" else None, "drafting_cycles": len(accepts),
         "steps": stats.steps, "mean_rows_per_step": round(stats.rows / stats.steps, 2) if stats.steps else None,
         "draft_forwards": stats.draft_forwards, "rows_by_k": {str(k): v for k, v in sorted(stats.by_k.items())},
         "ids_equal_ar": same, "failed": len(failed), "errors": failed[:5],
@@ -496,16 +503,21 @@ def main(argv=None) -> int:
         idx = [i % len(prompts) for i in range(n)]
         batch = [prompts[i] for i in idx]
         ar_tok_s = None
-        for mode in ("ar", "deer"):
+        for mode, vb in [("ar", DEFAULT_VERIFY_BUDGET)] + [("deer", b) for b in a.verify_budget]:
+            if vb != DEFAULT_VERIFY_BUDGET:
+                mode = f"deer (verify budget {vb or 'none'})"
             if over_budget():
                 add({"part": "step-engine", "dtype": edt, "n": n, "mode": mode, "kv": a.kv,
                      "skipped": True})
                 continue
             pair = pair_for(edt)
             warm_sp = SamplingParams(temperature=0.0, max_new_tokens=min(a.tokens, 16))
-            run_engine(pair, mode, batch, warm_sp, a.block_size, eos, a.kv, sync)
-            reqs, dt, stats, errors = run_engine(pair, mode, batch, sp, a.block_size, eos, a.kv, sync)
+            base = mode.split()[0]
+            run_engine(pair, base, batch, warm_sp, a.block_size, eos, a.kv, sync, vb)
+            reqs, dt, stats, errors = run_engine(pair, base, batch, sp, a.block_size, eos, a.kv,
+                                                 sync, vb)
             row = engine_row(edt, n, mode, a.kv, idx, reqs, dt, stats, errors, ref)
+            row["verify_budget"] = vb
             if mode == "ar":
                 ar_tok_s = row["tok_s"]
             row["speedup_vs_ar"] = round(row["tok_s"] / ar_tok_s, 3) if ar_tok_s and row["tok_s"] else None
