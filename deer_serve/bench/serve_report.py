@@ -143,6 +143,28 @@ def mismatch_lines(results: dict) -> list[str]:
     return out
 
 
+def cpu_table(results: dict, top: int = 6) -> str:
+    """Per server, at its highest concurrency: the processes that used the most CPU."""
+    rows = []
+    for name, srv in results["servers"].items():
+        levels = srv.get("levels") or {}
+        if not levels:
+            continue
+        c = max(levels, key=int)
+        sm = levels[c]["summary"]
+        cpu, tokens, wall = sm.get("cpu_s") or {}, sm.get("tokens") or 0, sm.get("wall_s") or 0
+        if not cpu or not tokens or not wall:
+            continue
+        total = sum(cpu.values())
+        parts = ", ".join(f"{p} {1000 * v / tokens:.2f}" for p, v in list(cpu.items())[:top])
+        rows.append(f"| {name} | {c} | {1000 * total / tokens:.2f} | {total / wall:.2f} | "
+                    f"{parts} |")
+    if not rows:
+        return ""
+    return "\n".join(["| server | concurrency | CPU s / 1000 tokens | cores | by process (CPU s / "
+                      "1000 tokens) |", "|---|---|---|---|---|"] + rows)
+
+
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -164,6 +186,12 @@ def write_report(results: dict, out: Path) -> None:
           "token; TPOT = (latency - TTFT) / (tokens - 1); identical = same token ids as "
           f"`{st['reference']}` at its lowest concurrency; tau = deer-serve's mean accepted "
           "draft tokens per cycle.", "", report_table(results), ""]
+    cpu = cpu_table(results)
+    if cpu:
+        md += ["## Where the CPU went", "", "CPU seconds per 1000 output tokens at each server's "
+               "highest concurrency, by process (the server's own session: its Ray or vLLM "
+               "processes) and the bench client; cores = CPU seconds / the level's wall time.",
+               "", cpu, ""]
     vb = vllm_bench_table(results)
     if vb:
         md += ["## vLLM's own client (`vllm.benchmarks.serve`)", "",

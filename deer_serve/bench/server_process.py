@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 KINDS = ("vllm", "vllm-ngram", "deer", "deer-ar")
 NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4,
@@ -143,6 +143,40 @@ def session_pids(sid: int) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (process name, CPU seconds used so far: user + system) from /proc; a process's
+    name is its title (Ray sets `ray::ServeReplica:APP:Deployment`, vLLM `VLLM::EngineCore`) or
+    its program, without arguments."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        argv = [a.decode(errors="replace") for a in cmd if a]
+        name = argv[0].split(" ")[0] if argv else stat[stat.index("(") + 1:stat.rindex(")")]
+        if name.endswith(("python", "python3", "python3.11")) and len(argv) > 1:
+            name = " ".join(a for a in argv[1:3])  # python -m MODULE / python SCRIPT
+        out[pid] = (Path(name).name if "/" in name.split(" ")[0] else name,
+                    (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_by_name(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+                ) -> dict[str, float]:
+    """CPU seconds used between two `cpu_seconds` snapshots, summed by process name (a process
+    that ended in between is missed; one that started counts from 0)."""
+    used: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        dt = t - before.get(pid, (name, 0.0))[1]
+        if dt > 0:
+            used[name] = round(used.get(name, 0.0) + dt, 2)
+    return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
 class Server:

@@ -58,7 +58,8 @@ from typing import Any, Optional, Sequence
 
 from deer_serve.bench.serve_client import run_level, vllm_bench_serve
 from deer_serve.bench.serve_report import add_identity, summarize_level, warnings, write_report
-from deer_serve.bench.server_process import KINDS, Server, ServerSpec, UsageError, parse_server
+from deer_serve.bench.server_process import (KINDS, Server, ServerSpec, UsageError, cpu_by_name,
+                                             cpu_seconds, parse_server, session_pids)
 from deer_serve.bench.stats import cpu_name
 
 
@@ -90,9 +91,16 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
                 raise RuntimeError(f"warm-up requests failed: {bad[0]}")
         for c in concurrency:
             server.check_alive()
+            sid = server.proc.pid if server.proc is not None else None
+            before = cpu_seconds(session_pids(sid)) if sid else {}
+            client0 = time.process_time()
             recs, wall = run_level(server.url, model, prompts, c, max_tokens, spec.body(),
                                    request_timeout_s, stream)
+            client_s = time.process_time() - client0
             summary = summarize_level(recs, wall)
+            # where the cores went during the level: the server's processes by name, the client
+            cpu = cpu_by_name(before, cpu_seconds(session_pids(sid))) if sid else {}
+            summary["cpu_s"] = {**cpu, "(bench client)": round(client_s, 2)}
             res["levels"][str(c)] = {"summary": summary,
                                      "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs]}
             errs = [r.error for r in recs if r.error]

@@ -213,3 +213,35 @@ def test_merge_keeps_servers_not_rerun(tmp_path):
     assert "Kept from an earlier run (vllm; m0): `first`" in (tmp_path / "report.md").read_text()
     with pytest.raises(P.UsageError):
         S.run([], prompts[:1], tmp_path, merge=True, **kw)
+
+
+def test_cpu_by_process(tmp_path):
+    """The per-process CPU accounting of a level: /proc snapshots of real processes, their
+    difference by name, and the report's table (CPU s per 1000 tokens, cores)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); "
+                              "sum(i * i for i in range(3_000_000))"], stdin=subprocess.PIPE)
+    try:
+        before = P.cpu_seconds([child.pid])
+        assert before[child.pid][0].startswith("-c")  # python -c ...: named by its arguments
+        child.stdin.write(b"go")
+        child.stdin.close()
+        # the child's work is done when it exits; read it just before (a zombie keeps /proc)
+        while P.cpu_seconds([child.pid])[child.pid][1] <= before[child.pid][1] and \
+                child.poll() is None:
+            pass
+        after = P.cpu_seconds([child.pid])
+    finally:
+        child.wait(60)
+    used = P.cpu_by_name(before, after)
+    assert list(used) == [after[child.pid][0]] and used[after[child.pid][0]] > 0
+    assert P.cpu_by_name(after, after) == {}  # nothing used between equal snapshots
+    results = {"servers": {
+        "a": {"levels": {"1": {"summary": {"tokens": 100, "wall_s": 1.0, "cpu_s": {"x": 0.5}}},
+                         "16": {"summary": {"tokens": 2000, "wall_s": 2.0,
+                                            "cpu_s": {"engine": 3.0, "client": 1.0}}}}},
+        "b": {"levels": {}}}}
+    table = R.cpu_table(results)
+    assert "| a | 16 | 2.00 | 2.00 | engine 1.50, client 0.50 |" in table and "| b |" not in table
