@@ -41,9 +41,17 @@ from deer_serve.engine import (StepOutput, _decode, _validate, adaptive_plan, eo
 from deer_serve.engine_request import EngineRequest
 from deer_serve.types import GenerationResult, SamplingParams
 
-# Verify tokens per step (rows x (k+1), prefills not counted) above which blocks shrink. Not
-# tuned yet: 64 leaves one stream its whole block (k <= 32) and gives 16 streams k = 3 each.
+# Verify tokens per step (rows x (k+1), prefills not counted) above which blocks shrink, by the
+# target's device (docs/RESULTS.md): on a CPU a batched verify is compute-bound, and 64 leaves one
+# stream its whole block (k <= 32) and gives 16 streams k = 3 each; on a GPU a step of a small
+# batch costs about the same for many more tokens.
 DEFAULT_VERIFY_BUDGET = 64
+GPU_VERIFY_BUDGET = 256
+
+
+def default_verify_budget(device) -> int:
+    """The verify budget for a target on `device` (a torch.device, a string or None = CPU)."""
+    return GPU_VERIFY_BUDGET if str(device or "cpu").startswith("cuda") else DEFAULT_VERIFY_BUDGET
 
 
 class DraftFailed(Exception):
@@ -66,13 +74,14 @@ class EngineStats:
 
 class StepEngine:
     def __init__(self, target, drafter=None, *, max_running: int = 16,
-                 verify_budget: Optional[int] = DEFAULT_VERIFY_BUDGET,
+                 verify_budget: Union[int, str, None] = "auto",
                  lock: Optional[threading.Lock] = None, start: bool = True,
                  gate: Optional[DraftGate] = None, kv: str = "auto"):
         """target: a TargetBackend with `score_batch` (HFTarget); drafter: a block drafter
         (with `draft_batch` for batched drafting), or None for mode ar only. max_running:
-        requests in the step at once (more wait in order). verify_budget: None = no cap on the
-        block sizes. lock: held around every backend call (a replica shares its backend with
+        requests in the step at once (more wait in order). verify_budget: verify tokens a step
+        above which blocks shrink; None = no cap; "auto" = `default_verify_budget` of the
+        target's device. lock: held around every backend call (a replica shares its backend with
         other callers). start=False: no thread; the caller runs `step()`. gate: the
         `DraftGate` of adaptive-k requests (deer_serve.adaptive). kv: where the running
         requests' target KV lives: "slots" = one persistent slot buffer over an HFTarget's model
@@ -93,10 +102,17 @@ class StepEngine:
                 raise ValueError("kv='slots' needs an HFTarget")
             if isinstance(target, HFTarget):
                 target = SlotTarget.from_hf(target, slots=max_running)
-        if verify_budget is not None and verify_budget < 1:
-            raise ValueError(f"verify_budget must be >= 1 or None, got {verify_budget}")
+        budget: Optional[int]
+        if isinstance(verify_budget, str):
+            if verify_budget != "auto":
+                raise ValueError(f"verify_budget must be >= 1, None or 'auto', got {verify_budget!r}")
+            budget = default_verify_budget(getattr(target, "device", None))
+        else:
+            budget = verify_budget
+        if budget is not None and budget < 1:
+            raise ValueError(f"verify_budget must be >= 1, None or 'auto', got {budget}")
         self.target, self.drafter, self.gate = target, drafter, gate
-        self.max_running, self.verify_budget = max_running, verify_budget
+        self.max_running, self.verify_budget = max_running, budget
         self.lock = lock or threading.Lock()
         self.stats = EngineStats()
         self.changed = threading.Condition()  # notified on every join, leave and step

@@ -18,12 +18,12 @@ docs/CONFIG.md is generated from them (`make config-docs`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from deer_serve.engine import MAX_BLOCK_SIZE
-from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET
+from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET, GPU_VERIFY_BUDGET
 from deployments.checkpoints import check_models, embedded_paths
 
 
@@ -107,10 +107,10 @@ class ServiceOptions(BaseModel):
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
         "through Serve and the Router, the first token still at once)")
-    engine_verify_budget: Optional[int] = Field(
-        DEFAULT_VERIFY_BUDGET, ge=1, description="loop 'engine': verify tokens per step (rows "
-        "x (k+1)) above which each request's block shrinks to its share, toward plain steps "
-        "as the batch fills; null = no cap")
+    engine_verify_budget: Union[Annotated[int, Field(ge=1)], Literal["auto"], None] = Field(
+        "auto", description="loop 'engine': verify tokens per step (rows x (k+1)) above which "
+        "each request's block shrinks to its share, toward plain steps as the batch fills; "
+        f"null = no cap; auto = {DEFAULT_VERIFY_BUDGET} on a CPU, {GPU_VERIFY_BUDGET} on a GPU")
     pipeline: bool = Field(
         False, description="default of the request field `pipeline`: while block b is "
         "verified, the Drafter pre-drafts block b+1 for b's most likely outcome "

@@ -162,6 +162,20 @@ def test_budget_shares_blocks_by_water_filling(model):
     assert StepEngine(HFTarget(model), None, verify_budget=None, start=False).share([9], 3) == [9]
 
 
+def test_the_default_budget_follows_the_targets_device(model):
+    """verify_budget="auto" (the default): 64 verify tokens a step for a CPU target, 256 for a
+    GPU one (a GPU step costs about the same for many more tokens); other strings refused."""
+    from deer_serve.step_engine import default_verify_budget
+
+    assert StepEngine(HFTarget(model), None, start=False).verify_budget == 64
+    assert default_verify_budget(torch.device("cpu")) == default_verify_budget(None) == 64
+    assert default_verify_budget(torch.device("cuda", 0)) == default_verify_budget("cuda") == 256
+    with pytest.raises(ValueError, match="auto"):
+        StepEngine(HFTarget(model), None, verify_budget="fast", start=False)
+    with pytest.raises(ValueError, match=">= 1"):
+        StepEngine(HFTarget(model), None, verify_budget=0, start=False)
+
+
 def test_cancel_frees_the_slot_and_the_caches(model, drafters):
     target, drafter = HFTarget(model), drafters["tokens"]
     eng = StepEngine(target, drafter, max_running=1, verify_budget=None)  # its own thread

@@ -124,3 +124,16 @@ def test_the_removed_greedy_argmax_switch_is_refused_with_the_reason():
     with pytest.raises(ValidationError, match="greedy_argmax was removed.*argmax tokens"):
         AppConfig.model_validate({"service": {"greedy_argmax": False}})
     assert AppConfig().adaptive_k is True  # the default decode: adaptive k with the DraftGate
+
+
+def test_engine_verify_budget_takes_auto_a_count_or_null():
+    from pydantic import ValidationError
+
+    from deployments.app import ServiceOptions
+
+    assert ServiceOptions().engine_verify_budget == "auto"  # by the target's device
+    for v in (12, None, "auto"):
+        assert ServiceOptions.model_validate({"engine_verify_budget": v}).engine_verify_budget == v
+    for bad in (0, -3, "fast"):
+        with pytest.raises(ValidationError):
+            ServiceOptions.model_validate({"engine_verify_budget": bad})
