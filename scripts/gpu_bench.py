@@ -76,7 +76,7 @@ from deer_serve.drafters.deer import DeerDrafterBackend  # noqa: E402
 from deer_serve.drafters.lookup import LookupDrafter  # noqa: E402
 from deer_serve.engine import generate  # noqa: E402
 from deer_serve.models import DeerDrafter  # noqa: E402
-from deer_serve.step_engine import DEFAULT_VERIFY_BUDGET, StepEngine  # noqa: E402
+from deer_serve.step_engine import StepEngine  # noqa: E402
 from deer_serve.targets.hf import HFTarget  # noqa: E402
 from deer_serve.types import SamplingParams  # noqa: E402
 
@@ -104,16 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sdp", default="default", choices=["default", "no-cudnn"],
                     help="scaled_dot_product_attention backends on cuda: torch's default, or "
                          "without the cuDNN one (torch.backends.cuda.enable_cudnn_sdp(False))")
-    ap.add_argument("--verify-budget", default=str(DEFAULT_VERIFY_BUDGET),
+    ap.add_argument("--verify-budget", default="auto",
                     help="step engine deer rows, one per verify budget (tokens a step; 'none': "
-                         f"no cap), comma list (default {DEFAULT_VERIFY_BUDGET})")
+                         "no cap; 'auto': the engine's default for the device), comma list "
+                         "(default auto)")
     ap.add_argument("--time-budget", type=float, default=300.0,
                     help="seconds after which rows not yet started are skipped (300)")
     a = ap.parse_args(argv)
     a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     a.concurrency = [int(n) for n in a.concurrency.split(",") if n.strip()]
-    a.verify_budget = [None if b.strip() == "none" else int(b) for b in a.verify_budget.split(",")
-                       if b.strip()]
+    a.verify_budget = [None if b.strip() == "none" else "auto" if b.strip() == "auto" else int(b)
+                       for b in a.verify_budget.split(",") if b.strip()]
     bad = [d for d in [*a.dtypes, a.engine_dtype] if d not in DTYPES]
     if bad:
         ap.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPES)}")
@@ -287,7 +288,7 @@ def request_row(dtype: str, pair: Pair, method: str, ids_p, results, walls, look
 
 def run_engine(pair: Pair, mode: str, prompts: list[list[int]], sp: SamplingParams, block: int,
                eos: Optional[int], kv: str, sync: Callable[[], None],
-               budget: Optional[int] = DEFAULT_VERIFY_BUDGET) -> tuple[list, float, Any, list]:
+               budget: Any = "auto") -> tuple[list, float, Any, list]:
     """All `prompts` at once through one StepEngine (max_running = their number), stepped here:
     (EngineRequests, seconds, engine stats, errors of batched calls)."""
     eng = StepEngine(pair.target, pair.drafter, max_running=len(prompts), start=False, kv=kv,
@@ -503,8 +504,8 @@ def main(argv=None) -> int:
         idx = [i % len(prompts) for i in range(n)]
         batch = [prompts[i] for i in idx]
         ar_tok_s = None
-        for mode, vb in [("ar", DEFAULT_VERIFY_BUDGET)] + [("deer", b) for b in a.verify_budget]:
-            if vb != DEFAULT_VERIFY_BUDGET:
+        for mode, vb in [("ar", "auto")] + [("deer", b) for b in a.verify_budget]:
+            if vb != "auto":
                 mode = f"deer (verify budget {vb or 'none'})"
             if over_budget():
                 add({"part": "step-engine", "dtype": edt, "n": n, "mode": mode, "kv": a.kv,
