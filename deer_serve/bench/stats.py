@@ -22,6 +22,8 @@ Definitions (DESIGN.md section 5):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import statistics
@@ -43,6 +45,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or f"{os.cpu_count()}-core CPU"
+
+
+def ids_sha1(ids: Sequence[int]) -> str:
+    """A token id list's short digest (samples.jsonl `ids_sha1`): equal ids, equal digests."""
+    return hashlib.sha1(json.dumps(list(ids)).encode()).hexdigest()[:16]
 
 
 def first_diff(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
