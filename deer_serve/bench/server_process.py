@@ -159,11 +159,13 @@ def cpu_seconds(pids: Sequence[int]) -> dict[int, tuple[str, float]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
         argv = [a.decode(errors="replace") for a in cmd if a]
-        name = argv[0].split(" ")[0] if argv else stat[stat.index("(") + 1:stat.rindex(")")]
-        if name.endswith(("python", "python3", "python3.11")) and len(argv) > 1:
-            name = " ".join(a for a in argv[1:3])  # python -m MODULE / python SCRIPT
-        out[pid] = (Path(name).name if "/" in name.split(" ")[0] else name,
-                    (int(fields[11]) + int(fields[12])) / tick)
+        if not argv:  # a kernel thread or a zombie: its comm
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+        elif Path(argv[0]).name.startswith("python") and len(argv) > 1:
+            name = " ".join([Path(argv[1]).name] + argv[2:3])  # python -m MODULE / SCRIPT ARG
+        else:  # a program, or a title set in place of argv (Ray's, vLLM's)
+            name = Path(argv[0].split(" ")[0]).name
+        out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
