@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -51,13 +50,10 @@ pytest.importorskip("fastapi")
 
 import lawcheck  # noqa: E402
 import test_router_law as rl  # noqa: E402
-from tiny_models import make_target  # noqa: E402
+from test_router_law import ckpt, exact  # noqa: E402,F401  (its models and exact law)
 
 import deployments.verifier as verifier_mod  # noqa: E402
 from deer_serve.drafters.lookup import LookupDrafter  # noqa: E402
-from deer_serve.models import make_tiny_drafter  # noqa: E402
-from deer_serve.sampling import process_logits  # noqa: E402
-from deer_serve.targets.hf import HFTarget  # noqa: E402
 from deployments.drafter import Drafter  # noqa: E402
 from deployments.router import Router, RouterSettings  # noqa: E402
 from deployments.verifier import Verifier  # noqa: E402
@@ -124,20 +120,6 @@ class StreamingHandle(rl.Handle):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("colocated-law")
-    # the models of test_router_law (same seeds): each p has a clear favourite but keeps
-    # every token likely enough
-    target = make_target(vocab_size=V, layers=1, hidden=16, seed=3, head_scale=15.0,
-                         eos_token_id=None)
-    target.save_pretrained(root / "target")
-    tokenizer.save_pretrained(root / "target")  # the Router's tokenizer (prompts are ids here)
-    make_tiny_drafter(target.config, context_mode="target-features", seed=4, hidden_size=16,
-                      num_layers=1).save_pretrained(root / "drafter")
-    return root
-
-
-@pytest.fixture(scope="module")
 def colocated(ckpt):
     """(Router with `loop: colocated`, its Verifier, the Router's Drafter), built as
     `deployments.app.build_app` builds them for that loop."""
@@ -163,34 +145,6 @@ def colocated(ckpt):
     assert r.settings.lookup and r.settings.loop == "colocated"  # the defaults under test
     yield r, verifier, drafter
     pool.shutdown()
-
-
-@pytest.fixture(scope="module")
-def exact(ckpt):
-    """outcome (x1..x4) -> its probability under the target at TEMP, over all V^4 outcomes."""
-    t = HFTarget.from_pretrained(str(ckpt / "target"), device="cpu")
-    return lawcheck.sequence_law(
-        lambda prefix: process_logits(t.score("x", PROMPT + list(prefix), 1).logits[-1], TEMP),
-        V, WINDOW)
-
-
-def sample_colocated(router: Router, n: int, seed0: int):
-    """(Counter of outcomes, Counter of accepted drafts per cycle, seconds) over n requests
-    through `Router.prepare` + `Router.complete`, seeds seed0.. (one after the other)."""
-    counts, acc = Counter(), Counter()
-
-    async def go():
-        for s in range(seed0, seed0 + n):
-            body = {"prompt": PROMPT, "max_tokens": WINDOW, "temperature": TEMP, "seed": s}
-            p = await router.prepare(body, "completions")
-            o, _ = await router.complete(p)
-            assert len(o.token_ids) == WINDOW and not o.fallback, o
-            counts[tuple(o.token_ids)] += 1
-            acc.update(o.accept_lengths)
-
-    t0 = time.perf_counter()
-    asyncio.run(go())
-    return counts, acc, time.perf_counter() - t0
 
 
 def count_calls(monkeypatch, cls, name: str) -> Counter:
@@ -232,7 +186,7 @@ def test_law_through_the_colocated_loop(monkeypatch, colocated, exact):
         return r
 
     monkeypatch.setattr(LookupDrafter, "_splice", counting)
-    counts, acc, secs = sample_colocated(router, N, SEED0)
+    counts, acc, secs = rl.sample_router(router, N, SEED0)
     cycles = sum(acc.values())
     # the colocated loop ran: the Verifier's own drafter drafted, the Router's never did
     assert drafts[id(verifier.local_drafter)] > 0 and drafts[id(drafter)] == 0, drafts
@@ -256,5 +210,5 @@ PLANTS = {"correction-from-p": (rl.plant_correction_from_p, N),
 def test_colocated_law_check_catches_planted_bug(name, monkeypatch, colocated, exact):
     plant, n = PLANTS[name]
     plant(monkeypatch)
-    counts, _, secs = sample_colocated(colocated[0], n, SEED0)
+    counts, _, secs = rl.sample_router(colocated[0], n, SEED0)
     print(f"{n} requests in {secs:.0f} s;", lawcheck.assert_prefix_rejects(counts, exact))
