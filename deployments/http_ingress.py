@@ -18,9 +18,10 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from deployments.clients import VerifierUnavailable
 from deployments.ingress_core import IngressCore
@@ -68,9 +69,17 @@ class HttpIngress(IngressCore):
         try:
             p = await self._read(request, kind)
             p.slot = slot
+        except ClientDisconnect:  # the client went away before its body arrived
+            slot.release()
+            self._count_cancelled("before its body arrived")
+            return Response(status_code=499)  # nobody reads it
         except Exception as e:
             slot.release()
             return self._http_error(e)
+        except BaseException:  # cancelled: the client went away while its body was read
+            slot.release()
+            self._count_cancelled("before its decode started")
+            raise
         name = self.settings.served_model_name
         if p.req.stream:
             # wait for the first tokens before answering 200: a request that cannot start

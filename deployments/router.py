@@ -323,13 +323,16 @@ class Router(HttpIngress, GrpcIngress):
         finally:
             cancel.set()  # a client that went away stops its decode loop
             if state == "cancelled":
-                self.counts["cancelled"] += 1
-                self.metrics.error("cancelled")
-                log.info("request %s: the client went away; decode cancelled", p.id)
+                self._count_cancelled(f"request {p.id}: decode cancelled")
             span.set_attribute("deer.outcome", state)
             span.end()
             if p.slot is not None:
                 p.slot.release()
+
+    def _count_cancelled(self, what: str) -> None:
+        self.counts["cancelled"] += 1
+        self.metrics.error("cancelled")
+        log.info("the client went away: %s", what)
 
     async def complete(self, p: Prepared) -> tuple[Outcome, str]:
         p.streamed = False  # a Verifier that decodes the segment replies once, at its end

@@ -104,3 +104,39 @@ def test_one_request_span_tree(tiny_checkpoints, drafters, verifier):
     for c in cycles:
         kids = [s["name"] for s in spans if s["parent_id"] == c["span_id"]]
         assert kids in (["draft", "verify"], ["verify"]), kids
+
+
+@pytest.mark.parametrize("how", ["cancelled", "disconnect-message"])
+def test_a_client_gone_while_its_body_is_read_frees_its_slot(tiny_checkpoints, drafters,
+                                                              verifier, how):
+    """An HTTP request that the Router admitted but whose body has not arrived when its client
+    goes away (Serve cancels the replica's coroutine; or the body's read gets ASGI's
+    `http.disconnect`) releases its admission slot and counts the cancel; a leaked slot would
+    hold `active` for ever."""
+    from starlette.requests import Request
+
+    router = make_router(tiny_checkpoints, drafters["tokens"], verifier)
+
+    async def go():
+        reading = asyncio.Event()
+
+        async def receive():
+            reading.set()
+            if how == "disconnect-message":
+                return {"type": "http.disconnect"}
+            await asyncio.Event().wait()  # the body never comes
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [],
+                 "query_string": b""}
+        task = asyncio.create_task(router._openai(Request(scope, receive), "completions"))
+        await reading.wait()
+        if how == "cancelled":
+            assert router._active == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            assert (await task).status_code == 499
+
+    asyncio.run(go())
+    assert router._active == 0 and router.counts["cancelled"] == 1
