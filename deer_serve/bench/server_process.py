@@ -125,6 +125,10 @@ def vllm_command(spec: ServerSpec, target: str, port: int, *, cpu: bool) -> list
 
 # ---- one server process -------------------------------------------------------------------------
 
+# what a server's log says when its port was taken: Ray Serve's proxy, uvicorn (vLLM)
+BIND_FAILED = ("Failed to bind to address", "address already in use")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,6 +257,23 @@ class Server:
             time.sleep(1.0)
         raise RuntimeError(f"{self.spec.name} not ready after {timeout_s:.0f} s "
                            f"(log: {self.log_path})")
+
+    def start_ready(self, timeout_s: float, tries: int = 3) -> float:
+        """`start` then `wait_ready`; a server that could not bind its port (taken between
+        `free_port` and the bind, e.g. by one of Ray's own processes starting) is stopped and
+        started again on another port, up to `tries` times."""
+        for i in range(tries):
+            self.start()
+            try:
+                return self.wait_ready(timeout_s)
+            except RuntimeError:
+                tail = self.log_tail(200)
+                if i + 1 == tries or not any(m in tail for m in BIND_FAILED):
+                    raise
+                self.stop()
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise AssertionError("unreachable")
 
     def stop(self, grace_s: float = 90.0) -> list[int]:
         """SIGTERM to the leader (deer-serve serve then shuts Serve and Ray down), wait, then

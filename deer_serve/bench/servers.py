@@ -77,8 +77,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
                            "command": shlex.join(server.command()), "levels": {},
                            "log": str(server.log_path)}
     try:
-        server.start()
-        res["ready_s"] = round(server.wait_ready(ready_timeout_s), 2)
+        res["ready_s"] = round(server.start_ready(ready_timeout_s), 2)
         model = server.model or Path(target).name
         res["model"] = model
         progress(f"[{spec.name}] ready in {res['ready_s']:.0f} s at {server.url} (model {model})")

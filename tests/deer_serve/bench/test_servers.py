@@ -141,18 +141,35 @@ def ar_reference(prompts, max_tokens):
                           mode="ar").token_ids for pid, text in prompts}
 
 
-def run_server(spec, tmp_path, max_tokens=8):
+def run_server(spec, tmp_path, max_tokens=8, port_taken=False):
+    """port_taken: another process listens on the port the server picked first (as when one
+    of Ray's processes takes it between the pick and the bind); the server must come up on
+    another port, its first try stopped."""
+    import socket
+
     from deer_serve.assets import default_paths
     from deer_serve.bench.suites import load_suite
 
     prompts = [(p.id, p.text) for p in load_suite("humaneval", 2)]
     server = P.Server(P.parse_server(spec), target=str(default_paths()[0]), drafter=None,
                       log_dir=tmp_path, threads=1)
-    server.start()
+    first_port, holder = server.port, None
+    if port_taken:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", first_port))
+        holder.listen()
+    try:
+        server.start_ready(600)
+    except BaseException:
+        server.stop()
+        raise
+    finally:
+        if holder is not None:
+            holder.close()
     sid = server.proc.pid
     try:
-        server.wait_ready(600)
         assert server.model == "target"
+        assert (server.port != first_port) == port_taken, (server.port, first_port)
         levels = {(c, stream): C.run_level(server.url, server.model, prompts, c, max_tokens,
                                            server.spec.body(), 300, stream)
                   for c, stream in ((1, True), (2, True), (2, False))}  # --no-stream: False
@@ -180,7 +197,7 @@ def run_server(spec, tmp_path, max_tokens=8):
 @pytest.mark.service
 @pytest.mark.slow
 def test_client_against_deer_serve(tmp_path):
-    levels = run_server("deer", tmp_path)
+    levels = run_server("deer", tmp_path, port_taken=True)
     # deer mode: drafts were verified (deer-serve reports tau on the last chunk)
     assert all(r.mean_accepted is not None for recs, _ in levels.values() for r in recs)
 
