@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import asdict
 
+import time
+
 import pytest
 
 from deer_serve.bench import serve_client as C
@@ -241,8 +243,11 @@ def test_cpu_by_process(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); "
                               "sum(i * i for i in range(3_000_000))"], stdin=subprocess.PIPE)
     try:
-        before = P.cpu_seconds([child.pid])
-        assert before[child.pid][0].startswith("-c")  # python -c ...: named by its arguments
+        # python -c ...: named by its arguments, once /proc shows the new program (wait for it)
+        deadline = time.monotonic() + 60
+        while not (before := P.cpu_seconds([child.pid]))[child.pid][0].startswith("-c"):
+            assert time.monotonic() < deadline, before
+            time.sleep(0.01)
         child.stdin.write(b"go")
         child.stdin.close()
         # the child's work is done when it exits; read it just before (a zombie keeps /proc)
@@ -251,6 +256,8 @@ def test_cpu_by_process(tmp_path):
             pass
         after = P.cpu_seconds([child.pid])
     finally:
+        if child.poll() is None and not child.stdin.closed:
+            child.kill()  # a failed check above: do not wait on a child still reading stdin
         child.wait(60)
     used = P.cpu_by_name(before, after)
     assert list(used) == [after[child.pid][0]] and used[after[child.pid][0]] > 0
