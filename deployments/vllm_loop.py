@@ -122,6 +122,35 @@ class _Cut:
         return new, reason
 
 
+def engine_args(target_path: str, drafter_path: str, *, block_size: int, max_running: int,
+                cpu: bool, tokenizer_path: Optional[str] = None,
+                max_model_len: Optional[int] = None,
+                spec_schedule: Optional[Sequence[Sequence[int]]] = None,
+                stream_interval: int = 1, text_config: Optional[dict] = None) -> dict:
+    """vLLM's engine arguments of the loop: the target with the DFlash drafter in vLLM's native
+    proposer, k = block_size (or by batch size: `spec_schedule`); `text_config` = the target's
+    (text) config.json when the caller has read it already."""
+    if text_config is None:
+        cfg = json.loads((Path(target_path) / "config.json").read_text())
+        text_config = cfg.get("text_config") or cfg
+    max_len = int(max_model_len or min(4096, int(text_config.get("max_position_embeddings",
+                                                                 2048))))
+    spec: dict[str, Any] = {"method": "dflash", "model": str(drafter_path),
+                            "num_speculative_tokens": int(block_size)}
+    if spec_schedule:  # k by the step's batch size (vLLM's dynamic speculative decoding)
+        spec["num_speculative_tokens_per_batch_size"] = [
+            [int(a), int(b), int(k)] for a, b, k in spec_schedule]
+    return dict(
+        model=str(target_path), tokenizer=str(tokenizer_path or target_path), seed=0,
+        max_model_len=max_len, max_num_seqs=int(max_running), enable_prefix_caching=True,
+        gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
+        enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
+        speculative_config=spec,
+        per_request_spec_decode_metrics="detailed", stream_interval=int(stream_interval),
+        worker_extension_cls=f"{__name__}.WorkerFixes",
+        disable_log_stats=False)
+
+
 class VLLMLoop:
     """One AsyncLLM (target + native DFlash proposer) serving every request of this replica."""
 
@@ -150,21 +179,11 @@ class VLLMLoop:
             eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
         self.eos_token_id = int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None
         self.vocab_size = int(text["vocab_size"])
-        max_len = int(max_model_len or min(4096, int(text.get("max_position_embeddings", 2048))))
-        spec: dict[str, Any] = {"method": "dflash", "model": self.drafter_path,
-                                "num_speculative_tokens": self.block_size}
-        if spec_schedule:  # k by the step's batch size (vLLM's dynamic speculative decoding)
-            spec["num_speculative_tokens_per_batch_size"] = [
-                [int(a), int(b), int(k)] for a, b, k in spec_schedule]
-        self.engine_args = dict(
-            model=self.target_path, tokenizer=self.tokenizer_path, seed=0,
-            max_model_len=max_len, max_num_seqs=int(max_running), enable_prefix_caching=True,
-            gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
-            enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
-            speculative_config=spec,
-            per_request_spec_decode_metrics="detailed", stream_interval=int(stream_interval),
-            worker_extension_cls=f"{__name__}.WorkerFixes",
-            disable_log_stats=False)
+        self.engine_args = engine_args(
+            self.target_path, self.drafter_path, block_size=self.block_size,
+            max_running=max_running, cpu=cpu, tokenizer_path=self.tokenizer_path,
+            max_model_len=max_model_len, spec_schedule=spec_schedule,
+            stream_interval=self.stream_interval, text_config=text)
         self.engine_args.update(engine_kwargs or {})
         self.stats = LoopStats()
         self._tokenizer = None

@@ -1,5 +1,5 @@
 """vLLM's engine alone (no server, no Ray) on the target with the DFlash drafter, as the service's
-`loop: vllm` builds it (deployments.vllm_loop.VLLMLoop's engine arguments): output tok/s of a
+`loop: vllm` builds it (deployments.vllm_loop.engine_args): output tok/s of a
 batch of greedy requests at each `max_num_seqs` (the number of requests sharing a step) and each
 number of drafts per step k, to choose `vllm_spec_schedule`.
 
@@ -10,14 +10,14 @@ k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
 speculative decoding fixed at k). Every (seqs, k) is its own engine in its own subprocess (one
 torch thread), the cells in turn; each cell: one warm-up batch of 4 prompts, then --repeats
-passes over the --limit HumanEval prompts, the median pass reported, and the token ids' digest
-(greedy: every cell should give the same ids). Writes OUT_DIR/schedule.json and schedule.md.
+passes over the --limit HumanEval prompts, the median pass reported, and each prompt's token ids'
+digest (greedy: every cell should give the same ids). Writes OUT_DIR/schedule.json and
+schedule.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -40,19 +40,18 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     from vllm.inputs import TokensPrompt
 
     from deer_serve.assets import default_paths
+    from deer_serve.bench.stats import ids_sha1
     from deer_serve.bench.suites import load_suite
+    from deployments.vllm_loop import engine_args
 
     target = str(default_paths()[0])
     drafter = str(REPO / "deer_serve" / "assets" / "drafter-dflash")
     tok = AutoTokenizer.from_pretrained(target)
-    kw: dict = dict(model=target, seed=0, max_model_len=2048, max_num_seqs=seqs,
-                    enable_prefix_caching=True, gpu_memory_utilization=0.2, dtype="float32",
-                    enforce_eager=True,
-                    worker_extension_cls="deployments.vllm_loop.WorkerFixes")
-    if k != "none":
-        kw["speculative_config"] = {"method": "dflash", "model": drafter,
-                                    "num_speculative_tokens": kmax,
-                                    "num_speculative_tokens_per_batch_size": [[1, 1024, int(k)]]}
+    # the loop's own engine arguments, k fixed by the schedule (or no drafter at all)
+    kw = engine_args(target, drafter, block_size=kmax, max_running=seqs, cpu=True,
+                     spec_schedule=None if k == "none" else [[1, 1024, int(k)]])
+    if k == "none":
+        del kw["speculative_config"], kw["per_request_spec_decode_metrics"]
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=tokens)
     prompts = [TokensPrompt(prompt_token_ids=tok.encode(p.text, add_special_tokens=False))
@@ -64,9 +63,8 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-    ids = [list(o.outputs[0].token_ids) for o in outs]
     return {"seqs": seqs, "k": k, "tok_s": statistics.median(rates), "passes": rates,
-            "ids_sha1": hashlib.sha1(json.dumps(ids).encode()).hexdigest()}
+            "ids_sha1": [ids_sha1(o.outputs[0].token_ids) for o in outs]}
 
 
 def main() -> None:
@@ -106,7 +104,7 @@ def main() -> None:
             rows.append(json.loads(line[5:]))
             print(f"seqs {s:>3} k {k:>4}: {rows[-1]['tok_s']:8.1f} tok/s "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
-    digests = {r["ids_sha1"] for r in rows}
+    digests = {tuple(r["ids_sha1"]) for r in rows}
     (out / "schedule.json").write_text(json.dumps({
         "settings": vars(a), "kmax": kmax, "rows": rows,
         "all_ids_equal": len(digests) == 1}, indent=1))
