@@ -196,6 +196,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
+        self.cmd: list[str] = []  # the command of the last start
         self.model: Optional[str] = None
         self.leftover: list[int] = []
         self.log_path = log_dir / f"{_slug(spec.name)}.log"
@@ -228,7 +229,7 @@ class Server:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
+        cmd = self.cmd = self.command()
         with open(self.log_path, "w") as log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
@@ -262,18 +263,18 @@ class Server:
         """`start` then `wait_ready`; a server that could not bind its port (taken between
         `free_port` and the bind, e.g. by one of Ray's own processes starting) is stopped and
         started again on another port, up to `tries` times."""
-        for i in range(tries):
+        for _ in range(tries - 1):
             self.start()
             try:
                 return self.wait_ready(timeout_s)
             except RuntimeError:
-                tail = self.log_tail(200)
-                if i + 1 == tries or not any(m in tail for m in BIND_FAILED):
+                if not any(m in self.log_tail(200) for m in BIND_FAILED):
                     raise
                 self.stop()
                 self.port = free_port()
                 self.url = f"http://127.0.0.1:{self.port}"
-        raise AssertionError("unreachable")
+        self.start()
+        return self.wait_ready(timeout_s)
 
     def stop(self, grace_s: float = 90.0) -> list[int]:
         """SIGTERM to the leader (deer-serve serve then shuts Serve and Ray down), wait, then

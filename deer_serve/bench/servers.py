@@ -78,6 +78,7 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
                            "log": str(server.log_path)}
     try:
         res["ready_s"] = round(server.start_ready(ready_timeout_s), 2)
+        res["command"] = shlex.join(server.cmd)  # its port, if the first was taken
         model = server.model or Path(target).name
         res["model"] = model
         progress(f"[{spec.name}] ready in {res['ready_s']:.0f} s at {server.url} (model {model})")
