@@ -69,14 +69,16 @@ def check_drafter(drafter_path: Optional[str]) -> None:
 
 class WorkerFixes:
     """vLLM worker extension (`worker_extension_cls`): vLLM imports this module in its engine
-    core process before loading the model, which installs `vllm_fixes` there (module end)."""
+    core process before loading the model, which installs `vllm_fixes` and `vllm_dflash_skip`
+    there (module end)."""
 
 
 def _install_fixes() -> None:
     try:
-        from deer_serve.targets import vllm_fixes
+        from deer_serve.targets import vllm_dflash_skip, vllm_fixes
 
         vllm_fixes.patch()
+        vllm_dflash_skip.patch()  # k = 0 steps (the schedule's) skip the drafter's forward
     except Exception:  # noqa: BLE001 - vLLM absent: nothing to fix
         pass
 
