@@ -102,8 +102,9 @@ class ServiceOptions(BaseModel):
         None, description="loop 'vllm': draft tokens per step by the number of requests in the "
         "step, as vLLM's dynamic speculative decoding takes it: [[first, last, k], ...] from 1 "
         "(k capped at block_size), e.g. [[1, 4, 8], [5, 1024, 4]]; null = block_size at every "
-        "batch size. k 0 verifies no drafts, but vLLM 0.32's DFlash proposer still runs the "
-        "drafter at every step: slower than plain decoding, and than a small k")
+        "batch size. k 0 verifies no drafts; its steps still write the drafter's context K/V "
+        "from the target's hidden states (the drafter's forward is skipped), so they cost "
+        "more than plain decoding")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
