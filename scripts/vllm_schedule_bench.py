@@ -10,8 +10,8 @@ k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
 speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
 and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
-at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine in its own subprocess (one
-torch thread), the cells in turn; each cell: one warm-up batch of 4 prompts, then --repeats
+at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine
+in its own subprocess (one torch thread), the cells in turn; each cell: one warm-up batch of 4 prompts, then --repeats
 passes over the --limit HumanEval prompts, the median pass reported, and each prompt's token ids'
 digest (greedy: every cell should give the same ids). Writes OUT_DIR/schedule.json and
 schedule.md.

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
-
 import time
+from dataclasses import asdict
 
 import pytest
 
