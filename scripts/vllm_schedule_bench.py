@@ -8,13 +8,14 @@ number of drafts per step k, to choose `vllm_spec_schedule`.
 
 k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
-speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
-and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
-at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine
-in its own subprocess (one torch thread), the cells in turn; each cell: one warm-up batch of 4 prompts, then --repeats
-passes over the --limit HumanEval prompts, the median pass reported, and each prompt's token ids'
-digest (greedy: every cell should give the same ids). Writes OUT_DIR/schedule.json and
-schedule.md.
+speculative decoding fixed at k); at k 0 the loop's proposer skips the drafter's forward and
+defers its context K/V (deer_serve.targets.vllm_dflash_skip), k "0now" = the same, the context
+written at every k 0 step, k "0vllm" = vLLM's own proposer at k 0 (the drafter's full forward,
+its drafts thrown away). Every (seqs, k) is its own engine in its own subprocess (one torch
+thread), the cells in turn, --rounds times over; each cell: one warm-up batch of 4 prompts, then
+--repeats passes over the --limit HumanEval prompts, the median pass reported (the median over
+rounds), and each prompt's token ids' digest (greedy: every cell should give the same ids).
+Writes OUT_DIR/schedule.json and schedule.md.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     from deer_serve.bench.suites import load_suite
     from deployments.vllm_loop import engine_args
 
-    if k == "0vllm":  # vLLM's own proposer at k 0
-        from deer_serve.targets import vllm_dflash_skip
+    from deer_serve.targets import vllm_dflash_skip
 
+    if k == "0vllm":  # vLLM's own proposer at k 0
         vllm_dflash_skip.unpatch()
+    if k == "0now":  # the context written at every k 0 step, not deferred
+        vllm_dflash_skip.DEFER = False
 
     target = str(default_paths()[0])
     drafter = str(REPO / "deer_serve" / "assets" / "drafter-dflash")
@@ -57,7 +60,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     # the loop's own engine arguments, k fixed by the schedule (or no drafter at all)
     kw = engine_args(target, drafter, block_size=kmax, max_running=seqs, cpu=True,
                      spec_schedule=None if k == "none"
-                     else [[1, 1024, int(k.removesuffix("vllm"))]])
+                     else [[1, 1024, int(k.removesuffix("vllm").removesuffix("now"))]])
     if k == "none":
         del kw["speculative_config"], kw["per_request_spec_decode_metrics"]
     llm = LLM(**kw)
@@ -82,6 +85,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="sweeps over every cell in turn; a cell's figure is the median over "
+                    "rounds (interleaved: the machine's drift hits every cell alike)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # "seqs,k,kmax": run one cell here
     a = ap.parse_args()
@@ -92,26 +98,30 @@ def main() -> None:
         return
     seqs = [int(x) for x in a.seqs.split(",")]
     ks = a.k.split(",")
-    kmax = max([int(k.removesuffix("vllm")) for k in ks if k != "none"] or [1])
+    kmax = max([int(k.removesuffix("vllm").removesuffix("now")) for k in ks if k != "none"]
+               or [1])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1")
-    rows = []
-    for s in seqs:
-        for k in ks:
-            t0 = time.monotonic()
-            r = subprocess.run([sys.executable, __file__, "--cell", f"{s},{k},{kmax}",
-                                "--limit", str(a.limit), "--tokens", str(a.tokens),
-                                "--repeats", str(a.repeats), "--out", a.out],
-                               capture_output=True, text=True, env=env, cwd=str(REPO))
-            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("CELL ")), None)
-            if line is None:
-                raise SystemExit(f"cell seqs={s} k={k} failed:\n{r.stdout[-2000:]}"
-                                 f"{r.stderr[-4000:]}")
-            rows.append(json.loads(line[5:]))
-            print(f"seqs {s:>3} k {k:>4}: {rows[-1]['tok_s']:8.1f} tok/s "
-                  f"({time.monotonic() - t0:.0f} s)", flush=True)
+    rows, runs = [], {}
+    for rnd, s, k in ((rnd, s, k) for rnd in range(a.rounds) for s in seqs for k in ks):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, __file__, "--cell", f"{s},{k},{kmax}",
+                            "--limit", str(a.limit), "--tokens", str(a.tokens),
+                            "--repeats", str(a.repeats), "--out", a.out],
+                           capture_output=True, text=True, env=env, cwd=str(REPO))
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("CELL ")), None)
+        if line is None:
+            raise SystemExit(f"cell seqs={s} k={k} failed:\n{r.stdout[-2000:]}"
+                             f"{r.stderr[-4000:]}")
+        got = json.loads(line[5:])
+        runs.setdefault((s, k), []).append(got)
+        print(f"round {rnd + 1} seqs {s:>3} k {k:>5}: {got['tok_s']:8.1f} tok/s "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+    for got in runs.values():
+        rows.append(dict(got[0], tok_s=statistics.median(g["tok_s"] for g in got),
+                         rounds=[g["tok_s"] for g in got]))
     digests = {tuple(r["ids_sha1"]) for r in rows}
     (out / "schedule.json").write_text(json.dumps({
         "settings": vars(a), "kmax": kmax, "rows": rows,
