@@ -8,10 +8,9 @@ number of drafts per step k, to choose `vllm_spec_schedule`.
 
 k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
-speculative decoding fixed at k); at k 0 the loop's proposer skips the drafter's forward and
-defers its context K/V (deer_serve.targets.vllm_dflash_skip), k "0now" = the same, the context
-written at every k 0 step, k "0vllm" = vLLM's own proposer at k 0 (the drafter's full forward,
-its drafts thrown away). Every (seqs, k) is its own engine in its own subprocess (one torch
+speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
+and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
+at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine in its own subprocess (one torch
 thread), the cells in turn, --rounds times over; each cell: one warm-up batch of 4 prompts, then
 --repeats passes over the --limit HumanEval prompts, the median pass reported (the median over
 rounds), and each prompt's token ids' digest (greedy: every cell should give the same ids).
@@ -47,12 +46,10 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     from deer_serve.bench.suites import load_suite
     from deployments.vllm_loop import engine_args
 
-    from deer_serve.targets import vllm_dflash_skip
-
     if k == "0vllm":  # vLLM's own proposer at k 0
+        from deer_serve.targets import vllm_dflash_skip
+
         vllm_dflash_skip.unpatch()
-    if k == "0now":  # the context written at every k 0 step, not deferred
-        vllm_dflash_skip.DEFER = False
 
     target = str(default_paths()[0])
     drafter = str(REPO / "deer_serve" / "assets" / "drafter-dflash")
@@ -60,7 +57,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     # the loop's own engine arguments, k fixed by the schedule (or no drafter at all)
     kw = engine_args(target, drafter, block_size=kmax, max_running=seqs, cpu=True,
                      spec_schedule=None if k == "none"
-                     else [[1, 1024, int(k.removesuffix("vllm").removesuffix("now"))]])
+                     else [[1, 1024, int(k.removesuffix("vllm"))]])
     if k == "none":
         del kw["speculative_config"], kw["per_request_spec_decode_metrics"]
     llm = LLM(**kw)
@@ -98,7 +95,7 @@ def main() -> None:
         return
     seqs = [int(x) for x in a.seqs.split(",")]
     ks = a.k.split(",")
-    kmax = max([int(k.removesuffix("vllm").removesuffix("now")) for k in ks if k != "none"]
+    kmax = max([int(k.removesuffix("vllm")) for k in ks if k != "none"]
                or [1])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

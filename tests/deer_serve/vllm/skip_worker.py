@@ -5,9 +5,8 @@ early; request B runs on alone and drafts over a context whose drafter K/V was w
 steps. B's token ids and vLLM's per-step accepted counts, with the proposer as:
 
 * vllm: vLLM's own (the drafter's full forward at k = 0);
-* skip: deer_serve.targets.vllm_dflash_skip (no forward at k = 0, the context K/V deferred to
-  the next k > 0 step);
-* planted: the skip with a planted bug, the deferred context K/V never written.
+* skip: deer_serve.targets.vllm_dflash_skip (the context K/V only at k = 0);
+* planted: the skip with a planted bug, the context K/V not written at k = 0.
 
     python tests/deer_serve/vllm/skip_worker.py OUT.json K
 
@@ -27,6 +26,7 @@ if __name__ == "__main__":  # vLLM may spawn processes: keep the guard
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.v1.spec_decode.dflash import DFlashProposer
 
     from deer_serve.assets import ASSETS_DIR
     from deer_serve.targets import vllm_dflash_skip
@@ -63,10 +63,21 @@ if __name__ == "__main__":  # vLLM may spawn processes: keep the guard
     results["vllm"] = run()
     assert vllm_dflash_skip.patch()
     results["skip"] = run()
-    write = vllm_dflash_skip._write
-    vllm_dflash_skip._write = lambda *a, **kw: None  # the bug: deferred rows dropped
+    skip_propose = DFlashProposer.propose
+
+    def planted(self, num_speculative_tokens, *args, **kwargs):
+        if num_speculative_tokens != 0:
+            return skip_propose(self, num_speculative_tokens, *args, **kwargs)
+        store = self.model.precompute_and_store_context_kv
+        self.model.precompute_and_store_context_kv = lambda *a, **kw: None  # the bug
+        try:
+            return skip_propose(self, num_speculative_tokens, *args, **kwargs)
+        finally:
+            self.model.precompute_and_store_context_kv = store
+
+    DFlashProposer.propose = planted
     results["planted"] = run()
-    vllm_dflash_skip._write = write
+    DFlashProposer.propose = skip_propose
     results["skip_again"] = run()
     with open(out_path, "w") as f:
         json.dump(results, f)

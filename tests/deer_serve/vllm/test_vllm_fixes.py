@@ -48,13 +48,12 @@ def test_expand_kernel_fix(x):
 @pytest.mark.slow
 def test_dflash_k0_skip_keeps_the_drafts_vllms_own_proposer_makes(tmp_path):
     """deer_serve.targets.vllm_dflash_skip: at k = 0 (vLLM's dynamic speculative decoding, by
-    batch size) the DFlash proposer skips the drafter's forward and defers its context K/V to the
-    next k > 0 step. A request that drafts after k = 0 steps (two requests share those steps; one
-    stops, its deferred rows dropped; the other drafts alone with k = K over a context written
-    late) gets vLLM's own proposer's drafts: the same per-step accepted counts, exactly, on 4
-    HumanEval prompts. Power: the skip with a planted bug (the deferred rows never written)
-    changes them, and the fixed skip run after it matches again (no state carried between runs:
-    prefix caching is off)."""
+    batch size) the DFlash proposer writes the drafter's context K/V and skips its forward. A
+    request that drafts after k = 0 steps (two requests share those steps; one stops, the other
+    drafts alone with k = K over a context written at k = 0) gets vLLM's own proposer's drafts:
+    the same per-step accepted counts, exactly, on 4 HumanEval prompts. Power: the skip with a
+    planted bug (the context K/V not written at k = 0) changes them, and the fixed skip run after
+    it matches again (no state carried between runs: prefix caching is off)."""
     import json
     import os
     import subprocess
