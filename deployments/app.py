@@ -105,6 +105,12 @@ class ServiceOptions(BaseModel):
         "batch size. k 0 verifies no drafts; its steps still write the drafter's context K/V "
         "from the target's hidden states (the drafter's forward is skipped), so they cost "
         "more than plain decoding")
+    vllm_plain_from: Optional[int] = Field(
+        None, ge=1, description="loop 'vllm': a second vLLM engine in each Verifier replica, "
+        "the target without a drafter. A segment that starts while this many segments or more "
+        "are open in the replica, and every `mode: ar` segment, decodes there, plainly; a "
+        "segment keeps its engine to the end. null = no second engine (an ar request then runs "
+        "on the DEER engine, with drafts)")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -350,7 +356,8 @@ def build_app(args: Optional[dict] = None):
         vllm_loop={"drafter_path": cfg.drafter_path, "block_size": cfg.block_size,
                    "max_running": cfg.max_batch_size,
                    "spec_schedule": cfg.service.vllm_spec_schedule,
-                   "stream_interval": cfg.service.vllm_stream_interval} if vllm_loop else None)
+                   "stream_interval": cfg.service.vllm_stream_interval,
+                   "plain_from": cfg.service.vllm_plain_from} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

@@ -21,10 +21,15 @@ GenerationResult). The Router's session (resume, HTTP / gRPC, SSE) is unchanged.
   and the count covers them together. vLLM's exact per-step counts
   (`per_request_spec_decode_metrics="detailed"`) arrive with the last output and go into the
   segment result (`accept_lengths`, `extra["vllm_spec"]`).
-* mode "ar": vLLM 0.32 has no per-request switch for speculative decoding (SamplingParams has
-  none; `num_speculative_tokens` is the engine's), so an "ar" request runs on the same engine
-  with drafts. Its output has the same law (speculative sampling is lossless; at T=0 it is the
-  greedy sequence).
+* The plain engine (`plain_from`, the app's `service.vllm_plain_from`): a second AsyncLLM over
+  the target without a drafter. vLLM 0.32 has no per-request switch for speculative decoding
+  (SamplingParams has none; `num_speculative_tokens` is the engine's, and a k = 0 step still
+  pays the proposer's bookkeeping), so a segment that should decode plainly goes to that
+  engine: every `mode: ar` segment, and a segment that starts while `plain_from` segments or
+  more are open in this replica (under load plain steps beat verifying drafts on a
+  compute-bound target). A segment keeps the engine it started on. Without the plain engine an
+  "ar" request runs on the DEER engine with drafts; its output has the same law (speculative
+  sampling is lossless; at T=0 it is the greedy sequence).
 * Cancel: when the Router's stream is cancelled, Serve cancels `decode`, vLLM's `generate`
   aborts the request in the engine (`AsyncLLM.abort`), and its slot and KV blocks are freed;
   `stats()` counts it.
@@ -93,6 +98,7 @@ class LoopStats:
     aborted: int = 0      # cancelled (the client went away): aborted in vLLM
     running: int = 0      # requests in vLLM now (this replica's count)
     peak_running: int = 0  # the most at once
+    plain: int = 0        # segments decoded on the plain engine (mode ar, or over plain_from)
     steps: int = 0        # outputs streamed back
     tokens: int = 0       # tokens streamed back
     spec_steps: int = 0   # vLLM's verify steps of finished requests (exact, per request)
@@ -161,7 +167,7 @@ class VLLMLoop:
                  tokenizer_path: Optional[str] = None, max_model_len: Optional[int] = None,
                  engine_kwargs: Optional[dict] = None,
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, plain_from: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -189,13 +195,20 @@ class VLLMLoop:
         self.engine_args.update(engine_kwargs or {})
         self.stats = LoopStats()
         self._tokenizer = None
-        self.engine = self._start()
+        self.engine = self._start(self.engine_args)
+        self.plain_from = None if plain_from is None else int(plain_from)
+        self.plain = None
+        if self.plain_from is not None:  # the same target, no drafter
+            plain_args = {k: v for k, v in self.engine_args.items()
+                          if k not in ("speculative_config", "per_request_spec_decode_metrics")}
+            self.plain = self._start(plain_args)
 
-    def _start(self):
+    @staticmethod
+    def _start(args: dict):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     def _detokenizer(self):
         if self._tokenizer is None:
@@ -230,14 +243,16 @@ class VLLMLoop:
                    else self.eos_token_id, tuple(spec.sampling.stop), detok)
         rid = f"{spec.seq_id}-{uuid.uuid4().hex[:8]}"
         st = self.stats
+        plain = self.plain is not None and (spec.mode == "ar" or st.running >= self.plain_from)
+        engine = self.plain if plain else self.engine
+        st.plain += plain
         st.started += 1
         st.running += 1
         st.peak_running = max(st.peak_running, st.running)
         t0 = time.perf_counter()
         accepts: list[int] = []
         outputs, reason, spec_metrics, done = 0, None, None, False
-        gen = self.engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(spec),
-                                   rid)
+        gen = engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(spec), rid)
         try:
             async for ro in gen:
                 c = ro.outputs[0]
@@ -294,8 +309,11 @@ class VLLMLoop:
         from dataclasses import asdict
 
         return {"engine": "vllm", **asdict(self.stats),
-                "vllm_unfinished": int(self.engine.get_num_unfinished_requests()),
-                "block_size": self.block_size}
+                "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
+                                       for e in (self.engine, self.plain) if e is not None),
+                "block_size": self.block_size, "plain_from": self.plain_from}
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        for e in (self.engine, self.plain):
+            if e is not None:
+                e.shutdown()

@@ -1,0 +1,96 @@
+"""`loop: vllm` with a plain engine (`service.vllm_plain_from`): each Verifier replica holds a
+second vLLM engine, the target without a drafter; a segment that arrives while `plain_from`
+segments (or more) run in the replica, and every `mode: ar` segment, decodes there.
+
+In-process (no Ray): one `VLLMLoop` (the embedded target, the shipped DFlash drafter, two vLLM
+engines), driven through `decode` as the Verifier drives it. Which engine a segment takes is
+decided when its generator starts, from the open segments; the test holds segments open by not
+reading them on, so the routing does not depend on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+N = 40  # new tokens per request
+PROMPTS = [json.loads(line)["prompt"] for line in
+           (HERE / "code_prompts.jsonl").read_text().splitlines()]
+
+
+def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
+    """A and B start on the DEER engine; C arrives while they run (2 open segments, plain_from 2)
+    and takes the plain engine; D (`mode: ar`) runs alone and takes the plain engine by its
+    mode. Every segment's ids are plain greedy decoding's (in-process HFTarget); A and B carry
+    vLLM's speculative-decoding metrics (drafts were verified), C and D none; the loop counts 2
+    plain segments. Power: a loop that ignores plain_from (or the mode) sends C (or D) to the
+    DEER engine, and then the metrics and the count say so."""
+    from transformers import AutoTokenizer
+
+    from deer_serve.assets import ASSETS_DIR
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+    from deployments.session import DecodeSpec
+    from deployments.vllm_loop import VLLMLoop
+
+    target, drafter = str(ASSETS_DIR / "target"), str(ASSETS_DIR / "drafter-dflash")
+    tok = AutoTokenizer.from_pretrained(target)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
+    hf = HFTarget.from_pretrained(target, device="cpu")
+    want = [generate(hf, None, p, SamplingParams(max_new_tokens=N, ignore_eos=True),
+                     mode="ar").token_ids for p in prompts]
+
+    def spec(prompt: int, mode: str, seq: str) -> DecodeSpec:
+        return DecodeSpec(token_ids=np.array(prompts[prompt], dtype=np.int32), emitted=0,
+                          sampling=SamplingParams(max_new_tokens=N, ignore_eos=True), mode=mode,
+                          block_size=8, seq_id=seq, adaptive_k=False, pipeline=False,
+                          lookup=False, drafter_timeout_s=60.0)
+
+    async def rest(gen, first: list) -> tuple[list[int], object]:
+        ids, result = [], None
+        batch = first
+        while True:
+            for kind, x in batch:
+                if kind == "step":
+                    ids += x.new_token_ids
+                elif kind == "done":
+                    result = x
+            if result is not None:
+                return ids, result
+            batch = await gen.__anext__()
+
+    async def main():
+        loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
+                        plain_from=2)
+        try:
+            gens = {}
+            firsts = {}
+            for name, prompt, mode in (("a", 0, "deer"), ("b", 1, "deer"), ("c", 0, "deer")):
+                gens[name] = loop.decode(spec(prompt, mode, name))
+                firsts[name] = await gens[name].__anext__()  # open: counted as running
+            assert loop.stats.running == 3 and loop.stats.plain == 1
+            out = {n: await rest(gens[n], firsts[n]) for n in gens}
+            d = loop.decode(spec(1, "ar", "d"))
+            out["d"] = await rest(d, await d.__anext__())
+            return out, loop.stats
+        finally:
+            loop.shutdown()
+
+    out, stats = asyncio.run(main())
+    assert stats.plain == 2 and stats.running == 0 and stats.finished == 4
+    for name, prompt in (("a", 0), ("b", 1), ("c", 0), ("d", 1)):
+        ids, result = out[name]
+        assert ids == list(want[prompt]) == result.token_ids, name
+        assert result.finish_reason == "length"
+    for name in "ab":  # the DEER engine: vLLM's per-request speculative-decoding metrics
+        assert out[name][1].extra["vllm_spec"]["num_spec_steps"] > 0, out[name][1].extra
+    for name in "cd":  # the plain engine: no drafts
+        assert "vllm_spec" not in out[name][1].extra, out[name][1].extra
