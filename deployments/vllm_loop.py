@@ -197,7 +197,7 @@ class VLLMLoop:
         self._tokenizer = None
         self.engine = self._start(self.engine_args)
         self.plain_from = None if plain_from is None else int(plain_from)
-        self.plain = None
+        self.plain: Any = None
         if self.plain_from is not None:  # the same target, no drafter
             plain_args = {k: v for k, v in self.engine_args.items()
                           if k not in ("speculative_config", "per_request_spec_decode_metrics")}
@@ -243,7 +243,8 @@ class VLLMLoop:
                    else self.eos_token_id, tuple(spec.sampling.stop), detok)
         rid = f"{spec.seq_id}-{uuid.uuid4().hex[:8]}"
         st = self.stats
-        plain = self.plain is not None and (spec.mode == "ar" or st.running >= self.plain_from)
+        plain = self.plain is not None and (spec.mode == "ar"
+                                            or st.running >= (self.plain_from or 0))
         engine = self.plain if plain else self.engine
         st.plain += plain
         st.started += 1
