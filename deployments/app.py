@@ -111,6 +111,13 @@ class ServiceOptions(BaseModel):
         "are open in the replica, and every `mode: ar` segment, decodes there, plainly; a "
         "segment keeps its engine to the end. null = no second engine (an ar request then runs "
         "on the DEER engine, with drafts)")
+    vllm_engine_nice: Optional[int] = Field(
+        None, ge=-20, le=19, description="loop 'vllm': the niceness of the replica's vLLM "
+        "engine processes (the engine core each AsyncLLM spawns), set once they start. Ray "
+        "starts its workers at niceness 15 (Serve's proxy, the Router, the replicas, and so the "
+        "engine core); a lower value (e.g. 0) keeps those from preempting the forward on a "
+        "machine with few cores. Lowering needs CAP_SYS_NICE (e.g. root); without it the "
+        "replica logs a warning and goes on. null = as started")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -357,7 +364,8 @@ def build_app(args: Optional[dict] = None):
                    "max_running": cfg.max_batch_size,
                    "spec_schedule": cfg.service.vllm_spec_schedule,
                    "stream_interval": cfg.service.vllm_stream_interval,
-                   "plain_from": cfg.service.vllm_plain_from} if vllm_loop else None)
+                   "plain_from": cfg.service.vllm_plain_from,
+                   "engine_nice": cfg.service.vllm_engine_nice} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

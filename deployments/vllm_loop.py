@@ -45,6 +45,8 @@ below, whose import (in the engine core, before the model loads) installs it.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,6 +55,8 @@ from typing import Any, AsyncGenerator, Optional, Sequence
 
 from deer_serve.engine import StepOutput, _stop_cut
 from deer_serve.types import GenerationResult
+
+log = logging.getLogger("deer_serve.vllm_loop")
 
 
 def check_drafter(drafter_path: Optional[str]) -> None:
@@ -89,6 +93,25 @@ def _install_fixes() -> None:
 
 
 _install_fixes()
+
+
+def renice_engine_processes(nice: int) -> int:
+    """Every thread of this process's vLLM child processes (the engine core AsyncLLM spawns;
+    `VLLM::` in their names) to niceness `nice`; returns how many threads were set.
+    PermissionError where lowering the niceness is not allowed."""
+    import psutil
+
+    n = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not child.name().startswith("VLLM::"):
+                continue
+            for t in child.threads():
+                os.setpriority(os.PRIO_PROCESS, t.id, nice)
+                n += 1
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return n
 
 
 @dataclass
@@ -167,7 +190,8 @@ class VLLMLoop:
                  tokenizer_path: Optional[str] = None, max_model_len: Optional[int] = None,
                  engine_kwargs: Optional[dict] = None,
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
-                 stream_interval: int = 1, plain_from: Optional[int] = None):
+                 stream_interval: int = 1, plain_from: Optional[int] = None,
+                 engine_nice: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -202,6 +226,13 @@ class VLLMLoop:
             plain_args = {k: v for k, v in self.engine_args.items()
                           if k not in ("speculative_config", "per_request_spec_decode_metrics")}
             self.plain = self._start(plain_args)
+        if engine_nice is not None:
+            try:
+                n = renice_engine_processes(int(engine_nice))
+                log.info("vLLM engine processes: %d threads at niceness %s", n, engine_nice)
+            except PermissionError:
+                log.warning("vLLM engine processes: niceness %s not allowed here (lowering it "
+                            "needs CAP_SYS_NICE); left as started", engine_nice)
 
     @staticmethod
     def _start(args: dict):

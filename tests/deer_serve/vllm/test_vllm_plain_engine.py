@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,10 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
     mode. Every segment's ids are plain greedy decoding's (in-process HFTarget); A and B carry
     vLLM's speculative-decoding metrics (drafts were verified), C and D none; the loop counts 2
     plain segments. Power: a loop that ignores plain_from (or the mode) sends C (or D) to the
-    DEER engine, and then the metrics and the count say so."""
+    DEER engine, and then the metrics and the count say so.
+    Also `engine_nice` (`service.vllm_engine_nice`): every thread of both engines' processes
+    runs at the niceness asked (2 above this process's: raising needs no privilege), this
+    process at its own."""
     from transformers import AutoTokenizer
 
     from deer_serve.assets import ASSETS_DIR
@@ -67,10 +71,24 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
                 return ids, result
             batch = await gen.__anext__()
 
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = min(19, own_nice + 2)
+
+    def engine_threads_nice() -> dict:
+        import psutil
+
+        return {(c.pid, t.id): os.getpriority(os.PRIO_PROCESS, t.id)
+                for c in psutil.Process().children(recursive=True)
+                if c.name().startswith("VLLM::") for t in c.threads()}
+
     async def main():
         loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
-                        plain_from=2)
+                        plain_from=2, engine_nice=nice)
         try:
+            niceness = engine_threads_nice()
+            assert len({pid for pid, _ in niceness}) == 2, niceness  # both engine cores
+            assert set(niceness.values()) == {nice}, niceness
+            assert os.getpriority(os.PRIO_PROCESS, 0) == own_nice
             gens = {}
             firsts = {}
             for name, prompt, mode in (("a", 0, "deer"), ("b", 1, "deer"), ("c", 0, "deer")):
