@@ -10,11 +10,11 @@ k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
 speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
 and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
-at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine in its own subprocess (one torch
-thread), the cells in turn, --rounds times over; each cell: one warm-up batch of 4 prompts, then
---repeats passes over the --limit HumanEval prompts, the median pass reported (the median over
-rounds), and each prompt's token ids' digest (greedy: every cell should give the same ids).
-Writes OUT_DIR/schedule.json and schedule.md.
+at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine
+in its own subprocess (one torch thread), the cells in turn, --rounds times over; each cell: one
+warm-up batch of 4 prompts, then --repeats passes over the --limit HumanEval prompts, the median
+pass reported (the median over rounds), and each prompt's token ids' digest (greedy: every cell
+should give the same ids). Writes OUT_DIR/schedule.json and schedule.md.
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ def main() -> None:
         return
     seqs = [int(x) for x in a.seqs.split(",")]
     ks = a.k.split(",")
-    kmax = max([int(k.removesuffix("vllm")) for k in ks if k != "none"]
-               or [1])
+    kmax = max([int(k.removesuffix("vllm")) for k in ks if k != "none"] or [1])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1",
