@@ -182,6 +182,12 @@ def engine_args(target_path: str, drafter_path: str, *, block_size: int, max_run
         disable_log_stats=False)
 
 
+def plain_engine_args(args: dict) -> dict:
+    """`engine_args` without the drafter: the same target, plain decoding."""
+    return {k: v for k, v in args.items()
+            if k not in ("speculative_config", "per_request_spec_decode_metrics")}
+
+
 class VLLMLoop:
     """One AsyncLLM (target + native DFlash proposer) serving every request of this replica."""
 
@@ -222,10 +228,8 @@ class VLLMLoop:
         self.engine = self._start(self.engine_args)
         self.plain_from = None if plain_from is None else int(plain_from)
         self.plain: Any = None
-        if self.plain_from is not None:  # the same target, no drafter
-            plain_args = {k: v for k, v in self.engine_args.items()
-                          if k not in ("speculative_config", "per_request_spec_decode_metrics")}
-            self.plain = self._start(plain_args)
+        if self.plain_from is not None:
+            self.plain = self._start(plain_engine_args(self.engine_args))
         if engine_nice is not None:
             try:
                 n = renice_engine_processes(int(engine_nice))

@@ -44,7 +44,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     from deer_serve.assets import default_paths
     from deer_serve.bench.stats import ids_sha1
     from deer_serve.bench.suites import load_suite
-    from deployments.vllm_loop import engine_args
+    from deployments.vllm_loop import engine_args, plain_engine_args
 
     if k == "0vllm":  # vLLM's own proposer at k 0
         from deer_serve.targets import vllm_dflash_skip
@@ -59,7 +59,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
                      spec_schedule=None if k == "none"
                      else [[1, 1024, int(k.removesuffix("vllm"))]])
     if k == "none":
-        del kw["speculative_config"], kw["per_request_spec_decode_metrics"]
+        kw = plain_engine_args(kw)
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=tokens)
     prompts = [TokensPrompt(prompt_token_ids=tok.encode(p.text, add_special_tokens=False))
