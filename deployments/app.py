@@ -105,12 +105,18 @@ class ServiceOptions(BaseModel):
         "batch size. k 0 verifies no drafts; its steps still write the drafter's context K/V "
         "from the target's hidden states (the drafter's forward is skipped), so they cost "
         "more than plain decoding")
+    vllm_plain_engine: bool = Field(
+        False, description="loop 'vllm': a second vLLM engine in each Verifier replica, the "
+        "target without a drafter. Every `mode: ar` segment decodes there, plainly, and so "
+        "does a sampled segment (temperature > 0, no seed) at a temperature where the "
+        "replica's DraftGate has seen drafts accepted too rarely to pay (every 8th still "
+        "drafts); a segment keeps its engine to the end. false (and no `vllm_plain_from`) = no "
+        "second engine: an ar request then runs on the DEER engine, with drafts, and every "
+        "request drafts")
     vllm_plain_from: Optional[int] = Field(
-        None, ge=1, description="loop 'vllm': a second vLLM engine in each Verifier replica, "
-        "the target without a drafter. A segment that starts while this many segments or more "
-        "are open in the replica, and every `mode: ar` segment, decodes there, plainly; a "
-        "segment keeps its engine to the end. null = no second engine (an ar request then runs "
-        "on the DEER engine, with drafts)")
+        None, ge=1, description="loop 'vllm': the plain engine (`vllm_plain_engine`, which "
+        "this implies) also takes each segment that starts while this many segments or more "
+        "are open in the replica. null = only ar and gated segments go there")
     vllm_engine_nice: Optional[int] = Field(
         None, ge=-20, le=19, description="loop 'vllm': the niceness of the replica's vLLM "
         "engine processes (the engine core each AsyncLLM spawns), set once they start. Ray "
@@ -240,7 +246,9 @@ class AppConfig(DecodeDefaults):
     model_config = ConfigDict(extra="forbid")
 
     target_path: Optional[str] = Field(None, description="HF target dir (default: embedded)")
-    drafter_path: Optional[str] = Field(None, description="DeerDrafter dir (default: embedded)")
+    drafter_path: Optional[str] = Field(
+        None, description="drafter dir, DeerDrafter or DFlash format (default: the embedded "
+                          "drafter; with `service.loop: vllm` its DFlash-format copy)")
     tokenizer_path: Optional[str] = Field(None, description="default: the target dir")
     served_model_name: Optional[str] = Field(
         None, description="the `model` clients may name (default: the target dir's name)")
@@ -272,7 +280,7 @@ class AppConfig(DecodeDefaults):
         """Fill the defaults that depend on the files: paths, tokenizer, model name."""
         target, drafter = self.target_path, self.drafter_path
         if target is None or drafter is None:
-            t, d = embedded_paths()
+            t, d = embedded_paths(dflash=self.service.loop == "vllm")
             target, drafter = target or t, drafter or d
         return self.model_copy(update={
             "target_path": str(target), "drafter_path": str(drafter),
@@ -365,6 +373,7 @@ def build_app(args: Optional[dict] = None):
                    "spec_schedule": cfg.service.vllm_spec_schedule,
                    "stream_interval": cfg.service.vllm_stream_interval,
                    "plain_from": cfg.service.vllm_plain_from,
+                   "plain_engine": cfg.service.vllm_plain_engine,
                    "engine_nice": cfg.service.vllm_engine_nice} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,

@@ -10,18 +10,18 @@ if TYPE_CHECKING:
     from deployments.app import AppConfig
 
 
-def embedded_paths() -> tuple[str, str]:
+def embedded_paths(dflash: bool = False) -> tuple[str, str]:
+    """(target, drafter) of the embedded default; `dflash`: its drafter in the DFlash format
+    (the one vLLM runs natively: `loop: vllm`)."""
     try:
         from deer_serve.assets import default_paths
     except ImportError as e:
         raise RuntimeError("no target_path/drafter_path given and the embedded default "
                            "(deer_serve.assets.default_paths) is not available") from e
-    p = default_paths()
-    if isinstance(p, dict):
-        return str(p["target"]), str(p["drafter"])
-    if isinstance(p, (tuple, list)):
-        return str(p[0]), str(p[1])
-    return str(p.target), str(p.drafter)
+    target, drafter = default_paths()
+    if dflash:
+        drafter = drafter.parent / "drafter-dflash"
+    return str(target), str(drafter)
 
 
 def check_models(cfg: AppConfig) -> Optional[list[int]]:

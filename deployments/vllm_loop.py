@@ -21,13 +21,20 @@ GenerationResult). The Router's session (resume, HTTP / gRPC, SSE) is unchanged.
   and the count covers them together. vLLM's exact per-step counts
   (`per_request_spec_decode_metrics="detailed"`) arrive with the last output and go into the
   segment result (`accept_lengths`, `extra["vllm_spec"]`).
-* The plain engine (`plain_from`, the app's `service.vllm_plain_from`): a second AsyncLLM over
-  the target without a drafter. vLLM 0.32 has no per-request switch for speculative decoding
-  (SamplingParams has none; `num_speculative_tokens` is the engine's, and a k = 0 step still
-  pays the proposer's bookkeeping), so a segment that should decode plainly goes to that
-  engine: every `mode: ar` segment, and a segment that starts while `plain_from` segments or
-  more are open in this replica (under load plain steps beat verifying drafts on a
-  compute-bound target). A segment keeps the engine it started on. Without the plain engine an
+* The plain engine (`plain_engine`, or `plain_from`; the app's `service.vllm_plain_engine` /
+  `vllm_plain_from`): a second AsyncLLM over the target without a drafter. vLLM 0.32 has no
+  per-request switch for speculative decoding (SamplingParams has none;
+  `num_speculative_tokens` is the engine's, and a k = 0 step still pays the proposer's
+  bookkeeping), so a segment that should decode plainly goes to that engine: every `mode: ar`
+  segment; with `plain_from`, a segment that starts while `plain_from` segments or more are
+  open in this replica (under load plain steps beat verifying drafts on a compute-bound
+  target); and a sampled segment (temperature > 0, no seed) whose temperature the replica's
+  `DraftGate` (deer_serve.adaptive, as in the other loops) has closed: drafts at that
+  temperature were accepted too rarely to pay (every 8th such segment still drafts, a probe).
+  The gate learns from vLLM's exact per-step accepted counts of every sampled unseeded segment
+  that ran on the DEER engine. Seeded and greedy segments never go through it (a seeded
+  request must not depend on what other requests did). A segment keeps the engine it started
+  on. Without the plain engine an
   "ar" request runs on the DEER engine with drafts; its output has the same law (speculative
   sampling is lossless; at T=0 it is the greedy sequence).
 * Cancel: when the Router's stream is cancelled, Serve cancels `decode`, vLLM's `generate`
@@ -53,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncGenerator, Optional, Sequence
 
+from deer_serve.adaptive import OFF, DraftGate
 from deer_serve.engine import StepOutput, _stop_cut
 from deer_serve.types import GenerationResult
 
@@ -60,9 +68,16 @@ log = logging.getLogger("deer_serve.vllm_loop")
 
 
 def check_drafter(drafter_path: Optional[str]) -> None:
-    """`loop: vllm` needs a DFlash-format drafter (vLLM runs it natively); ValueError otherwise."""
+    """`loop: vllm` needs vLLM and a DFlash-format drafter (vLLM runs it natively); ValueError
+    otherwise."""
     from deer_serve.drafters import DrafterFormatError, drafter_format
 
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("loop 'vllm' runs the target in vLLM, which is not installed here "
+                         "(`make install` installs it unless VLLM=off); without vLLM serve "
+                         "the two-pool shape: --config cluster/serve_config_router.yaml")
     if not drafter_path:
         raise ValueError("loop 'vllm' needs a DFlash-format drafter in drafter_path")
     try:
@@ -95,6 +110,21 @@ def _install_fixes() -> None:
 _install_fixes()
 
 
+def engine_processes() -> list:
+    """This process's vLLM child processes (`VLLM::` in their names: the engine core each
+    AsyncLLM spawns), as psutil Processes."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name().startswith("VLLM::"):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
 def renice_engine_processes(nice: int) -> int:
     """Every thread of this process's vLLM child processes (the engine core AsyncLLM spawns;
     `VLLM::` in their names) to niceness `nice`; returns how many threads were set.
@@ -102,10 +132,8 @@ def renice_engine_processes(nice: int) -> int:
     import psutil
 
     n = 0
-    for child in psutil.Process().children(recursive=True):
+    for child in engine_processes():
         try:
-            if not child.name().startswith("VLLM::"):
-                continue
             for t in child.threads():
                 os.setpriority(os.PRIO_PROCESS, t.id, nice)
                 n += 1
@@ -121,7 +149,8 @@ class LoopStats:
     aborted: int = 0      # cancelled (the client went away): aborted in vLLM
     running: int = 0      # requests in vLLM now (this replica's count)
     peak_running: int = 0  # the most at once
-    plain: int = 0        # segments decoded on the plain engine (mode ar, or over plain_from)
+    plain: int = 0        # segments decoded on the plain engine (mode ar, over plain_from, gated)
+    gated: int = 0        # of those, sampled segments sent there by the DraftGate
     steps: int = 0        # outputs streamed back
     tokens: int = 0       # tokens streamed back
     spec_steps: int = 0   # vLLM's verify steps of finished requests (exact, per request)
@@ -197,6 +226,7 @@ class VLLMLoop:
                  engine_kwargs: Optional[dict] = None,
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
                  stream_interval: int = 1, plain_from: Optional[int] = None,
+                 plain_engine: bool = False,
                  engine_nice: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
@@ -228,8 +258,10 @@ class VLLMLoop:
         self.engine = self._start(self.engine_args)
         self.plain_from = None if plain_from is None else int(plain_from)
         self.plain: Any = None
-        if self.plain_from is not None:
+        self.gate: Optional[DraftGate] = None
+        if plain_engine or self.plain_from is not None:
             self.plain = self._start(plain_engine_args(self.engine_args))
+            self.gate = DraftGate()
         if engine_nice is not None:
             try:
                 n = renice_engine_processes(int(engine_nice))
@@ -278,10 +310,20 @@ class VLLMLoop:
                    else self.eos_token_id, tuple(spec.sampling.stop), detok)
         rid = f"{spec.seq_id}-{uuid.uuid4().hex[:8]}"
         st = self.stats
-        plain = self.plain is not None and (spec.mode == "ar"
-                                            or st.running >= (self.plain_from or 0))
+        s = spec.sampling
+        # the gate: sampled, unseeded segments (a seeded one must not depend on other requests)
+        gate = self.gate if s.temperature > 0 and s.seed is None else None
+        plain = gated = False
+        if self.plain is not None:
+            if spec.mode == "ar" or (self.plain_from is not None
+                                     and st.running >= self.plain_from):
+                plain = True
+            elif gate is not None:
+                plain = gated = gate.start(float(s.temperature)) == OFF
+        learn = gate if not plain else None  # its drafts' acceptance teaches the gate
         engine = self.plain if plain else self.engine
         st.plain += plain
+        st.gated += gated
         st.started += 1
         st.running += 1
         st.peak_running = max(st.peak_running, st.running)
@@ -311,8 +353,11 @@ class VLLMLoop:
                     yield [("step", step)]
                     continue
                 done = True
-                yield [("step", step), ("done", self._result(cut.out, reason, accepts, outputs,
-                                                             spec_metrics, t0))]
+                result = self._result(cut.out, reason, accepts, outputs, spec_metrics, t0)
+                if learn is not None and spec_metrics is not None:
+                    for a in spec_metrics.get("per_step_accepted") or ():
+                        learn.observe(float(s.temperature), int(a))
+                yield [("step", step), ("done", result)]
                 return
             raise RuntimeError(f"vLLM ended request {rid} without a finish reason")
         finally:
@@ -341,13 +386,16 @@ class VLLMLoop:
                                 timings={"verify": elapsed}, extra=extra)
 
     def state(self) -> dict:
-        """This replica's counters and vLLM's own count of unfinished requests."""
+        """This replica's counters, vLLM's own count of unfinished requests, and the process
+        ids of the replica and of its vLLM engine processes."""
         from dataclasses import asdict
 
         return {"engine": "vllm", **asdict(self.stats),
                 "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
                                        for e in (self.engine, self.plain) if e is not None),
-                "block_size": self.block_size, "plain_from": self.plain_from}
+                "block_size": self.block_size, "plain_from": self.plain_from,
+                "gate": self.gate.state() if self.gate is not None else None,
+                "pid": os.getpid(), "engine_pids": [c.pid for c in engine_processes()]}
 
     def shutdown(self) -> None:
         for e in (self.engine, self.plain):

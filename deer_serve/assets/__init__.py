@@ -3,6 +3,8 @@
 Layout, written by `deer-serve train ... --export deer_serve/assets`:
   target/    the target (`AutoModelForCausalLM`) and the tokenizer
   drafter/   the DeerDrafter
+  drafter-dflash/  a DFlash-format drafter of the same target (what vLLM runs natively; the
+             default config's `loop: vllm` serves it)
   ar-draft/  a small AR draft model (the assisted-generation peer in benchmarks)
 """
 

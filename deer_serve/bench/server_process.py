@@ -99,6 +99,11 @@ def deer_config(spec: ServerSpec) -> dict:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = _scalar(value)
+    service = args.get("service") or {}
+    if spec.kind == "deer-ar" and service.get("loop") == "vllm" \
+            and service.get("vllm_plain_from") is None:
+        # mode ar on the vllm loop is plain decoding only on the replica's plain engine
+        args.setdefault("service", service).setdefault("vllm_plain_engine", True)
     return cfg
 
 

@@ -16,7 +16,8 @@ session is left), then the next server. Server kinds:
                 concurrency level sends the same prompts again)
   vllm-ngram    the same with vLLM's ngram speculation (NGRAM_CONFIG)
   deer          `deer-serve serve` with its default config (cluster/serve_config.yaml), DEER
-  deer-ar       the same server, every request with `mode: ar` (plain decoding of the target)
+  deer-ar       the same server, every request with `mode: ar` (plain decoding of the target;
+                on `loop: vllm` the replica's plain engine: `service.vllm_plain_engine` set)
 
 A server spec may add options after the kind, separated by ':' (its name in the report is the
 whole spec): for deer kinds `config=FILE` (another Serve config), `loop=X` (`service.loop`),

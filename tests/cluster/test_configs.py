@@ -1,7 +1,10 @@
 """Every cluster config file, loaded and validated with Ray's own schemas (no cluster started):
 
-- the Serve configs (cluster/serve_config.yaml, serve_config.gpu.yaml, local/serve_config.yaml
-  and the RayService's embedded serveConfigV2): ServeDeploySchema, our AppConfig for `args`,
+- the default (cluster/serve_config.yaml, `make serve`): the embedded pair on vLLM's engine,
+  on a 2-core laptop;
+- the two-pool Serve configs (cluster/serve_config_router.yaml, serve_config.gpu.yaml,
+  local/serve_config.yaml and the RayService's embedded serveConfigV2): ServeDeploySchema, our
+  AppConfig for `args`,
   Ray's AutoscalingConfig / RayActorOptionsSchema per deployment, the application-level policy
   resolved as the Serve controller resolves it;
 - they are one application: equal apart from the documented placement and sizes
@@ -23,8 +26,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-SERVE_CONFIGS = {
-    "default": CLUSTER / "serve_config.yaml",
+DEFAULT_CONFIG = CLUSTER / "serve_config.yaml"
+SERVE_CONFIGS = {  # the design's two-pool shape, one application in several sizes
+    "router": CLUSTER / "serve_config_router.yaml",
     "gpu": CLUSTER / "serve_config.gpu.yaml",
     "local": CLUSTER / "local" / "serve_config.yaml",
 }
@@ -68,7 +72,7 @@ def configs():
 
 
 # ---- Serve configs ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["default", "gpu", "local", "rayservice"])
+@pytest.mark.parametrize("name", ["router", "gpu", "local", "rayservice"])
 def test_serve_config_validates_with_rays_schemas(configs, name):
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
     from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema
@@ -99,19 +103,27 @@ def test_serve_config_validates_with_rays_schemas(configs, name):
     assert resolved.drafter == "Drafter" and resolved.verifier == "Verifier"
 
 
-def test_the_vllm_engine_config_validates_and_names_a_dflash_drafter():
-    """cluster/serve_config_vllm.yaml (`loop: vllm`): Ray's schema, our AppConfig, a DFlash-format
-    drafter (vLLM runs it natively), a batch-size schedule that vLLM's own validator accepts."""
+def test_the_default_config_serves_the_embedded_pair_on_vllms_engine():
+    """cluster/serve_config.yaml (`make serve`): Ray's schema, our AppConfig, `loop: vllm` with
+    the embedded DFlash-format drafter when no drafter_path is given (vLLM runs it natively),
+    a batch-size schedule that vLLM's own validator accepts."""
     from ray.serve.schema import ServeDeploySchema
 
+    from deer_serve.assets import ASSETS_DIR
     from deer_serve.drafters import drafter_format
     from deployments.app import AppConfig
 
-    cfg = load(CLUSTER / "serve_config_vllm.yaml")
+    cfg = load(DEFAULT_CONFIG)
     ServeDeploySchema.model_validate(cfg)
     app_cfg = AppConfig.model_validate(deer_app(cfg)["args"])
     assert app_cfg.service.loop == "vllm" and app_cfg.block_size == 8
-    assert drafter_format(REPO / app_cfg.drafter_path) == "dflash"
+    resolved = app_cfg.resolved()
+    assert Path(resolved.drafter_path) == ASSETS_DIR / "drafter-dflash"
+    assert Path(resolved.target_path) == ASSETS_DIR / "target"
+    assert drafter_format(resolved.drafter_path) == "dflash"
+    # the two-pool config resolves to the DeerDrafter
+    router = AppConfig.model_validate(deer_app(load(SERVE_CONFIGS["router"]))["args"])
+    assert Path(router.resolved().drafter_path) == ASSETS_DIR / "drafter"
     schedule = app_cfg.service.vllm_spec_schedule
     assert schedule and schedule[0][0] == 1
     from vllm.v1.spec_decode.dynamic.utils import validate_and_normalize_dynamic_sd_schedule
@@ -119,12 +131,17 @@ def test_the_vllm_engine_config_validates_and_names_a_dflash_drafter():
     assert validate_and_normalize_dynamic_sd_schedule([list(e) for e in schedule])
 
 
-def test_default_config_runs_on_a_2_cpu_laptop(configs):
-    """`make serve` (deer-serve serve) on a CPU-only laptop: no GPU, no custom resource, and the
-    minimum replicas fit 2 CPUs."""
-    args = deer_app(configs["default"])["args"]
+@pytest.mark.parametrize("path", [DEFAULT_CONFIG, SERVE_CONFIGS["router"]], ids=["default", "router"])
+def test_laptop_configs_run_on_2_cpus(path):
+    """`make serve` (deer-serve serve) and the two-pool laptop config on a CPU-only laptop: no
+    GPU, no custom resource, and the minimum replicas of the deployments the app builds fit 2
+    CPUs (loop vllm builds no Drafter)."""
+    args = deer_app(load(path))["args"]
+    fields = ["verifier", "router"]
+    if (args.get("service") or {}).get("loop", "router") != "vllm":
+        fields.append("drafter")
     cpus = 0.0
-    for field in ("drafter", "verifier", "router"):
+    for field in fields:
         dep = args[field]
         opts = dep["ray_actor_options"]
         assert not opts.get("num_gpus") and not opts.get("resources")
@@ -171,7 +188,7 @@ def normalized(cfg: dict) -> dict:
 
 
 def test_all_serve_configs_are_one_application(configs):
-    base = normalized(configs["default"])
+    base = normalized(configs["router"])
     for name in ("gpu", "local", "rayservice"):
         assert normalized(configs[name]) == base, name
 
@@ -253,12 +270,33 @@ def test_local_cluster_scripts_and_config_agree(configs):
         assert max_replicas(configs["local"], field) <= slots * nodes
 
 
-def test_deer_serve_serve_builds_the_default_config(tiny_checkpoints):
-    """`deer-serve serve` reads cluster/serve_config.yaml and builds the app before Ray starts:
-    the autoscaling configs and the measured Drafter/Verifier classes reach Serve's options."""
+def test_deer_serve_serve_builds_the_default_config():
+    """`deer-serve serve` with no flags reads cluster/serve_config.yaml and builds the app before
+    Ray starts: a Router and a Verifier whose vLLM loop runs the embedded DFlash drafter."""
+    from deer_serve import serve_cli
+    from deer_serve.assets import ASSETS_DIR
+
+    args = serve_cli.parse_args([])
+    assert serve_cli.find_config(args.config).resolve() == DEFAULT_CONFIG
+    _, _, _, apps = serve_cli.prepare(args)
+    (name, prefix, app), = apps
+    node = app._bound_deployment
+    deployments = {node.name: node}
+    for arg in node.init_args:
+        if hasattr(arg, "_bound_deployment"):
+            deployments[arg._bound_deployment.name] = arg._bound_deployment
+    assert set(deployments) == {"Router", "Verifier"}
+    loop = deployments["Verifier"].init_kwargs["vllm_loop"]
+    assert Path(loop["drafter_path"]) == ASSETS_DIR / "drafter-dflash"
+    assert loop["block_size"] == 8 and loop["engine_nice"] == 0
+
+
+def test_deer_serve_serve_builds_the_two_pool_config(tiny_checkpoints):
+    """`deer-serve serve --config cluster/serve_config_router.yaml`: the autoscaling configs
+    and the measured Drafter/Verifier classes reach Serve's options."""
     from deer_serve import serve_cli
 
-    args = serve_cli.parse_args(["--config", str(SERVE_CONFIGS["default"]),
+    args = serve_cli.parse_args(["--config", str(SERVE_CONFIGS["router"]),
                                  "--target", str(tiny_checkpoints["target"]),
                                  "--drafter", str(tiny_checkpoints["drafter-tokens"])])
     _, _, _, apps = serve_cli.prepare(args)
@@ -274,3 +312,17 @@ def test_deer_serve_serve_builds_the_default_config(tiny_checkpoints):
         dep = deployments[name]
         assert dep._deployment_config.autoscaling_config.max_replicas == 2
         assert hasattr(dep.func_or_class, "record_autoscaling_stats")
+
+
+def test_the_default_config_without_vllm_says_what_to_serve_instead(monkeypatch):
+    """A machine installed with VLLM=off has no vLLM: `deer-serve serve` refuses the default
+    config before Ray starts, in one line that names the config that runs without it."""
+    import importlib.util
+
+    from deer_serve import serve_cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(serve_cli.UsageError, match="serve_config_router.yaml"):
+        serve_cli.prepare(serve_cli.parse_args([]))

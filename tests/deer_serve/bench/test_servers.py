@@ -37,6 +37,18 @@ def test_parse_server_kinds_and_options(tmp_path):
     args = P.deer_config(P.parse_server(f"deer:config={cfg}:service.transport=object-store"))
     assert args["applications"][0]["args"] == {"block_size": 4,
                                                "service": {"transport": "object-store"}}
+    # deer-ar on the vllm loop: mode ar runs on the replica's plain engine
+    vllm_cfg = tmp_path / "v.yaml"
+    vllm_cfg.write_text("applications:\n  - name: deer\n    args: {service: {loop: vllm}}\n")
+
+    def service(spec):
+        return P.deer_config(P.parse_server(spec))["applications"][0]["args"]["service"]
+
+    assert service(f"deer-ar:config={vllm_cfg}") == {"loop": "vllm", "vllm_plain_engine": True}
+    assert service(f"deer:config={vllm_cfg}") == {"loop": "vllm"}
+    assert service(f"deer-ar:config={vllm_cfg}:service.vllm_plain_engine=false") == {
+        "loop": "vllm", "vllm_plain_engine": False}  # what the spec says stands
+    assert service(f"deer-ar:config={vllm_cfg}:loop=router") == {"loop": "router"}
     for bad in ("sglang", "deer:loop", "deer:config=/no/such.yaml", f"vllm:config={cfg}"):
         with pytest.raises(P.UsageError):
             P.parse_server(bad)

@@ -118,22 +118,25 @@ def client(vllm_loop_app):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def reference(pair):
-    """prompt -> in-process plain AR (torch HFTarget), greedy, MAX_TOKENS."""
+def ar_reference(target: str, max_tokens: int) -> dict:
+    """prompt -> in-process plain AR (torch HFTarget), greedy, `max_tokens`."""
     from transformers import AutoTokenizer
 
     from deer_serve.engine import generate
     from deer_serve.targets.hf import HFTarget
     from deer_serve.types import SamplingParams
 
-    target, _ = pair
     tok = AutoTokenizer.from_pretrained(target)
     t = HFTarget.from_pretrained(target, device="cpu")
     return {p: generate(t, None, tok.encode(p, add_special_tokens=False),
-                        SamplingParams(max_new_tokens=MAX_TOKENS), mode="ar",
+                        SamplingParams(max_new_tokens=max_tokens), mode="ar",
                         detokenize=lambda ids: tok.decode(ids, skip_special_tokens=True))
             for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    return ar_reference(pair[0], MAX_TOKENS)
 
 
 def engine_stats() -> dict:
@@ -258,3 +261,112 @@ def test_loop_vllm_refuses_a_drafter_not_in_dflash_format(pair):
     with pytest.raises(ValueError, match="DFlash-format drafter"):
         build_app({"target_path": target, "drafter_path": str(deer_drafter),
                    "service": {"loop": "vllm"}})
+
+
+# ---- last in the module: it kills the app's one Verifier replica ---------------------------------
+KILL_TOKENS = 800  # long: every stream is far from its end when the replica dies
+
+
+@pytest.fixture(scope="module")
+def long_reference(pair):
+    return ar_reference(pair[0], KILL_TOKENS)  # the streams the kill test cuts
+
+
+def verifier_replicas() -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#Verifier#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def test_killing_the_verifier_replica_gives_full_text_or_a_retriable_error(
+        vllm_loop_app, client, reference, long_reference):
+    """The default config's loop under a replica crash: the app's one Verifier replica (its
+    vLLM engine inside) is killed (`ray.kill`, SIGKILL) once every one of 4 long streams has
+    its first tokens. Every stream ends with its full plain-AR text (resumed from its token ids
+    on the replica Serve starts in its place) or a retriable error (`verifier_unavailable` /
+    503) after a correct prefix, never a hang; the kill hits streams (resumes or errors counted
+    by the Router); the dead replica's vLLM engine processes exit with it (none left behind);
+    and the replacement replica serves the plain-AR text."""
+    import openai
+    import psutil
+    import ray
+    from ray import serve
+
+    _, model = vllm_loop_app
+    (name,) = verifier_replicas()
+    stats = engine_stats()
+    engines = [psutil.Process(pid) for pid in stats["engine_pids"]]
+    assert engines, "the replica runs its vLLM engine core in a child process"
+    assert all(e.ppid() == stats["pid"] for e in engines)
+    assert all(len(long_reference[p].token_ids) > 100 for p in PROMPTS)  # far from their end
+    router = serve.get_deployment_handle("Router", app_name=APP)
+    state0 = router.ops_state.remote().result(timeout_s=60)
+    started = threading.Barrier(len(PROMPTS) + 1, timeout=300)
+    out: dict = {}
+
+    def one(prompt):
+        ids, text, error, first = [], "", None, True
+        try:
+            for chunk in client.completions.create(model=model, prompt=prompt,
+                                                   max_tokens=KILL_TOKENS, temperature=0,
+                                                   stream=True):
+                for ch in chunk.choices:
+                    text += ch.text
+                    ids += (ch.model_extra or {}).get("token_ids") or []
+                if first and ids:
+                    first = False
+                    started.wait()
+        except Exception as e:  # noqa: BLE001 - judged below
+            error = e
+        finally:
+            if first:
+                started.abort()
+        out[prompt] = ids, text, error
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    started.wait()
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=600)
+        assert not t.is_alive(), "a stream hung after the kill"
+    full, retriable = 0, 0
+    for p in PROMPTS:
+        ids, text, error = out[p]
+        ref = long_reference[p]
+        if error is None:
+            assert ids == ref.token_ids and text == ref.text, p
+            full += 1
+        else:  # mid-stream: OpenAI's error object, code verifier_unavailable
+            assert isinstance(error, openai.APIError), repr(error)
+            body = error.body if isinstance(error.body, dict) else {}
+            assert body.get("code") == "verifier_unavailable" or \
+                getattr(error, "status_code", None) == 503, repr(error)
+            assert ids == ref.token_ids[:len(ids)]  # what came before it is right
+            retriable += 1
+    state = router.ops_state.remote().result(timeout_s=60)
+    resumed = state["resumed"] - state0["resumed"]
+    print(f"verifier kill: {full} full and correct, {retriable} retriable errors, "
+          f"{resumed} resumes")
+    assert full + retriable == len(PROMPTS)
+    assert retriable + resumed >= 1, "the kill hit no stream"
+    # the dead replica's engine core does not outlive it (an event: the processes' exit)
+    _, alive = psutil.wait_procs(engines, timeout=DEADLINE_S)
+    assert not alive, f"vLLM engine processes left behind: {alive}"
+    # Serve replaces the replica; the new one serves the right text
+    t_end = time.monotonic() + 600
+    while True:
+        names = verifier_replicas()
+        app = serve.status().applications.get(APP)
+        if (names and name not in names and app is not None and app.status == "RUNNING"
+                and app.deployments["Verifier"].status == "HEALTHY") \
+                or time.monotonic() > t_end:
+            break
+        time.sleep(0.5)
+    assert names and name not in names, names
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                  temperature=0)
+    assert r.choices[0].token_ids == reference[PROMPTS[0]].token_ids

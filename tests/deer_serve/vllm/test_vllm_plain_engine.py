@@ -1,11 +1,13 @@
-"""`loop: vllm` with a plain engine (`service.vllm_plain_from`): each Verifier replica holds a
-second vLLM engine, the target without a drafter; a segment that arrives while `plain_from`
-segments (or more) run in the replica, and every `mode: ar` segment, decodes there.
+"""`loop: vllm` with a plain engine (`service.vllm_plain_engine` / `vllm_plain_from`): each
+Verifier replica holds a second vLLM engine, the target without a drafter; every `mode: ar`
+segment decodes there, a segment that arrives while `plain_from` segments (or more) run in the
+replica, and a sampled one whose temperature the replica's DraftGate has closed.
 
-In-process (no Ray): one `VLLMLoop` (the embedded target, the shipped DFlash drafter, two vLLM
+In-process (no Ray): a `VLLMLoop` (the embedded target, the shipped DFlash drafter, two vLLM
 engines), driven through `decode` as the Verifier drives it. Which engine a segment takes is
-decided when its generator starts, from the open segments; the test holds segments open by not
-reading them on, so the routing does not depend on timing.
+decided when its generator starts, from the open segments and the gate; the tests hold
+segments open by not reading them on, or run them one after another, so the routing does not
+depend on timing.
 """
 
 from __future__ import annotations
@@ -112,3 +114,80 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
         assert out[name][1].extra["vllm_spec"]["num_spec_steps"] > 0, out[name][1].extra
     for name in "cd":  # the plain engine: no drafts
         assert "vllm_spec" not in out[name][1].extra, out[name][1].extra
+
+
+def test_the_gate_sends_sampled_segments_where_drafts_do_not_pay_to_the_plain_engine():
+    """`plain_engine=True` (the default config's `service.vllm_plain_engine`), no threshold: a
+    sampled unseeded segment drafts while the replica's DraftGate is open at its temperature and
+    teaches it vLLM's exact per-step accepted counts (one observation per verify step); once the
+    gate is closed at that temperature (acceptance planted low here, so the test does not hang
+    on what the model accepts), 7 of every 8 such segments decode on the plain engine and the
+    8th drafts (a probe); a seeded segment at that temperature, a greedy one and `mode: ar` go
+    where they always go (DEER engine, DEER engine, plain engine), and the greedy ids are plain
+    AR's. Power: a loop that never asks the gate sends no segment to the plain engine by it
+    (`gated` 0); one that gates seeded segments sends the seeded one there (no spec metrics)."""
+    from transformers import AutoTokenizer
+
+    from deer_serve.assets import ASSETS_DIR
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+    from deployments.session import DecodeSpec
+    from deployments.vllm_loop import VLLMLoop
+
+    target, drafter = str(ASSETS_DIR / "target"), str(ASSETS_DIR / "drafter-dflash")
+    tok = AutoTokenizer.from_pretrained(target)
+    prompt = tok.encode(PROMPTS[0], add_special_tokens=False)
+    want = generate(HFTarget.from_pretrained(target, device="cpu"), None, prompt,
+                    SamplingParams(max_new_tokens=N, ignore_eos=True), mode="ar").token_ids
+    T = 1.0
+
+    def spec(mode="deer", temperature=T, seed=None) -> DecodeSpec:
+        return DecodeSpec(token_ids=np.array(prompt, dtype=np.int32), emitted=0,
+                          sampling=SamplingParams(max_new_tokens=N, ignore_eos=True,
+                                                  temperature=temperature, seed=seed),
+                          mode=mode, block_size=8, seq_id="s", adaptive_k=False,
+                          pipeline=False, lookup=False, drafter_timeout_s=60.0)
+
+    async def run(loop, s) -> tuple[list[int], object]:
+        ids, result = [], None
+        async for batch in loop.decode(s):
+            for kind, x in batch:
+                if kind == "step":
+                    ids += x.new_token_ids
+                elif kind == "done":
+                    result = x
+        return ids, result
+
+    def drafted(result) -> bool:
+        return "vllm_spec" in result.extra
+
+    async def main():
+        loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
+                        plain_engine=True)
+        try:
+            assert loop.plain is not None and loop.plain_from is None
+            # the gate is open (nothing seen): the segment drafts, and its steps teach the gate
+            _, first = await run(loop, spec())
+            assert drafted(first) and loop.stats.plain == 0
+            steps = first.extra["vllm_spec"]["num_spec_steps"]
+            assert steps > 0
+            assert loop.gate.state()[T]["cycles"] == steps
+            for _ in range(300):  # drafts at T rarely accepted: the gate closes there
+                loop.gate.observe(T, 0)
+            assert loop.gate.state()[T]["open"] is False
+            routed = [drafted((await run(loop, spec()))[1]) for _ in range(8)]
+            assert routed == [False] * 7 + [True], routed  # 7 plain, the 8th a probe
+            assert loop.stats.gated == 7 and loop.stats.plain == 7
+            seeded = (await run(loop, spec(seed=3)))[1]
+            greedy = await run(loop, spec(temperature=0.0))
+            ar = await run(loop, spec(mode="ar", temperature=0.0))
+            return seeded, greedy, ar, loop.stats
+        finally:
+            loop.shutdown()
+
+    seeded, greedy, ar, stats = asyncio.run(main())
+    assert drafted(seeded), "a seeded segment must not go through the gate"
+    assert drafted(greedy[1]) and greedy[0] == list(want)
+    assert not drafted(ar[1]) and ar[0] == list(want)
+    assert stats.gated == 7 and stats.plain == 8 and stats.running == 0
