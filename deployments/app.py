@@ -124,6 +124,12 @@ class ServiceOptions(BaseModel):
         "engine core); a lower value (e.g. 0) keeps those from preempting the forward on a "
         "machine with few cores. Lowering needs CAP_SYS_NICE (e.g. root); without it the "
         "replica logs a warning and goes on. null = as started")
+    vllm_engine_threads: Optional[int] = Field(
+        None, ge=1, description="loop 'vllm': OpenMP threads of each vLLM engine process the "
+        "replica spawns (OMP_NUM_THREADS of the engine core: the forward's threads on a CPU). "
+        "null = the replica's own, which Ray sets to the replica's num_cpus. On a 2-core "
+        "machine 2 threads cost a third of the throughput under load (the service's other "
+        "processes share the cores); more cores are where it pays")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -374,7 +380,8 @@ def build_app(args: Optional[dict] = None):
                    "stream_interval": cfg.service.vllm_stream_interval,
                    "plain_from": cfg.service.vllm_plain_from,
                    "plain_engine": cfg.service.vllm_plain_engine,
-                   "engine_nice": cfg.service.vllm_engine_nice} if vllm_loop else None)
+                   "engine_nice": cfg.service.vllm_engine_nice,
+                   "engine_threads": cfg.service.vllm_engine_threads} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

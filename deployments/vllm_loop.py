@@ -96,6 +96,12 @@ class WorkerFixes:
     core process before loading the model, which installs `vllm_fixes` and `vllm_dflash_skip`
     there (module end)."""
 
+    def deer_torch_threads(self) -> int:
+        """The engine process's torch threads (`collective_rpc("deer_torch_threads")`)."""
+        import torch
+
+        return torch.get_num_threads()
+
 
 def _install_fixes() -> None:
     try:
@@ -227,7 +233,7 @@ class VLLMLoop:
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
                  stream_interval: int = 1, plain_from: Optional[int] = None,
                  plain_engine: bool = False,
-                 engine_nice: Optional[int] = None):
+                 engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -255,12 +261,13 @@ class VLLMLoop:
         self.engine_args.update(engine_kwargs or {})
         self.stats = LoopStats()
         self._tokenizer = None
-        self.engine = self._start(self.engine_args)
+        self.engine_threads = None if engine_threads is None else int(engine_threads)
+        self.engine = self._start(self.engine_args, self.engine_threads)
         self.plain_from = None if plain_from is None else int(plain_from)
         self.plain: Any = None
         self.gate: Optional[DraftGate] = None
         if plain_engine or self.plain_from is not None:
-            self.plain = self._start(plain_engine_args(self.engine_args))
+            self.plain = self._start(plain_engine_args(self.engine_args), self.engine_threads)
             self.gate = DraftGate()
         if engine_nice is not None:
             try:
@@ -271,11 +278,28 @@ class VLLMLoop:
                             "needs CAP_SYS_NICE); left as started", engine_nice)
 
     @staticmethod
-    def _start(args: dict):
+    def _start(args: dict, threads: Optional[int] = None):
+        """An AsyncLLM; `threads`: the torch / OpenMP threads of the engine process it starts
+        (OMP_NUM_THREADS for a spawned one, torch's own setting for a forked one, which
+        inherits it); this process's own are left as they were."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        if threads is None:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        import torch
+
+        env, own = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+        try:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        finally:
+            torch.set_num_threads(own)
+            if env is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env
 
     def _detokenizer(self):
         if self._tokenizer is None:

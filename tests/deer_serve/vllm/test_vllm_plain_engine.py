@@ -28,7 +28,7 @@ PROMPTS = [json.loads(line)["prompt"] for line in
            (HERE / "code_prompts.jsonl").read_text().splitlines()]
 
 
-def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
+def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine(monkeypatch):
     """A and B start on the DEER engine; C arrives while they run (2 open segments, plain_from 2)
     and takes the plain engine; D (`mode: ar`) runs alone and takes the plain engine by its
     mode. Every segment's ids are plain greedy decoding's (in-process HFTarget); A and B carry
@@ -37,7 +37,11 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
     DEER engine, and then the metrics and the count say so.
     Also `engine_nice` (`service.vllm_engine_nice`): every thread of both engines' processes
     runs at the niceness asked (2 above this process's: raising needs no privilege), this
-    process at its own."""
+    process at its own. And `engine_threads` (`service.vllm_engine_threads`): both engines'
+    forwards run on 1 torch thread while this process has 2 (and OMP_NUM_THREADS 3), which it
+    keeps; power: without it the engines inherit this process's 2."""
+    import torch
+
     from transformers import AutoTokenizer
 
     from deer_serve.assets import ASSETS_DIR
@@ -83,14 +87,22 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
                 for c in psutil.Process().children(recursive=True)
                 if c.name().startswith("VLLM::") for t in c.threads()}
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # engine_threads=1 must win in the engines
+    own_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+
     async def main():
         loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
-                        plain_from=2, engine_nice=nice)
+                        plain_from=2, engine_nice=nice, engine_threads=1)
         try:
             niceness = engine_threads_nice()
             assert len({pid for pid, _ in niceness}) == 2, niceness  # both engine cores
             assert set(niceness.values()) == {nice}, niceness
             assert os.getpriority(os.PRIO_PROCESS, 0) == own_nice
+            threads = [await e.collective_rpc("deer_torch_threads")
+                       for e in (loop.engine, loop.plain)]
+            assert threads == [[1], [1]], threads
+            assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 2
             gens = {}
             firsts = {}
             for name, prompt, mode in (("a", 0, "deer"), ("b", 1, "deer"), ("c", 0, "deer")):
@@ -104,7 +116,10 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine():
         finally:
             loop.shutdown()
 
-    out, stats = asyncio.run(main())
+    try:
+        out, stats = asyncio.run(main())
+    finally:
+        torch.set_num_threads(own_threads)
     assert stats.plain == 2 and stats.running == 0 and stats.finished == 4
     for name, prompt in (("a", 0), ("b", 1), ("c", 0), ("d", 1)):
         ids, result = out[name]
