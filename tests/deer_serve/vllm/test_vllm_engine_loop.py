@@ -370,3 +370,98 @@ def test_killing_the_verifier_replica_gives_full_text_or_a_retriable_error(
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
                                   temperature=0)
     assert r.choices[0].token_ids == reference[PROMPTS[0]].token_ids
+
+
+def test_the_verifier_pool_scales_out_on_ongoing_streams(vllm_loop_app, pair, client, reference,
+                                                         long_reference):
+    """The loop's replicas under Serve's autoscaling (its own rule: ongoing requests per
+    replica; each request's segment is one streaming call to a Verifier replica, so a replica
+    holding vLLM's batch counts every stream in it). The app is redeployed with
+    `verifier.autoscaling_config` {min 1, max 2, target_ongoing_requests 1}; 4 long streams
+    make Serve start a second replica (its own vLLM engine), waited for on the deployment's
+    replica states; every stream gives plain AR's text; then concurrent short requests reach
+    both replicas (each replica's own counters, read through the handle) and give plain AR's
+    ids. Power: with target_ongoing_requests 64 no second replica starts and the test fails on
+    the replica count."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    target, drafter = pair
+    _, model = vllm_loop_app
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+               "upscale_delay_s": 0, "downscale_delay_s": 3600, "metrics_interval_s": 0.5,
+               "look_back_period_s": 2}
+    config = {"target_path": target, "drafter_path": drafter, "device": "cpu",
+              "block_size": K, "limits": {"max_tokens": 2000},
+              "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE,
+                          "vllm_stream_interval": 4},
+              "verifier": {"ray_actor_options": {"num_cpus": 0.25},
+                           "autoscaling_config": scaling},
+              "router": {"ray_actor_options": {"num_cpus": 0.25}}}
+    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
+    first = {s["pid"] for s in (engine_stats() for _ in range(8))}
+    assert len(first) == 1, first  # one replica before the load
+
+    def replicas() -> dict:  # {"RUNNING": n, "STARTING": m, ...}
+        app = serve.status().applications.get(APP)
+        dep = app.deployments.get("Verifier") if app is not None else None
+        return dict(dep.replica_states or {}) if dep is not None else {}
+
+    out: dict = {}
+
+    def stream(prompt):
+        ids, text = [], ""
+        for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=KILL_TOKENS,
+                                               temperature=0, stream=True):
+            for ch in chunk.choices:
+                text += ch.text
+                ids += (ch.model_extra or {}).get("token_ids") or []
+        out[prompt] = ids, text
+
+    threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    most = 0  # the most replicas (any state) seen while the streams ran
+    while any(t.is_alive() for t in threads):
+        most = max(most, sum(replicas().values()))
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert most == 2, f"Serve did not scale the Verifier pool out under 4 streams ({most})"
+    t_end = time.monotonic() + 600  # the new replica starts its vLLM engine: about a minute
+    while replicas().get("RUNNING", 0) < 2 and time.monotonic() < t_end:
+        time.sleep(0.5)
+    assert replicas().get("RUNNING", 0) == 2, replicas()
+    for p in PROMPTS:
+        assert out[p] == (long_reference[p].token_ids, long_reference[p].text), p
+
+    before = {}
+    for _ in range(40):  # requests go to either replica: read both replicas' counters
+        s = engine_stats()
+        before.setdefault(s["pid"], s["started"])
+        if len(before) == 2:
+            break
+    assert len(before) == 2, before
+    got: dict = {}
+
+    def short(i, prompt):
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS,
+                                      temperature=0)
+        got[i] = prompt, r.choices[0].token_ids
+
+    jobs = [threading.Thread(target=short, args=(i, PROMPTS[i % len(PROMPTS)])) for i in range(8)]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join(timeout=600)
+    assert len(got) == 8 and all(ids == reference[p].token_ids for p, ids in got.values())
+    after: dict = {}
+    for _ in range(40):
+        s = engine_stats()
+        after.setdefault(s["pid"], s["started"])
+        if len(after) == 2:
+            break
+    assert after.keys() == before.keys()
+    served = {pid: after[pid] - before[pid] for pid in before}
+    assert sum(served.values()) == 8 and all(v > 0 for v in served.values()), served
