@@ -261,13 +261,13 @@ class VLLMLoop:
         self.engine_args.update(engine_kwargs or {})
         self.stats = LoopStats()
         self._tokenizer = None
-        self.engine_threads = None if engine_threads is None else int(engine_threads)
-        self.engine = self._start(self.engine_args, self.engine_threads)
+        threads = None if engine_threads is None else int(engine_threads)
+        self.engine = self._start(self.engine_args, threads)
         self.plain_from = None if plain_from is None else int(plain_from)
         self.plain: Any = None
         self.gate: Optional[DraftGate] = None
         if plain_engine or self.plain_from is not None:
-            self.plain = self._start(plain_engine_args(self.engine_args), self.engine_threads)
+            self.plain = self._start(plain_engine_args(self.engine_args), threads)
             self.gate = DraftGate()
         if engine_nice is not None:
             try:

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -63,6 +64,16 @@ def pair():
     return str(target), str(drafter)
 
 
+def app_config(target: str, drafter: str, verifier: Optional[dict] = None) -> dict:
+    """The module's app: `loop: vllm`, the schedule above; `verifier`: more Verifier options."""
+    small = {"ray_actor_options": {"num_cpus": 0.25}}
+    return {"target_path": target, "drafter_path": drafter, "device": "cpu",
+            "block_size": K, "limits": {"max_tokens": 2000},
+            "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE,
+                        "vllm_stream_interval": 4},
+            "verifier": {**small, **(verifier or {})}, "router": small}
+
+
 @pytest.fixture(scope="module")
 def vllm_loop_app(pair):
     import ray
@@ -92,14 +103,8 @@ def vllm_loop_app(pair):
     from ray.serve.context import _get_global_client
 
     port = _get_global_client().http_config.port
-    small = {"ray_actor_options": {"num_cpus": 0.25}}
-    config = {"target_path": target, "drafter_path": drafter, "device": "cpu",
-              "block_size": K, "limits": {"max_tokens": 2000},
-              "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE,
-                          "vllm_stream_interval": 4},
-              "verifier": small, "router": small}
     try:
-        serve.run(build_app(config), name=APP, route_prefix=PREFIX)
+        serve.run(build_app(app_config(target, drafter)), name=APP, route_prefix=PREFIX)
         yield f"http://127.0.0.1:{port}{PREFIX}", Path(target).name
     finally:
         try:
@@ -392,14 +397,8 @@ def test_the_verifier_pool_scales_out_on_ongoing_streams(vllm_loop_app, pair, cl
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                "upscale_delay_s": 0, "downscale_delay_s": 3600, "metrics_interval_s": 0.5,
                "look_back_period_s": 2}
-    config = {"target_path": target, "drafter_path": drafter, "device": "cpu",
-              "block_size": K, "limits": {"max_tokens": 2000},
-              "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE,
-                          "vllm_stream_interval": 4},
-              "verifier": {"ray_actor_options": {"num_cpus": 0.25},
-                           "autoscaling_config": scaling},
-              "router": {"ray_actor_options": {"num_cpus": 0.25}}}
-    serve.run(build_app(config), name=APP, route_prefix=PREFIX)
+    serve.run(build_app(app_config(target, drafter, {"autoscaling_config": scaling})),
+              name=APP, route_prefix=PREFIX)
     first = {s["pid"] for s in (engine_stats() for _ in range(8))}
     assert len(first) == 1, first  # one replica before the load
 
@@ -436,12 +435,16 @@ def test_the_verifier_pool_scales_out_on_ongoing_streams(vllm_loop_app, pair, cl
     for p in PROMPTS:
         assert out[p] == (long_reference[p].token_ids, long_reference[p].text), p
 
-    before = {}
-    for _ in range(40):  # requests go to either replica: read both replicas' counters
-        s = engine_stats()
-        before.setdefault(s["pid"], s["started"])
-        if len(before) == 2:
-            break
+    def started() -> dict:  # requests go to either replica: read both replicas' counters
+        seen: dict = {}
+        for _ in range(40):
+            s = engine_stats()
+            seen.setdefault(s["pid"], s["started"])
+            if len(seen) == 2:
+                break
+        return seen
+
+    before = started()
     assert len(before) == 2, before
     got: dict = {}
 
@@ -456,12 +459,7 @@ def test_the_verifier_pool_scales_out_on_ongoing_streams(vllm_loop_app, pair, cl
     for t in jobs:
         t.join(timeout=600)
     assert len(got) == 8 and all(ids == reference[p].token_ids for p, ids in got.values())
-    after: dict = {}
-    for _ in range(40):
-        s = engine_stats()
-        after.setdefault(s["pid"], s["started"])
-        if len(after) == 2:
-            break
+    after = started()
     assert after.keys() == before.keys()
     served = {pid: after[pid] - before[pid] for pid in before}
     assert sum(served.values()) == 8 and all(v > 0 for v in served.values()), served
