@@ -117,6 +117,14 @@ class ServiceOptions(BaseModel):
         None, ge=1, description="loop 'vllm': the plain engine (`vllm_plain_engine`, which "
         "this implies) also takes each segment that starts while this many segments or more "
         "are open in the replica. null = only ar and gated segments go there")
+    vllm_ngram_from: Optional[int] = Field(
+        None, ge=1, description="loop 'vllm': a third engine in each replica, the target with "
+        "vLLM's ngram speculation in place of the drafter (up to 8 drafts copied from where "
+        "the request's last 2-4 tokens occurred before: no draft forward), takes each segment "
+        "that starts while this many segments or more are open in the replica (ar segments, "
+        "and those `vllm_plain_from` takes, still go to the plain engine). Under load on a "
+        "compute-bound target, drafts that cost no forward pay where the drafter's do not. "
+        "null = no ngram engine")
     vllm_engine_nice: Optional[int] = Field(
         None, ge=-20, le=19, description="loop 'vllm': the niceness of the replica's vLLM "
         "engine processes (the engine core each AsyncLLM spawns), set once they start. Ray "
@@ -380,6 +388,7 @@ def build_app(args: Optional[dict] = None):
                    "stream_interval": cfg.service.vllm_stream_interval,
                    "plain_from": cfg.service.vllm_plain_from,
                    "plain_engine": cfg.service.vllm_plain_engine,
+                   "ngram_from": cfg.service.vllm_ngram_from,
                    "engine_nice": cfg.service.vllm_engine_nice,
                    "engine_threads": cfg.service.vllm_engine_threads} if vllm_loop else None)
     settings = RouterSettings(

@@ -37,6 +37,11 @@ GenerationResult). The Router's session (resume, HTTP / gRPC, SSE) is unchanged.
   on. Without the plain engine an
   "ar" request runs on the DEER engine with drafts; its output has the same law (speculative
   sampling is lossless; at T=0 it is the greedy sequence).
+* The ngram engine (`ngram_from`, the app's `service.vllm_ngram_from`): a third AsyncLLM, the
+  target with vLLM's ngram speculation (NGRAM_SPEC: drafts copied from the request's own
+  prompt and output, no forward); a segment that starts while `ngram_from` segments or more are
+  open goes there, unless it is an ar segment or `plain_from` takes it. Under load on a
+  compute-bound target a draft forward no longer pays, a free draft still can.
 * Cancel: when the Router's stream is cancelled, Serve cancels `decode`, vLLM's `generate`
   aborts the request in the engine (`AsyncLLM.abort`), and its slot and KV blocks are freed;
   `stats()` counts it.
@@ -102,6 +107,12 @@ class WorkerFixes:
 
         return torch.get_num_threads()
 
+    def deer_numba_threads(self) -> int:
+        """numba's thread pool size in the engine process (vLLM's ngram proposer runs there)."""
+        import numba
+
+        return int(numba.config.NUMBA_NUM_THREADS)
+
 
 def _install_fixes() -> None:
     try:
@@ -157,6 +168,7 @@ class LoopStats:
     peak_running: int = 0  # the most at once
     plain: int = 0        # segments decoded on the plain engine (mode ar, over plain_from, gated)
     gated: int = 0        # of those, sampled segments sent there by the DraftGate
+    ngram: int = 0        # segments decoded on the ngram engine (over ngram_from)
     steps: int = 0        # outputs streamed back
     tokens: int = 0       # tokens streamed back
     spec_steps: int = 0   # vLLM's verify steps of finished requests (exact, per request)
@@ -223,6 +235,18 @@ def plain_engine_args(args: dict) -> dict:
             if k not in ("speculative_config", "per_request_spec_decode_metrics")}
 
 
+# vLLM's ngram speculation as the bench's vLLM peer runs it (`vllm-ngram`): up to 8 drafts a
+# step, copied from where the request's last 2-4 tokens occurred before in its prompt + output
+NGRAM_SPEC = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4,
+              "prompt_lookup_min": 2}
+
+
+def ngram_engine_args(args: dict) -> dict:
+    """`engine_args` with vLLM's ngram speculation in place of the drafter (NGRAM_SPEC): the
+    same target; drafts cost no forward."""
+    return {**args, "speculative_config": dict(NGRAM_SPEC)}
+
+
 class VLLMLoop:
     """One AsyncLLM (target + native DFlash proposer) serving every request of this replica."""
 
@@ -232,7 +256,7 @@ class VLLMLoop:
                  engine_kwargs: Optional[dict] = None,
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
                  stream_interval: int = 1, plain_from: Optional[int] = None,
-                 plain_engine: bool = False,
+                 plain_engine: bool = False, ngram_from: Optional[int] = None,
                  engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
@@ -269,6 +293,10 @@ class VLLMLoop:
         if plain_engine or self.plain_from is not None:
             self.plain = self._start(plain_engine_args(self.engine_args), threads)
             self.gate = DraftGate()
+        self.ngram_from = None if ngram_from is None else int(ngram_from)
+        self.ngram: Any = None
+        if self.ngram_from is not None:
+            self.ngram = self._start(ngram_engine_args(self.engine_args), threads)
         if engine_nice is not None:
             try:
                 n = renice_engine_processes(int(engine_nice))
@@ -337,17 +365,19 @@ class VLLMLoop:
         s = spec.sampling
         # the gate: sampled, unseeded segments (a seeded one must not depend on other requests)
         gate = self.gate if s.temperature > 0 and s.seed is None else None
-        plain = gated = False
-        if self.plain is not None:
-            if spec.mode == "ar" or (self.plain_from is not None
-                                     and st.running >= self.plain_from):
-                plain = True
-            elif gate is not None:
-                plain = gated = gate.start(float(s.temperature)) == OFF
-        learn = gate if not plain else None  # its drafts' acceptance teaches the gate
-        engine = self.plain if plain else self.engine
+        plain = gated = ngram = False
+        if self.plain is not None and (spec.mode == "ar" or (
+                self.plain_from is not None and st.running >= self.plain_from)):
+            plain = True
+        elif self.ngram_from is not None and st.running >= self.ngram_from:
+            ngram = True
+        elif self.plain is not None and gate is not None:
+            plain = gated = gate.start(float(s.temperature)) == OFF
+        learn = gate if not (plain or ngram) else None  # its drafts' acceptance teaches the gate
+        engine = self.plain if plain else self.ngram if ngram else self.engine
         st.plain += plain
         st.gated += gated
+        st.ngram += ngram
         st.started += 1
         st.running += 1
         st.peak_running = max(st.peak_running, st.running)
@@ -378,6 +408,7 @@ class VLLMLoop:
                     continue
                 done = True
                 result = self._result(cut.out, reason, accepts, outputs, spec_metrics, t0)
+                result.extra["vllm_engine"] = self.engine_name(engine)
                 if learn is not None and spec_metrics is not None:
                     for a in spec_metrics.get("per_step_accepted") or ():
                         learn.observe(float(s.temperature), int(a))
@@ -416,12 +447,21 @@ class VLLMLoop:
 
         return {"engine": "vllm", **asdict(self.stats),
                 "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
-                                       for e in (self.engine, self.plain) if e is not None),
+                                       for e in self.engines()),
                 "block_size": self.block_size, "plain_from": self.plain_from,
+                "ngram_from": self.ngram_from,
                 "gate": self.gate.state() if self.gate is not None else None,
                 "pid": os.getpid(), "engine_pids": [c.pid for c in engine_processes()]}
 
+    def engine_name(self, engine) -> str:
+        """"deer", "plain" or "ngram": which of this replica's engines `engine` is."""
+        return "plain" if engine is self.plain else "ngram" if engine is self.ngram else "deer"
+
+    def engines(self) -> list:
+        """The replica's AsyncLLMs: the DEER engine, then the plain and the ngram engine where
+        they run."""
+        return [e for e in (self.engine, self.plain, self.ngram) if e is not None]
+
     def shutdown(self) -> None:
-        for e in (self.engine, self.plain):
-            if e is not None:
-                e.shutdown()
+        for e in self.engines():
+            e.shutdown()

@@ -1,10 +1,12 @@
 """`loop: vllm` with a plain engine (`service.vllm_plain_engine` / `vllm_plain_from`): each
 Verifier replica holds a second vLLM engine, the target without a drafter; every `mode: ar`
 segment decodes there, a segment that arrives while `plain_from` segments (or more) run in the
-replica, and a sampled one whose temperature the replica's DraftGate has closed.
+replica, and a sampled one whose temperature the replica's DraftGate has closed. With
+`vllm_ngram_from`, a third engine (vLLM's ngram speculation) takes the segments that arrive
+while that many run.
 
-In-process (no Ray): a `VLLMLoop` (the embedded target, the shipped DFlash drafter, two vLLM
-engines), driven through `decode` as the Verifier drives it. Which engine a segment takes is
+In-process (no Ray): a `VLLMLoop` (the embedded target, the shipped DFlash drafter, two or
+three vLLM engines), driven through `decode` as the Verifier drives it. Which engine a segment takes is
 decided when its generator starts, from the open segments and the gate; the tests hold
 segments open by not reading them on, or run them one after another, so the routing does not
 depend on timing.
@@ -28,18 +30,22 @@ PROMPTS = [json.loads(line)["prompt"] for line in
            (HERE / "code_prompts.jsonl").read_text().splitlines()]
 
 
-def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine(monkeypatch):
-    """A and B start on the DEER engine; C arrives while they run (2 open segments, plain_from 2)
-    and takes the plain engine; D (`mode: ar`) runs alone and takes the plain engine by its
-    mode. Every segment's ids are plain greedy decoding's (in-process HFTarget); A and B carry
-    vLLM's speculative-decoding metrics (drafts were verified), C and D none; the loop counts 2
-    plain segments. Power: a loop that ignores plain_from (or the mode) sends C (or D) to the
-    DEER engine, and then the metrics and the count say so.
+def test_segments_over_the_thresholds_and_mode_ar_decode_on_the_plain_and_ngram_engines(
+        monkeypatch):
+    """A and B start on the DEER engine; C arrives while they run (2 open segments, ngram_from
+    2) and takes the ngram engine; E arrives while 3 are open (plain_from 3) and takes the plain
+    engine; D (`mode: ar`) runs alone and takes the plain engine by its mode (each result names
+    the engine that ran it; the ngram engine is vLLM's ngram speculation). Every segment's ids are plain greedy decoding's (in-process HFTarget); A, B (DFlash drafts)
+    and C (ngram drafts) carry vLLM's speculative-decoding metrics, E and D none; the loop
+    counts 2 plain segments and 1 ngram segment. Power: a loop that ignores plain_from,
+    ngram_from (or the mode) sends E, C (or D) to another engine, and then the engines' counts,
+    the metrics and the loop's counts say so.
     Also `engine_nice` (`service.vllm_engine_nice`): every thread of both engines' processes
     runs at the niceness asked (2 above this process's: raising needs no privilege), this
-    process at its own. And `engine_threads` (`service.vllm_engine_threads`): both engines'
+    process at its own. And `engine_threads` (`service.vllm_engine_threads`): the engines'
     forwards run on 1 torch thread while this process has 2 (and OMP_NUM_THREADS 3), which it
-    keeps; power: without it the engines inherit this process's 2."""
+    keeps; power: without it the engines inherit this process's 2. The ngram engine's numba
+    pool has one thread (`vllm_backend._set_env`; numba's default is one per CPU)."""
     import torch
 
     from transformers import AutoTokenizer
@@ -93,22 +99,26 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine(monk
 
     async def main():
         loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
-                        plain_from=2, engine_nice=nice, engine_threads=1)
+                        plain_from=3, ngram_from=2, engine_nice=nice, engine_threads=1)
         try:
             niceness = engine_threads_nice()
-            assert len({pid for pid, _ in niceness}) == 2, niceness  # both engine cores
+            assert len({pid for pid, _ in niceness}) == 3, niceness  # the three engine cores
             assert set(niceness.values()) == {nice}, niceness
             assert os.getpriority(os.PRIO_PROCESS, 0) == own_nice
             threads = [await e.collective_rpc("deer_torch_threads")
-                       for e in (loop.engine, loop.plain)]
-            assert threads == [[1], [1]], threads
+                       for e in (loop.engine, loop.plain, loop.ngram)]
+            assert threads == [[1], [1], [1]], threads
+            methods = [e.vllm_config.speculative_config for e in (loop.engine, loop.plain, loop.ngram)]
+            assert [m and m.method for m in methods] == ["dflash", None, "ngram"], methods
+            # numba's pool of one thread (its idle workers spin; vLLM's ngram kernel uses one)
+            assert await loop.ngram.collective_rpc("deer_numba_threads") == [1]
             assert os.environ["OMP_NUM_THREADS"] == "3" and torch.get_num_threads() == 2
             gens = {}
             firsts = {}
-            for name, prompt, mode in (("a", 0, "deer"), ("b", 1, "deer"), ("c", 0, "deer")):
-                gens[name] = loop.decode(spec(prompt, mode, name))
+            for name, prompt in (("a", 0), ("b", 1), ("c", 0), ("e", 1)):
+                gens[name] = loop.decode(spec(prompt, "deer", name))
                 firsts[name] = await gens[name].__anext__()  # open: counted as running
-            assert loop.stats.running == 3 and loop.stats.plain == 1
+            assert loop.stats.running == 4 and loop.stats.plain == 1 and loop.stats.ngram == 1
             out = {n: await rest(gens[n], firsts[n]) for n in gens}
             d = loop.decode(spec(1, "ar", "d"))
             out["d"] = await rest(d, await d.__anext__())
@@ -120,14 +130,16 @@ def test_segments_over_the_threshold_and_mode_ar_decode_on_the_plain_engine(monk
         out, stats = asyncio.run(main())
     finally:
         torch.set_num_threads(own_threads)
-    assert stats.plain == 2 and stats.running == 0 and stats.finished == 4
-    for name, prompt in (("a", 0), ("b", 1), ("c", 0), ("d", 1)):
+    assert stats.plain == 2 and stats.ngram == 1 and stats.running == 0 and stats.finished == 5
+    for name, prompt in (("a", 0), ("b", 1), ("c", 0), ("d", 1), ("e", 1)):
         ids, result = out[name]
         assert ids == list(want[prompt]) == result.token_ids, name
         assert result.finish_reason == "length"
-    for name in "ab":  # the DEER engine: vLLM's per-request speculative-decoding metrics
+    for name in "abc":  # DEER and ngram engines: vLLM's per-request speculative-decoding metrics
         assert out[name][1].extra["vllm_spec"]["num_spec_steps"] > 0, out[name][1].extra
-    for name in "cd":  # the plain engine: no drafts
+    engines = {n: out[n][1].extra["vllm_engine"] for n in out}
+    assert engines == {"a": "deer", "b": "deer", "c": "ngram", "d": "plain", "e": "plain"}, engines
+    for name in "de":  # the plain engine: no drafts
         assert "vllm_spec" not in out[name][1].extra, out[name][1].extra
 
 
