@@ -38,7 +38,7 @@ GenerationResult). The Router's session (resume, HTTP / gRPC, SSE) is unchanged.
   "ar" request runs on the DEER engine with drafts; its output has the same law (speculative
   sampling is lossless; at T=0 it is the greedy sequence).
 * The ngram engine (`ngram_from`, the app's `service.vllm_ngram_from`): a third AsyncLLM, the
-  target with vLLM's ngram speculation (NGRAM_SPEC: drafts copied from the request's own
+  target with vLLM's ngram speculation (`ngram_engine_args`: drafts copied from the request's own
   prompt and output, no forward); a segment that starts while `ngram_from` segments or more are
   open goes there, unless it is an ar segment or `plain_from` takes it. Under load on a
   compute-bound target a draft forward no longer pays, a free draft still can.
@@ -235,16 +235,14 @@ def plain_engine_args(args: dict) -> dict:
             if k not in ("speculative_config", "per_request_spec_decode_metrics")}
 
 
-# vLLM's ngram speculation as the bench's vLLM peer runs it (`vllm-ngram`): up to 8 drafts a
-# step, copied from where the request's last 2-4 tokens occurred before in its prompt + output
-NGRAM_SPEC = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4,
-              "prompt_lookup_min": 2}
-
-
 def ngram_engine_args(args: dict) -> dict:
-    """`engine_args` with vLLM's ngram speculation in place of the drafter (NGRAM_SPEC): the
-    same target; drafts cost no forward."""
-    return {**args, "speculative_config": dict(NGRAM_SPEC)}
+    """`engine_args` with vLLM's ngram speculation in place of the drafter, as the bench's
+    `vllm-ngram` peer runs it (NGRAM_CONFIG: up to 8 drafts a step, copied from where the
+    request's last 2-4 tokens occurred before in its prompt + output): the same target; drafts
+    cost no forward."""
+    from deer_serve.bench.server_process import NGRAM_CONFIG
+
+    return {**args, "speculative_config": dict(NGRAM_CONFIG)}
 
 
 class VLLMLoop:

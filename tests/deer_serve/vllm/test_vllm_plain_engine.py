@@ -6,8 +6,8 @@ replica, and a sampled one whose temperature the replica's DraftGate has closed.
 while that many run.
 
 In-process (no Ray): a `VLLMLoop` (the embedded target, the shipped DFlash drafter, two or
-three vLLM engines), driven through `decode` as the Verifier drives it. Which engine a segment takes is
-decided when its generator starts, from the open segments and the gate; the tests hold
+three vLLM engines), driven through `decode` as the Verifier drives it. Which engine a segment
+takes is decided when its generator starts, from the open segments and the gate; the tests hold
 segments open by not reading them on, or run them one after another, so the routing does not
 depend on timing.
 """
@@ -35,11 +35,12 @@ def test_segments_over_the_thresholds_and_mode_ar_decode_on_the_plain_and_ngram_
     """A and B start on the DEER engine; C arrives while they run (2 open segments, ngram_from
     2) and takes the ngram engine; E arrives while 3 are open (plain_from 3) and takes the plain
     engine; D (`mode: ar`) runs alone and takes the plain engine by its mode (each result names
-    the engine that ran it; the ngram engine is vLLM's ngram speculation). Every segment's ids are plain greedy decoding's (in-process HFTarget); A, B (DFlash drafts)
-    and C (ngram drafts) carry vLLM's speculative-decoding metrics, E and D none; the loop
-    counts 2 plain segments and 1 ngram segment. Power: a loop that ignores plain_from,
-    ngram_from (or the mode) sends E, C (or D) to another engine, and then the engines' counts,
-    the metrics and the loop's counts say so.
+    the engine that ran it; the ngram engine is vLLM's ngram speculation). Every segment's ids
+    are plain greedy decoding's (in-process HFTarget); A, B (DFlash drafts) and C (ngram
+    drafts) carry vLLM's speculative-decoding metrics, E and D none; the loop counts 2 plain
+    segments and 1 ngram segment. Power: a loop that ignores plain_from, ngram_from (or the
+    mode) sends E, C (or D) to another engine, and then the engine names, the metrics and the
+    loop's counts say so.
     Also `engine_nice` (`service.vllm_engine_nice`): every thread of both engines' processes
     runs at the niceness asked (2 above this process's: raising needs no privilege), this
     process at its own. And `engine_threads` (`service.vllm_engine_threads`): the engines'
@@ -108,7 +109,8 @@ def test_segments_over_the_thresholds_and_mode_ar_decode_on_the_plain_and_ngram_
             threads = [await e.collective_rpc("deer_torch_threads")
                        for e in (loop.engine, loop.plain, loop.ngram)]
             assert threads == [[1], [1], [1]], threads
-            methods = [e.vllm_config.speculative_config for e in (loop.engine, loop.plain, loop.ngram)]
+            methods = [e.vllm_config.speculative_config
+                       for e in (loop.engine, loop.plain, loop.ngram)]
             assert [m and m.method for m in methods] == ["dflash", None, "ngram"], methods
             # numba's pool of one thread (its idle workers spin; vLLM's ngram kernel uses one)
             assert await loop.ngram.collective_rpc("deer_numba_threads") == [1]
