@@ -71,7 +71,12 @@ def reference_ids(results: dict, reference: str) -> Optional[dict[str, list[int]
         return None
     lowest = min(srv["levels"], key=int)
     return {r["prompt_id"]: r["token_ids"] for r in srv["levels"][lowest]["records"]
-            if r["error"] is None}
+            if r["error"] is None and r.get("round", 1) == 1}
+
+
+def as_record(r: dict) -> RequestRecord:
+    """A results.json record as a RequestRecord (without the derived or pooled fields)."""
+    return RequestRecord(**{k: v for k, v in r.items() if k not in ("tpot_s", "round")})
 
 
 def add_identity(results: dict) -> None:
@@ -83,9 +88,7 @@ def add_identity(results: dict) -> None:
             if ref is None:
                 lvl["identity"] = None
                 continue
-            recs = [RequestRecord(**{k: v for k, v in r.items() if k != "tpot_s"})
-                    for r in lvl["records"]]
-            lvl["identity"] = identity(recs, ref)
+            lvl["identity"] = identity([as_record(r) for r in lvl["records"]], ref)
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -111,6 +114,27 @@ def report_table(results: dict) -> str:
                 f"{_f(s['ttft_ms_p90'])} | {_f(s['tpot_ms_p50'], '{:.2f}')} / "
                 f"{_f(s['tpot_ms_p90'], '{:.2f}')} | {s['requests']} ({s['errors']}) | {idt} | "
                 f"{_f(s['mean_accepted'], '{:.2f}')} |")
+    return "\n".join(lines)
+
+
+def rounds_table(results: dict) -> Optional[str]:
+    """With --rounds > 1: each round's tok/s per server and level (the main table's is their
+    median), and the round-by-round ratio to the reference server."""
+    ref = results["settings"]["reference"]
+    rows = [(n, s) for n, s in results["servers"].items() if s.get("rounds", 1) > 1]
+    if not rows:
+        return None
+    ref_levels = results["servers"].get(ref, {}).get("levels", {})
+    lines = [f"| server | concurrency | tok/s by round | median | against {ref}, by round |",
+             "|---|---|---|---|---|"]
+    for name, srv in rows:
+        for c, lvl in sorted(srv.get("levels", {}).items(), key=lambda kv: int(kv[0])):
+            s = lvl["summary"]
+            rates = s.get("tokens_per_s_rounds") or []
+            base = (ref_levels.get(c) or {}).get("summary", {}).get("tokens_per_s_rounds") or []
+            ratios = [f"{x / b:.2f}x" if x and b else "-" for x, b in zip(rates, base)]
+            lines.append(f"| {name} | {c} | {' / '.join(_f(x) for x in rates)} | "
+                         f"{_f(s['tokens_per_s'])} | {' / '.join(ratios) or '-'} |")
     return "\n".join(lines)
 
 
@@ -186,6 +210,12 @@ def write_report(results: dict, out: Path) -> None:
           "token; TPOT = (latency - TTFT) / (tokens - 1); identical = same token ids as "
           f"`{st['reference']}` at its lowest concurrency; tau = deer-serve's mean accepted "
           "draft tokens per cycle.", "", report_table(results), ""]
+    rt = rounds_table(results)
+    if rt:
+        md += ["## Rounds", "", f"{st.get('rounds')} rounds, each server started afresh and "
+               "alone in each, the list reversed every other round; the table above gives the "
+               "median tok/s over the rounds and percentiles over every round's requests.", "",
+               rt, ""]
     cpu = cpu_table(results)
     if cpu:
         md += ["## Where the CPU went", "", "CPU seconds per 1000 output tokens at each server's "

@@ -41,6 +41,14 @@ every server and level, so a mismatch is reported with its first differing posit
 `--vllm-bench-concurrency` against the `--vllm-bench-servers`, and records its output tok/s.
 (deer-serve has no ignore_eos: a request may end at EOS, and the tokens counted are those sent.)
 
+`--rounds R` runs the whole server list R times, each server started afresh and alone every
+round, in the listed order in rounds 1, 3, ... and reversed in rounds 2, 4, ... (so the machine's
+drift hits both ends of the list alike). A level's tok/s is then the median over the rounds
+(`tokens_per_s_rounds` keeps each round's), its TTFT / TPOT / latency percentiles pool the
+requests of every round, and every round's token ids are checked against the reference's
+(round 1's at its lowest concurrency). vLLM's client runs in round 1 only; logs of later rounds
+go to logs/roundN/.
+
 Writes into --out: results.json (settings, per server x level: the summary and every request's
 numbers, token ids and text), report.md, servers.png, logs/ (each server's output).
 """
@@ -58,7 +66,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from deer_serve.bench.serve_client import run_level, vllm_bench_serve
-from deer_serve.bench.serve_report import add_identity, summarize_level, warnings, write_report
+from deer_serve.bench.serve_report import (add_identity, as_record, summarize_level, warnings,
+                                           write_report)
 from deer_serve.bench.server_process import (KINDS, Server, ServerSpec, UsageError, cpu_by_name,
                                              cpu_seconds, parse_server, session_pids)
 from deer_serve.bench.stats import cpu_name
@@ -137,6 +146,57 @@ def bench_server(spec: ServerSpec, prompts: Sequence[tuple[str, str]], *, target
     return res
 
 
+def round_order(servers: Sequence[Any], r: int) -> list:
+    """The servers in round `r` (0-based): as listed in even rounds, reversed in odd ones."""
+    return list(servers) if r % 2 == 0 else list(reversed(servers))
+
+
+def pool_rounds(runs: Sequence[dict]) -> dict:
+    """One server's results over rounds (each `bench_server`'s dict, round 1 first) as one:
+    round 1's fields (command, ready_s, vllm_bench, ...), and per level the records of every
+    round (each with its `round`, 1-based; text kept in round 1's only), percentiles over them
+    all, tok/s the median of the rounds' (`tokens_per_s_rounds`: each round's, None where the
+    round has no such level), CPU seconds and wall time summed. A round's error is kept (the
+    first) with the levels that ran."""
+    import statistics
+
+    first = dict(runs[0])
+    first["rounds"] = len(runs)
+    errors = [f"round {i + 1}: {r['error']}" for i, r in enumerate(runs) if r.get("error")]
+    if errors:
+        first["error"] = errors[0]
+    levels: dict[str, Any] = {}
+    for c in sorted({c for r in runs for c in r.get("levels", {})}, key=int):
+        records: list[dict] = []
+        rates: list[Optional[float]] = []
+        cpu: dict[str, float] = {}
+        walls = 0.0
+        for i, r in enumerate(runs):
+            lvl = r.get("levels", {}).get(c)
+            if lvl is None:
+                rates.append(None)
+                continue
+            for rec in lvl["records"]:
+                rec = dict(rec, round=i + 1)
+                if i:
+                    rec["text"] = ""
+                records.append(rec)
+            sm = lvl["summary"]
+            walls += sm["wall_s"]
+            rates.append(sm["tokens_per_s"])
+            for name, v in (sm.get("cpu_s") or {}).items():
+                cpu[name] = round(cpu.get(name, 0.0) + v, 2)
+        summary = summarize_level([as_record(x) for x in records], walls)
+        measured = [x for x in rates if x is not None]
+        summary["tokens_per_s"] = round(statistics.median(measured), 2) if measured else None
+        summary["tokens_per_s_rounds"] = rates
+        if cpu:
+            summary["cpu_s"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
+        levels[c] = {"summary": summary, "records": records}
+    first["levels"] = levels
+    return first
+
+
 def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
 
@@ -147,8 +207,10 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         ready_timeout_s: float = 900, request_timeout_s: float = 600,
         vllm_bench: Sequence[int] = (), vllm_bench_servers: Sequence[str] = (),
         vllm_bench_input_len: int = 64, vllm_bench_output_len: int = 128,
-        command: str = "", merge: bool = False, stream: bool = True, progress=print) -> dict:
-    """Every server in turn; results.json / report.md are rewritten after each server.
+        command: str = "", merge: bool = False, stream: bool = True, rounds: int = 1,
+        progress=print) -> dict:
+    """Every server in turn (`rounds` times: `round_order`, `pool_rounds`); results.json /
+    report.md are rewritten after each server.
     merge: keep the servers of an earlier results.json in `out` that are not run again (same
     prompts and settings required), e.g. to rerun one server against a kept reference."""
     t0 = time.perf_counter()
@@ -156,7 +218,7 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
         "machine": machine(), "command": command, "complete": False,
         "settings": {"suite": suite, "n_prompts": len(prompts), "concurrency": list(concurrency),
                      "max_tokens": max_tokens, "temperature": 0.0, "threads": threads,
-                     "stream": stream,
+                     "stream": stream, "rounds": rounds,
                      "warmup": warmup, "reference": reference, "target": target,
                      "drafter": drafter, "vllm_bench_concurrency": list(vllm_bench),
                      "vllm_bench_input_len": vllm_bench_input_len,
@@ -176,15 +238,22 @@ def run(servers: Sequence[ServerSpec], prompts: Sequence[tuple[str, str]], out: 
             {"command": old.get("command"), "machine": old.get("machine"),
              "servers": list(kept)}]
         progress(f"kept from {out / 'results.json'}: {', '.join(kept) or 'nothing'}")
-    for spec in servers:
-        results["servers"][spec.name] = bench_server(
-            spec, prompts, target=target, drafter=drafter, concurrency=concurrency,
-            max_tokens=max_tokens, log_dir=out / "logs", threads=threads, warmup=warmup,
-            ready_timeout_s=ready_timeout_s, request_timeout_s=request_timeout_s,
-            vllm_bench=vllm_bench if spec.name in vllm_bench_servers else (),
-            vllm_bench_input_len=vllm_bench_input_len,
-            vllm_bench_output_len=vllm_bench_output_len, stream=stream, progress=progress)
-        _finish(results, out, t0)
+    runs: dict[str, list[dict]] = {s.name: [] for s in servers}
+    for r in range(rounds):
+        if rounds > 1:
+            progress(f"round {r + 1} of {rounds}")
+        for spec in round_order(servers, r):
+            runs[spec.name].append(bench_server(
+                spec, prompts, target=target, drafter=drafter, concurrency=concurrency,
+                max_tokens=max_tokens, log_dir=out / "logs" / (f"round{r + 1}" if r else ""),
+                threads=threads, warmup=warmup, ready_timeout_s=ready_timeout_s,
+                request_timeout_s=request_timeout_s,
+                vllm_bench=vllm_bench if spec.name in vllm_bench_servers and r == 0 else (),
+                vllm_bench_input_len=vllm_bench_input_len,
+                vllm_bench_output_len=vllm_bench_output_len, stream=stream, progress=progress))
+            one = runs[spec.name]
+            results["servers"][spec.name] = one[0] if rounds == 1 else pool_rounds(one)
+            _finish(results, out, t0)
     results["complete"] = True
     _finish(results, out, t0)
     return results
@@ -218,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OMP_NUM_THREADS of each server process (default 1); deer-serve's "
                         "replicas use torch_threads from the config (default 1 each)")
     p.add_argument("--warmup", type=int, default=4, help="warm-up requests per server")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the server list this many times, reversed every other round; "
+                        "tok/s = the median over rounds (default 1)")
     p.add_argument("--reference", default="vllm", help="server whose token ids the others "
                                                        "are compared with (default vllm)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds per server start")
@@ -265,6 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"--vllm-bench-servers {unknown} are not in --servers")
         if args.max_tokens < 1:
             raise UsageError("--max-tokens must be >= 1")
+        if args.rounds < 1:
+            raise UsageError("--rounds must be >= 1")
         from deer_serve.assets import default_paths, is_checkpoint
         from deer_serve.bench.suites import load_suite
 
@@ -286,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       vllm_bench=vb, vllm_bench_servers=vb_servers,
                       vllm_bench_input_len=args.vllm_bench_input_len,
                       vllm_bench_output_len=args.vllm_bench_output_len, command=command,
-                      merge=args.merge, stream=not args.no_stream,
+                      merge=args.merge, stream=not args.no_stream, rounds=args.rounds,
                       progress=lambda s: print(s, flush=True))
     except UsageError as e:
         print(f"deer-serve bench-serve: error: {e}", file=sys.stderr)

@@ -245,6 +245,58 @@ def test_merge_keeps_servers_not_rerun(tmp_path):
         S.run([], prompts[:1], tmp_path, merge=True, **kw)
 
 
+def test_rounds_alternate_and_pool_to_the_median(tmp_path):
+    """--rounds: the list reversed every other round; per server and level the median of the
+    rounds' tok/s (not their mean), percentiles and identity over every round's requests, CPU
+    and wall summed, a round's error kept; the report's rounds table gives each round's rate and
+    its ratio to the reference's in the same round."""
+    assert S.round_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert S.round_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert S.round_order(["a", "b", "c"], 2) == ["a", "b", "c"]
+
+    def run(wall, ids0=(1, 2, 3, 4), ttft=.1, cpu=1.0, error=None):
+        recs = [rec("p0", ids0, ttft, .4), rec("p1", [5, 6, 7, 8], ttft, .4)]
+        for r in recs:
+            r.text = "x"
+        sm = R.summarize_level(recs, wall) | {"cpu_s": {"VLLM::EngineCore": cpu}}
+        out = {"kind": "deer", "command": f"cmd {wall}", "ready_s": wall,
+               "levels": {"1": {"summary": sm,
+                                "records": [asdict(r) | {"tpot_s": r.tpot_s} for r in recs]}}}
+        return out | ({"error": error} if error else {})
+
+    # 8 tokens a round: 10, 40 and 20 tok/s (median 20, mean 23.3); round 2 differs on p0
+    deer = S.pool_rounds([run(0.8, ttft=.1), run(0.2, ids0=(1, 2, 9, 4), ttft=.3, cpu=2.0,
+                                                 error="RuntimeError: late"), run(0.4, ttft=.2)])
+    lvl = deer["levels"]["1"]
+    assert deer["rounds"] == 3 and deer["command"] == "cmd 0.8"  # round 1's fields
+    assert deer["error"] == "round 2: RuntimeError: late"
+    assert lvl["summary"]["tokens_per_s"] == 20.0
+    assert lvl["summary"]["tokens_per_s_rounds"] == [10.0, 40.0, 20.0]
+    assert lvl["summary"]["tokens"] == 24 and lvl["summary"]["wall_s"] == pytest.approx(1.4)
+    assert lvl["summary"]["ttft_ms_p50"] == pytest.approx(200.0)  # over all 6 requests
+    assert lvl["summary"]["cpu_s"] == {"VLLM::EngineCore": 4.0}
+    assert [r["round"] for r in lvl["records"]] == [1, 1, 2, 2, 3, 3]
+    assert [r["text"] for r in lvl["records"]] == ["x", "x", "", "", "", ""]
+    # a round without the level (its server failed to start): no rate, the others' median
+    short = S.pool_rounds([run(0.8), {"kind": "deer", "levels": {}, "error": "E"}, run(0.2)])
+    assert short["levels"]["1"]["summary"]["tokens_per_s_rounds"] == [10.0, None, 40.0]
+    assert short["levels"]["1"]["summary"]["tokens_per_s"] == 25.0
+
+    vllm = S.pool_rounds([run(0.4), run(0.4), run(0.4)])
+    results = {"machine": "m", "command": "c", "warnings": [],
+               "settings": {"suite": "s", "n_prompts": 2, "max_tokens": 4, "threads": 1,
+                            "warmup": 0, "reference": "vllm", "rounds": 3},
+               "servers": {"vllm": vllm, "deer": deer}}
+    R.add_identity(results)
+    ident = results["servers"]["deer"]["levels"]["1"]["identity"]
+    assert (ident["identical"], ident["compared"]) == (5, 6)  # round 2's p0 is caught
+    R.write_report(results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Rounds" in md
+    assert "| deer | 1 | 10.0 / 40.0 / 20.0 | 20.0 | 0.50x / 2.00x / 1.00x |" in md
+    assert "| deer | 1 | 20.0 |" in md  # the main table: the median
+
+
 def test_cpu_by_process(tmp_path):
     """The per-process CPU accounting of a level: /proc snapshots of real processes, their
     difference by name, and the report's table (CPU s per 1000 tokens, cores)."""
