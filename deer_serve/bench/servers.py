@@ -59,6 +59,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -158,8 +159,6 @@ def pool_rounds(runs: Sequence[dict]) -> dict:
     all, tok/s the median of the rounds' (`tokens_per_s_rounds`: each round's, None where the
     round has no such level), CPU seconds and wall time summed. A round's error is kept (the
     first) with the levels that ran."""
-    import statistics
-
     first = dict(runs[0])
     first["rounds"] = len(runs)
     errors = [f"round {i + 1}: {r['error']}" for i, r in enumerate(runs) if r.get("error")]
