@@ -63,8 +63,9 @@ class ServiceOptions(BaseModel):
         "DEER_SERVE_API_KEYS", description="environment variable (in the Router's process) "
         "with more comma-separated keys; keeps keys out of config files")
     max_pending_requests: int = Field(
-        128, ge=1, description="requests decoding or waiting for a decode thread in one Router "
-        "replica; more get 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After")
+        128, ge=1, description="requests decoding (or, under loop 'router', waiting for a "
+        "decode thread) in one Router replica; more get 429 (gRPC RESOURCE_EXHAUSTED) with "
+        "Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of 429 and 503 answers")
     verifier_resumes: int = Field(
         3, ge=0, description="times one request is resumed from its token ids after a verifier "
@@ -192,7 +193,8 @@ class DecodeDefaults(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     drafter_timeout_s: float = Field(30.0, gt=0, description="slower drafts -> AR fallback")
     verifier_timeout_s: float = Field(300.0, gt=0, description="slower verifies -> 503")
-    max_concurrent_decodes: int = Field(32, ge=1, description="decode threads in the router")
+    max_concurrent_decodes: int = Field(32, ge=1, description="loop 'router': decode threads in "
+                                        "the Router (the other loops decode in its event loop)")
 
 
 # ---- the app ------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
   resumes the request from its token ids, else 503 / UNAVAILABLE).
 - `RemoteDrafter` calls `Drafter.draft`; a failed or slow call raises `DrafterUnavailable` (the
   session finishes the request in plain AR).
-- `remote_segment` runs one segment of the decode loop in a Verifier replica (`Verifier.decode`,
-  `loop: colocated`) as a stream.
+- `aremote_segment` runs one segment of the decode loop in a Verifier replica (`Verifier.decode`,
+  `loop: colocated` / `engine` / `vllm`) as a stream read in the caller's event loop.
 - `route_handle` picks the transport of one request's calls (`ServiceOptions.transport`): Serve's
   handle (`object-store`) or a `ChannelHandle` (`channel`); `close_channels` closes those when
   the request ends.
@@ -17,15 +17,14 @@ wait has a timeout, so nothing hangs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from deer_serve.types import DraftResult, GenerationResult, PendingDraft, SamplingParams, ScoreResult
+from deer_serve.types import DraftResult, PendingDraft, SamplingParams, ScoreResult
 
 if TYPE_CHECKING:
-    from deer_serve.engine import StepOutput
     from deployments.session import DecodeSpec
     from deployments.verifier import ScoreReply
 
@@ -167,21 +166,23 @@ class RemoteDrafter:
             pass
 
 
-def remote_segment(handle, spec: DecodeSpec) -> Generator[StepOutput, None, GenerationResult]:
-    """`loop: colocated`: one segment of the loop as one streaming call to a Verifier replica
-    (`Verifier.decode`), which drafts with its own drafter. Yields its StepOutputs and returns
-    its result; raises DrafterUnavailable when the drafter failed there and VerifierUnavailable
-    when the stream failed, as the Router's own segments do (deployments.session)."""
+async def aremote_segment(handle, spec: DecodeSpec) -> AsyncGenerator[tuple[str, Any], None]:
+    """`loop: colocated` / `engine` / `vllm`: one segment of the loop as one streaming call to
+    a Verifier replica (`Verifier.decode`), which drafts with its own drafter, read in the
+    caller's event loop: ("step", StepOutput) ... then ("done", GenerationResult). Raises
+    DrafterUnavailable when the drafter failed there and VerifierUnavailable when the stream
+    failed, as the Router's own segments do (deployments.session)."""
     stream = handle.options(stream=True).decode.remote(spec)
     try:
-        for batch in stream:  # the events since the last batch (Verifier.decode)
+        async for batch in stream:  # the events since the last batch (Verifier.decode)
             for kind, val in batch:
                 if kind == "step":
-                    yield val
+                    yield "step", val
                 elif kind == "drafter_unavailable":
                     raise DrafterUnavailable(val)
                 else:
-                    return val
+                    yield "done", val
+                    return
     except DrafterUnavailable:
         raise
     except Exception as e:

@@ -2,8 +2,10 @@
 `DeerService`, deployments.grpc_ingress) and the host of each request's decode session.
 
 Per request:  parse (schemas.parse_request, shared by HTTP and gRPC) -> tokenize
-(deployments.text, chat templates) -> the decode session in a worker thread --StepOutput-->
-asyncio queue -> JSON / SSE chunks / gRPC messages.
+(deployments.text, chat templates) -> the decode session --StepOutput--> JSON / SSE chunks /
+gRPC messages. Under the segment loops (colocated, engine, vllm) the session runs in the
+replica's event loop (one streaming call per segment, no thread); under `loop: router` it runs in
+a worker thread (its draft and verify calls block) whose events reach the loop through a queue.
 
 The session (deployments.session) is `deer_serve.engine.iter_generate` in segments, with the
 drafter-to-AR fallback and the verifier resume. Where its loop runs is `ServiceOptions.loop`:
@@ -44,7 +46,7 @@ from deer_serve.drafters.lookup import LookupDrafter
 from deer_serve.engine import StepOutput
 from deer_serve.types import GenerationResult, SamplingParams
 from deployments.clients import (DrafterUnavailable, RemoteDrafter, RemoteTarget,
-                                 VerifierUnavailable, close_channels, remote_segment, route_handle)
+                                 VerifierUnavailable, aremote_segment, close_channels, route_handle)
 from deployments.grpc_ingress import GrpcIngress
 from deployments.http_ingress import HttpIngress, fastapi_app
 from deployments.ingress_core import Slot
@@ -52,12 +54,16 @@ from deployments.app import DecodeDefaults, ServiceOptions
 from deployments.schemas import (GenerationRequest, RequestError, RequestKind, Usage,
                                  check_prompt, parse_request)
 from deployments.security import ApiKeys
-from deployments.session import DecodeSpec, Outcome, Segment, run_segment, run_session
+from deployments.session import DecodeSpec, Outcome, arun_session, run_segment, run_session
 from deployments.telemetry import (CycleSpans, Metrics, TracedDrafter, TracedTarget, Tracing,
                                    replica_info)
 from deployments.text import TextStream, prompt_ids
 
 log = logging.getLogger("deer_serve.router")
+
+# loops whose segment is one streaming call to a Verifier replica (the Router's session runs in
+# its event loop); `router` runs the loop here, in a worker thread per request
+SEGMENT_LOOPS = ("colocated", "engine", "vllm")
 
 
 # ---- per-request state -------------------------------------------------------------------------
@@ -183,47 +189,65 @@ class Router(HttpIngress, GrpcIngress):
                         s.adaptive_k if req.adaptive_k is None else req.adaptive_k,
                         s.pipeline if req.pipeline is None else req.pipeline)
 
+    def _first(self, p: Prepared, mode: str) -> DecodeSpec:
+        """The request's first segment (the whole request)."""
+        s = self.settings
+        return DecodeSpec(token_ids=np.asarray(p.prompt_ids, dtype=np.int32), emitted=0,
+                          sampling=p.sampling, mode=mode, block_size=p.block_size, seq_id=p.id,
+                          adaptive_k=p.adaptive_k, pipeline=p.pipeline, lookup=s.lookup,
+                          drafter_timeout_s=s.drafter_timeout_s, streamed=p.streamed)
+
+    def _session_options(self) -> dict:
+        s = self.settings
+        return dict(resumes=s.verifier_resumes, resume_window_s=s.verifier_resume_window_s,
+                    verifier_timeout_s=s.verifier_timeout_s, on_step=self._count_step,
+                    on_fallback=self._fallback)
+
+    async def _segments(self, p: Prepared) -> AsyncGenerator[tuple[str, Any], None]:
+        """`loop: colocated` / `engine` / `vllm`: the request's session in this event loop, each
+        segment one streaming call to a Verifier replica (`clients.aremote_segment`), which
+        drafts itself (loop vllm: the drafter is inside vLLM)."""
+        verifier_h = self.call_handle(self.verifier, p.id)
+
+        def segment(spec: DecodeSpec, timeout: float):
+            return aremote_segment(verifier_h, spec)
+
+        try:
+            async with contextlib.aclosing(arun_session(segment, self._first(p, p.req.mode),
+                                                        **self._session_options())) as it:
+                async for kind, val in it:
+                    yield kind, val
+        finally:
+            close_channels(verifier_h)
+
     def decode(self, p: Prepared) -> Generator[StepOutput, None, Outcome]:
-        """The request's decode session (runs in a worker thread), over this placement's
-        segments (deployments.session)."""
+        """`loop: router`: the request's decode session (runs in a worker thread), its loop here
+        over the Verifier and Drafter deployments (`_segment`, deployments.session)."""
         s = self.settings
         drafter: Any = None  # RemoteDrafter, or the LookupDrafter around it
         remote_d: Optional[RemoteDrafter] = None
         mode, fallback = p.req.mode, False
         verifier_h = self.call_handle(self.verifier, p.id)
-        if mode == "deer" and s.loop != "vllm":  # (loop vllm: the drafter is inside vLLM)
+        if mode == "deer":
             try:
                 drafter = remote_d = RemoteDrafter(self.call_handle(self.drafter, p.id),
                                                    self.drafter_meta(), s.drafter_timeout_s)
-                if s.lookup and s.loop == "router":
+                if s.lookup:
                     drafter = LookupDrafter(drafter,
                                             vocab_size=int(self.known_target_meta()["vocab_size"]))
             except DrafterUnavailable as e:
                 log.warning("request %s: %s; decoding plain AR", p.id, e)
                 mode, fallback = "ar", True
                 self._fallback("drafter_to_ar")
-        first = DecodeSpec(token_ids=np.asarray(p.prompt_ids, dtype=np.int32), emitted=0,
-                           sampling=p.sampling, mode=mode, block_size=p.block_size, seq_id=p.id,
-                           adaptive_k=p.adaptive_k, pipeline=p.pipeline, lookup=s.lookup,
-                           drafter_timeout_s=s.drafter_timeout_s, streamed=p.streamed)
-        segment: Segment
-        if s.loop in ("colocated", "engine", "vllm"):  # the Verifier replica drafts itself
-            def segment(spec: DecodeSpec, timeout: float):
-                return remote_segment(verifier_h, spec)
-        else:
-            def segment(spec: DecodeSpec, timeout: float):
-                return self._segment(p, spec, timeout, verifier_h, drafter, remote_d)
+
+        def segment(spec: DecodeSpec, timeout: float):
+            return self._segment(p, spec, timeout, verifier_h, drafter, remote_d)
+
         try:
-            o = yield from run_session(segment, first, fallback=fallback,
-                                       resumes=s.verifier_resumes,
-                                       resume_window_s=s.verifier_resume_window_s,
-                                       verifier_timeout_s=s.verifier_timeout_s,
-                                       on_step=self._count_step, on_fallback=self._fallback)
+            o = yield from run_session(segment, self._first(p, mode), fallback=fallback,
+                                       **self._session_options())
         finally:
             close_channels(verifier_h, remote_d)
-        if o.pipeline:
-            self.metrics.pipeline_hits.inc(o.pipeline["hits"])
-            self.metrics.pipeline_misses.inc(o.pipeline["misses"])
         return o
 
     def _segment(self, p: Prepared, spec: DecodeSpec, timeout: float, verifier_h, drafter,
@@ -275,20 +299,12 @@ class Router(HttpIngress, GrpcIngress):
         self.metrics.fallback(kind)
         self.counts["fallbacks" if kind == "drafter_to_ar" else "resumed"] += 1
 
-    async def events(self, p: Prepared) -> AsyncGenerator[tuple[str, Any], None]:
-        """("step", StepOutput)... then ("done", Outcome); raises what the decode raised."""
+    async def _threaded(self, p: Prepared) -> AsyncGenerator[tuple[str, Any], None]:
+        """`loop: router`: the session in a worker thread (its draft and verify calls block),
+        each event handed to this event loop; closing this stops the thread's loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
-        span = self.tracing.start_request(p.headers, {
-            "deer.protocol": p.protocol, "deer.mode": p.req.mode,
-            "deer.prompt_tokens": len(p.prompt_ids), "deer.max_tokens": p.sampling.max_new_tokens,
-            "deer.block_size": p.block_size, "deer.request_id": p.id})
-        p.trace_id = Tracing.trace_id(span)
-        p.spans = self.tracing.spans_of(span)
-        p.spans.metrics = self.metrics
-        p.spans.on_replica = self._count_replica
-        t0, first, state = time.perf_counter(), True, "cancelled"
 
         def put(item):
             try:
@@ -301,27 +317,52 @@ class Router(HttpIngress, GrpcIngress):
             while True:
                 kind, val = await queue.get()
                 if kind == "error":
-                    state = "error"
                     raise val
-                if first and kind == "step" and val.new_token_ids:
-                    first = False
-                    self.metrics.ttft_s.observe(time.perf_counter() - t0)
-                if kind == "done":
-                    state = "done"
-                    span.set_attributes({"deer.finish_reason": val.finish_reason or "",
-                                         "deer.cycles": val.cycles,
-                                         "deer.fallback": val.fallback,
-                                         "deer.completion_tokens": len(val.token_ids)})
-                    self.metrics.request_s.observe(time.perf_counter() - t0)
                 yield kind, val
                 if kind == "done":
                     return
-        except BaseException as e:
-            if state == "error":
+        finally:
+            cancel.set()  # a client that went away stops its decode loop
+
+    async def events(self, p: Prepared) -> AsyncGenerator[tuple[str, Any], None]:
+        """("step", StepOutput)... then ("done", Outcome); raises what the decode raised. The
+        segment loops (colocated, engine, vllm) run the session in this event loop; `loop:
+        router` in a worker thread."""
+        span = self.tracing.start_request(p.headers, {
+            "deer.protocol": p.protocol, "deer.mode": p.req.mode,
+            "deer.prompt_tokens": len(p.prompt_ids), "deer.max_tokens": p.sampling.max_new_tokens,
+            "deer.block_size": p.block_size, "deer.request_id": p.id})
+        p.trace_id = Tracing.trace_id(span)
+        p.spans = self.tracing.spans_of(span)
+        p.spans.metrics = self.metrics
+        p.spans.on_replica = self._count_replica
+        t0, first, state = time.perf_counter(), True, "cancelled"
+        events = self._segments(p) if self.settings.loop in SEGMENT_LOOPS else self._threaded(p)
+        try:
+            async with contextlib.aclosing(events):
+                async for kind, val in events:
+                    if first and kind == "step" and val.new_token_ids:
+                        first = False
+                        self.metrics.ttft_s.observe(time.perf_counter() - t0)
+                    if kind == "done":
+                        state = "done"
+                        span.set_attributes({"deer.finish_reason": val.finish_reason or "",
+                                             "deer.cycles": val.cycles,
+                                             "deer.fallback": val.fallback,
+                                             "deer.completion_tokens": len(val.token_ids)})
+                        self.metrics.request_s.observe(time.perf_counter() - t0)
+                        if val.pipeline:
+                            self.metrics.pipeline_hits.inc(val.pipeline["hits"])
+                            self.metrics.pipeline_misses.inc(val.pipeline["misses"])
+                    yield kind, val
+                    if kind == "done":
+                        return
+        except Exception as e:  # what the decode raised (not the client going away)
+            if state != "done":
+                state = "error"
                 span.record_exception(e)
             raise
         finally:
-            cancel.set()  # a client that went away stops its decode loop
             if state == "cancelled":
                 self._count_cancelled(f"request {p.id}: decode cancelled")
             span.set_attribute("deer.outcome", state)

@@ -8,19 +8,21 @@ say `fallback: true`) or a verifier failure (`VerifierUnavailable`: the rest is 
 segment starts from prompt + the tokens emitted so far, so greedy output is the target's plain
 AR output whatever happens.
 
-Every host of the loop uses these two generators. The Router runs `run_session` for each
-request; its segments are either `run_segment` over `RemoteTarget` / `RemoteDrafter`
-(`loop: router`) or one streaming call each to a Verifier replica (`loop: colocated`,
-`clients.remote_segment`), which runs `run_segment` over its own target and drafter
-(`Verifier.decode`). A segment travels as a `DecodeSpec`.
+Every host of the loop uses these generators. The Router runs one session per request: under
+`loop: router` `run_session` in a worker thread, its segments `run_segment` over `RemoteTarget`
+/ `RemoteDrafter`; under the segment loops (colocated, engine, vllm) `arun_session` in its event
+loop, each segment one streaming call to a Verifier replica (`clients.aremote_segment`), which
+decodes it with its own drafter (`Verifier.decode`). Both drivers share the session's state
+(`_Session`). A segment travels as a `DecodeSpec`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Generator, Optional, Sequence
+from typing import Any, AsyncGenerator, Callable, Generator, Optional, Sequence
 
 import numpy as np
 
@@ -74,6 +76,81 @@ class Outcome:
 
 # (the segment's spec, its verifier timeout in seconds) -> the segment's decode generator
 Segment = Callable[[DecodeSpec, float], Generator[StepOutput, None, GenerationResult]]
+# the same, as an async generator: ("step", StepOutput) ... then ("done", GenerationResult)
+AsyncSegment = Callable[[DecodeSpec, float], AsyncGenerator[tuple[str, Any], None]]
+
+
+class _Session:
+    """What `run_session` and `arun_session` keep between segments: the tokens emitted, the
+    accept counts, the resumes and the give-up time; each method is one turn of the loop."""
+
+    def __init__(self, first: DecodeSpec, *, resumes: int, resume_window_s: float,
+                 verifier_timeout_s: float, fallback: bool,
+                 on_step: Callable[[StepOutput], Any], on_fallback: Callable[[str], Any]):
+        self.first, self.fallback = first, fallback
+        self.resumes, self.resume_window_s = resumes, resume_window_s
+        self.verifier_timeout_s = verifier_timeout_s
+        self.on_step, self.on_fallback = on_step, on_fallback
+        self.prompt = np.asarray(first.token_ids, dtype=np.int32).tolist()
+        self.out: list[int] = []
+        self.accepts: list[int] = []
+        self.mode, self.cycles, self.resumed = first.mode, 0, 0
+        self.give_up_at: Optional[float] = None
+        self.pipe = {"hits": 0, "misses": 0} if first.pipeline and self.mode == "deer" else None
+        self.seg = -1
+
+    def next_segment(self) -> tuple[DecodeSpec, float]:
+        """The next segment's spec (from the prompt + the tokens emitted so far) and its
+        verifier timeout; VerifierUnavailable when the segments are spent."""
+        self.seg += 1
+        if self.seg >= self.resumes + 2:  # (+1 drafter fallback)
+            raise VerifierUnavailable("the request was resumed too many times")
+        first, prev = self.first, list(self.out)
+        self.prev, self.steps, self.seg_accepts = prev, 0, len(self.accepts)
+        spec = replace(first, token_ids=np.asarray(self.prompt + prev, dtype=np.int32),
+                       emitted=len(prev), mode=self.mode, seq_id=f"{first.seq_id}-{self.seg}",
+                       sampling=replace(first.sampling, max_new_tokens=(
+                           first.sampling.max_new_tokens - len(prev))))
+        timeout = self.verifier_timeout_s if self.give_up_at is None else \
+            max(1.0, min(self.verifier_timeout_s, self.give_up_at - time.monotonic()))
+        return spec, timeout
+
+    def step(self, step: StepOutput) -> None:
+        self.steps += 1
+        self.out += step.new_token_ids
+        if step.accepted is not None:
+            self.accepts.append(step.accepted)
+        self.on_step(step)
+
+    def end_segment(self) -> None:
+        self.cycles += max(0, self.steps - 1)  # the segment's first step was its prefill
+
+    def done(self, r: GenerationResult) -> Outcome:
+        if self.pipe is not None:
+            self.pipe["hits"] += int(r.extra.get("pipeline_hits", 0))
+            self.pipe["misses"] += int(r.extra.get("pipeline_misses", 0))
+        # the segment's own count of accepted drafts per cycle: the streamed steps' where every
+        # cycle was a step, vLLM's exact one where outputs were merged
+        self.accepts[self.seg_accepts:] = list(r.accept_lengths)
+        return Outcome(self.prev + r.token_ids, self.accepts, self.cycles + r.cycles,
+                       r.finish_reason, self.fallback, r.timings, self.pipe)
+
+    def drafter_failed(self, e: DrafterUnavailable) -> None:
+        log.warning("request %s: %s; finishing with plain AR", self.first.seq_id, e)
+        self.mode, self.fallback = "ar", True
+        self.on_fallback("drafter_to_ar")
+
+    def verifier_failed(self, e: VerifierUnavailable) -> float:
+        """Seconds to wait before the resumed segment; re-raises when the resumes are spent."""
+        now = time.monotonic()
+        self.give_up_at = self.give_up_at or now + self.resume_window_s
+        if self.resumed >= self.resumes or now >= self.give_up_at:
+            raise e
+        self.resumed += 1
+        log.warning("request %s: %s; resuming from %d tokens (%d/%d)", self.first.seq_id, e,
+                    len(self.out), self.resumed, self.resumes)
+        self.on_fallback("verifier_resume")
+        return min(0.2 * self.resumed, max(0.0, self.give_up_at - now))
 
 
 def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_window_s: float,
@@ -86,61 +163,63 @@ def run_session(segment: Segment, first: DecodeSpec, *, resumes: int, resume_win
     (first.mode is then "ar"). on_step: each step, before it is yielded; on_fallback:
     "drafter_to_ar" or "verifier_resume", as each happens. Raises VerifierUnavailable when
     the resumes are spent."""
-    prompt = np.asarray(first.token_ids, dtype=np.int32).tolist()
-    out: list[int] = []
-    accepts: list[int] = []
-    mode, cycles, resumed, give_up_at = first.mode, 0, 0, None
-    pipe = {"hits": 0, "misses": 0} if first.pipeline and mode == "deer" else None
-    for seg in range(resumes + 2):  # (+1 drafter fallback)
-        prev = list(out)
-        spec = replace(first, token_ids=np.asarray(prompt + prev, dtype=np.int32),
-                       emitted=len(prev), mode=mode, seq_id=f"{first.seq_id}-{seg}",
-                       sampling=replace(first.sampling, max_new_tokens=(
-                           first.sampling.max_new_tokens - len(prev))))
-        timeout = verifier_timeout_s if give_up_at is None else \
-            max(1.0, min(verifier_timeout_s, give_up_at - time.monotonic()))
-        it = segment(spec, timeout)
-        steps, seg_accepts = 0, len(accepts)
+    s = _Session(first, resumes=resumes, resume_window_s=resume_window_s,
+                 verifier_timeout_s=verifier_timeout_s, fallback=fallback, on_step=on_step,
+                 on_fallback=on_fallback)
+    while True:
+        it = segment(*s.next_segment())
         try:
             while True:
                 try:
                     step = next(it)
                 except StopIteration as stop:
-                    r = stop.value
-                    if pipe is not None:
-                        pipe["hits"] += int(r.extra.get("pipeline_hits", 0))
-                        pipe["misses"] += int(r.extra.get("pipeline_misses", 0))
-                    # the segment's own count of accepted drafts per cycle: the streamed steps'
-                    # where every cycle was a step, vLLM's exact one where outputs were merged
-                    accepts[seg_accepts:] = list(r.accept_lengths)
-                    return Outcome(prev + r.token_ids, accepts, cycles + r.cycles,
-                                   r.finish_reason, fallback, r.timings, pipe)
+                    return s.done(stop.value)
                 except DrafterUnavailable as e:
-                    log.warning("request %s: %s; finishing with plain AR", first.seq_id, e)
-                    mode, fallback = "ar", True
-                    on_fallback("drafter_to_ar")
+                    s.drafter_failed(e)
                     break
                 except VerifierUnavailable as e:
-                    now = time.monotonic()
-                    give_up_at = give_up_at or now + resume_window_s
-                    if resumed >= resumes or now >= give_up_at:
-                        raise
-                    resumed += 1
-                    log.warning("request %s: %s; resuming from %d tokens (%d/%d)", first.seq_id,
-                                e, len(out), resumed, resumes)
-                    on_fallback("verifier_resume")
-                    time.sleep(min(0.2 * resumed, max(0.0, give_up_at - now)))
+                    time.sleep(s.verifier_failed(e))
                     break
-                steps += 1
-                out += step.new_token_ids
-                if step.accepted is not None:
-                    accepts.append(step.accepted)
-                on_step(step)
+                s.step(step)
                 yield step
         finally:
             it.close()  # releases both caches when the client went away
-        cycles += max(0, steps - 1)  # the segment's first step was its prefill
-    raise VerifierUnavailable("the request was resumed too many times")
+        s.end_segment()
+
+
+async def arun_session(segment: AsyncSegment, first: DecodeSpec, *, resumes: int,
+                       resume_window_s: float, verifier_timeout_s: float, fallback: bool = False,
+                       on_step: Callable[[StepOutput], Any] = lambda step: None,
+                       on_fallback: Callable[[str], Any] = lambda kind: None,
+                       ) -> AsyncGenerator[tuple[str, Any], None]:
+    """`run_session` in the caller's event loop, over async segments (one streaming call
+    each, `clients.aremote_segment`): ("step", StepOutput) ... then ("done", Outcome)."""
+    s = _Session(first, resumes=resumes, resume_window_s=resume_window_s,
+                 verifier_timeout_s=verifier_timeout_s, fallback=fallback, on_step=on_step,
+                 on_fallback=on_fallback)
+    while True:
+        it = segment(*s.next_segment())
+        try:
+            while True:
+                try:
+                    try:
+                        kind, val = await it.__anext__()
+                    except StopAsyncIteration:
+                        raise VerifierUnavailable("the segment ended without a result") from None
+                except DrafterUnavailable as e:
+                    s.drafter_failed(e)
+                    break
+                except VerifierUnavailable as e:
+                    await asyncio.sleep(s.verifier_failed(e))
+                    break
+                if kind == "done":
+                    yield "done", s.done(val)
+                    return
+                s.step(val)
+                yield "step", val
+        finally:
+            await it.aclose()  # cancels the segment's call when the client went away
+        s.end_segment()
 
 
 def run_segment(target, drafter, spec: DecodeSpec, *, target_client, drafter_client=None,

@@ -5,10 +5,10 @@ and so has the step engine's (tests/deer_serve/test_step_engine.py); this one co
 the colocated loop runs.
 
 The path is the service's, without Ray: `Router.prepare` / `Router.complete` with `loop:
-colocated` (admission, the decode thread, `deployments.session.run_session`), whose segment is
-`clients.remote_segment`: one streaming `decode` call to the real `Verifier`, here through
-`StreamingHandle` (Serve's streaming-call shape: an iterator over what the async generator
-method yields, on an event loop of its own, with `.cancel()`). In the Verifier:
+colocated` (admission, the session in the Router's event loop, `deployments.session.arun_session`),
+whose segment is `clients.aremote_segment`: one streaming `decode` call to the real `Verifier`,
+here through `StreamingHandle` (Serve's streaming-call shape: an async iterator over what the
+async generator method yields, with `.cancel()`). In the Verifier:
 `Verifier.decode` / `_decode` (the loop in a thread of its own, its events sent on in batches),
 `_segment` (a `RemoteDrafter` over `LocalHandle` to the replica's own `Drafter`, the
 `LookupDrafter` splice, `_LocalTarget` over the replica's batched `score`, the replica's
@@ -67,30 +67,21 @@ SEED0 = 9 * 10**6
 
 
 class _Stream:
-    """Serve's streaming response over an async generator: iterating it runs the generator on
-    an event loop of its own (as the replica's) up to its next item; `cancel()` closes it."""
+    """Serve's streaming response over an async generator method's generator: `async for`
+    runs it in the caller's event loop up to its next item (as the Router reads it);
+    `cancel()` closes it."""
 
     def __init__(self, agen):
-        self.agen, self.loop = agen, asyncio.new_event_loop()
+        self.agen = agen
 
-    def __iter__(self):
+    def __aiter__(self):
         return self
 
-    def __next__(self):
-        if self.loop.is_closed():
-            raise StopIteration
-        try:
-            return self.loop.run_until_complete(self.agen.__anext__())
-        except StopAsyncIteration:
-            self.cancel()
-            raise StopIteration from None
+    async def __anext__(self):
+        return await self.agen.__anext__()
 
     def cancel(self) -> None:
-        if not self.loop.is_closed():
-            try:
-                self.loop.run_until_complete(self.agen.aclose())
-            finally:
-                self.loop.close()
+        asyncio.get_running_loop().create_task(self.agen.aclose())
 
 
 class _StreamMethod:
@@ -113,7 +104,7 @@ class _StreamingCalls:
 
 class StreamingHandle(rl.Handle):
     """test_router_law's handle (calls as futures of a thread pool, awaitable), whose
-    `options(stream=True)` gives Serve's streaming-call shape (`remote_segment`'s call)."""
+    `options(stream=True)` gives Serve's streaming-call shape (`aremote_segment`'s call)."""
 
     def options(self, **kw):
         return _StreamingCalls(self.obj) if kw.get("stream") else self
