@@ -1,0 +1,145 @@
+"""The default config (`cluster/serve_config.yaml`: `loop: vllm`) under Ray Serve's
+throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of `deer-serve
+serve`, so of the Ray it starts: user code and the handle's router on each replica's main loop,
+gRPC between replicas, direct ingress). The Router reads each segment's stream in its event
+loop (`deployments.session.arun_session`), which this mode needs: a blocking handle iterator
+inside the replica's loop failed every request ("Sync methods should not be called from within
+an `asyncio` event loop"), so this test fails on the session's earlier worker-thread path.
+
+`deer-serve serve` as a user runs it, in its own session; the mode is on (Serve's controller
+says so in the log); concurrent streamed requests through the `openai` client and a streamed
+and a unary call through the generated gRPC stub give the token ids and text of in-process
+plain AR decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_vllm_engine_loop import PROMPTS, ar_reference, free_port
+
+pytest.importorskip("ray")
+pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.slow, pytest.mark.service]
+
+REPO = Path(__file__).resolve().parents[3]
+BIN = Path(sys.executable).parent
+MAX_TOKENS = 32
+START_DEADLINE_S = 420.0
+STOP_TIMEOUT_S = 120.0
+DEADLINE_S = 300.0
+
+
+def healthz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    http_port, grpc_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("throughput-mode") / "serve.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", OMP_NUM_THREADS="1",
+               RAY_agent_register_timeout_ms="180000")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "deer-serve"), "serve", "--config", str(REPO / "cluster/serve_config.yaml"),
+             "--port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "4",
+             "--no-dashboard"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while True:  # the event: /healthz answers 200 (serve.run has returned by then)
+            if proc.poll() is not None:
+                pytest.fail(f"deer-serve serve exited {proc.returncode}:\n{log.read_text()}")
+            try:
+                if healthz(url) == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no /healthz 200 in {START_DEADLINE_S} s:\n{log.read_text()}")
+            time.sleep(1)
+        yield url, grpc_port, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown, ray.shutdown
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from deer_serve.assets import ASSETS_DIR
+
+    return ar_reference(str(ASSETS_DIR / "target"), MAX_TOKENS)
+
+
+def test_the_default_config_serves_under_the_throughput_optimized_mode(server, reference):
+    import grpc
+    import openai
+
+    from deer_serve.protos import deer_pb2, deer_pb2_grpc
+
+    url, grpc_port, log = server
+    assert "Throughput optimized Ray Serve enabled" in log.read_text(), log.read_text()[-4000:]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                           timeout=DEADLINE_S)
+    model = client.models.list().data[0].id
+    out: dict = {}
+    go = threading.Barrier(len(PROMPTS), timeout=DEADLINE_S)
+
+    def one(i: int, prompt: str):
+        try:
+            go.wait()
+            ids, text = [], ""
+            for chunk in client.completions.create(model=model, prompt=prompt, stream=True,
+                                                   max_tokens=MAX_TOKENS, temperature=0):
+                c = chunk.choices[0]
+                text += c.text
+                ids += (c.model_extra or {}).get("token_ids") or []
+            out[i] = ids, text
+        except Exception as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, prompt in enumerate(PROMPTS):
+        assert not isinstance(out[i], Exception), (log.read_text()[-4000:], out[i])
+        ref = reference[prompt]
+        assert out[i] == (ref.token_ids, ref.text), i
+
+    prompt = PROMPTS[0]
+    ref = reference[prompt]
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        stub = deer_pb2_grpc.DeerServiceStub(ch)
+        md = (("application", "deer"),)
+        req = deer_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS)
+        r = stub.Generate(req, metadata=md, timeout=DEADLINE_S)
+        assert list(r.token_ids) == ref.token_ids and r.text == ref.text
+        chunks = list(stub.GenerateStream(req, metadata=md, timeout=DEADLINE_S))
+        assert [i for c in chunks for i in c.token_ids] == ref.token_ids
+        assert "".join(c.text for c in chunks) == ref.text
