@@ -97,7 +97,10 @@ class _Session:
         self.mode, self.cycles, self.resumed = first.mode, 0, 0
         self.give_up_at: Optional[float] = None
         self.pipe = {"hits": 0, "misses": 0} if first.pipeline and self.mode == "deer" else None
-        self.seg = -1
+        # the segment under way: its index, the tokens emitted before it, its steps so far and
+        # where its accept counts start
+        self.seg, self.steps, self.seg_accepts = -1, 0, 0
+        self.prev: list[int] = []
 
     def next_segment(self) -> tuple[DecodeSpec, float]:
         """The next segment's spec (from the prompt + the tokens emitted so far) and its
