@@ -15,38 +15,22 @@ plain AR decoding.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from test_vllm_engine_loop import PROMPTS, ar_reference, free_port
+from serve_process import REPO, free_port, serve_process
+from test_vllm_engine_loop import PROMPTS, ar_reference
 
 pytest.importorskip("ray")
 pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
 
-REPO = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent
 MAX_TOKENS = 32
 START_DEADLINE_S = 420.0
 STOP_TIMEOUT_S = 120.0
 DEADLINE_S = 300.0
-
-
-def healthz(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -57,35 +41,11 @@ def server(tmp_path_factory):
            if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", OMP_NUM_THREADS="1",
                RAY_agent_register_timeout_ms="180000")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "deer-serve"), "serve", "--config", str(REPO / "cluster/serve_config.yaml"),
-             "--port", str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "4",
-             "--no-dashboard"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:  # the event: /healthz answers 200 (serve.run has returned by then)
-            if proc.poll() is not None:
-                pytest.fail(f"deer-serve serve exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if healthz(url) == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /healthz 200 in {START_DEADLINE_S} s:\n{log.read_text()}")
-            time.sleep(1)
+    with serve_process(["--config", str(REPO / "cluster/serve_config.yaml"), "--port",
+                        str(http_port), "--grpc-port", str(grpc_port), "--num-cpus", "4",
+                        "--no-dashboard"], url, env, log, START_DEADLINE_S, STOP_TIMEOUT_S):
         yield url, grpc_port, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown, ray.shutdown
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.fixture(scope="module")

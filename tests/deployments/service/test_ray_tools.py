@@ -14,32 +14,21 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from budget import pytest_timeout_s
+from serve_process import BIN, REPO, free_port, get, serve_process
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[3]
-BIN = Path(sys.executable).parent          # .venv/bin: deer-serve, serve, ray
 DASHBOARD = "http://127.0.0.1:8265"
 # pytest's per-test timeout (900 s) covers the server fixture, the tools and the stop, so they
 # share it: the start gets what the tools and the stop may need left over
 TOOL_TIMEOUT_S = 60                         # each of the 3 tool runs
 STOP_TIMEOUT_S = 120                        # Ctrl-C to exit (serve.shutdown, ray.shutdown)
 START_DEADLINE_S = pytest_timeout_s() - 3 * TOOL_TIMEOUT_S - 2 * STOP_TIMEOUT_S - 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_taken(port: int) -> bool:
@@ -62,14 +51,6 @@ def plain_env() -> dict:
     return env
 
 
-def get(url: str, timeout: float = 10) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def tool(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / argv[0]), *argv[1:]], env=plain_env(), cwd="/",
                           capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
@@ -81,40 +62,17 @@ def server(tmp_path_factory):
         pytest.skip("Ray's CLI (ray[serve]) is not installed next to this Python")
     if port_taken(8265):
         pytest.skip("127.0.0.1:8265 is taken: Ray's tools would look there, not at this server")
-    http = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
     log = tmp_path_factory.mktemp("ray-tools") / "serve.log"
     env = plain_env()
     # a loaded 2-core machine starts Ray's agents and dashboard slowly (Ray's 15 s / 60 s waits)
     env.setdefault("RAY_agent_register_timeout_ms", "180000")
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
     env.setdefault("OMP_NUM_THREADS", "1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "deer-serve"), "serve", "--config", str(REPO / "cluster/serve_config.yaml"),
-             "--port", http.rsplit(":", 1)[1], "--grpc-port", "0", "--num-cpus", "4"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:  # the event: /healthz answers 200 (serve.run has returned by then)
-            if proc.poll() is not None:
-                pytest.fail(f"deer-serve serve exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if get(http + "/healthz", timeout=5) == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /healthz 200 in {START_DEADLINE_S} s:\n{log.read_text()}")
-            time.sleep(1)
+    with serve_process(["--config", str(REPO / "cluster/serve_config.yaml"), "--port", str(port),
+                        "--grpc-port", "0", "--num-cpus", "4"], f"http://127.0.0.1:{port}",
+                       env, log, START_DEADLINE_S, STOP_TIMEOUT_S) as proc:
         yield proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: serve.shutdown, ray.shutdown
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_ray_tools_see_the_service(server):
