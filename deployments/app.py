@@ -118,6 +118,14 @@ class ServiceOptions(BaseModel):
         None, ge=1, description="loop 'vllm': the plain engine (`vllm_plain_engine`, which "
         "this implies) also takes each segment that starts while this many segments or more "
         "are open in the replica. null = only ar and gated segments go there")
+    vllm_plain_until: Optional[int] = Field(
+        None, ge=0, description="loop 'vllm', with `vllm_plain_from`: the replica decodes by "
+        "its load. Once `vllm_plain_from` segments are open it turns plain: every segment on "
+        "the DEER engine moves to the plain engine at its next output (its tokens so far "
+        "become the new request's prompt; greedy ids are unchanged) and new segments start "
+        "there; once this many or fewer are open it turns back, and they move to the DEER "
+        "engine. Seeded sampled segments never move (their draws must not depend on the load). "
+        "null = a segment keeps the engine it started on")
     vllm_ngram_from: Optional[int] = Field(
         None, ge=1, description="loop 'vllm': a third engine in each replica, the target with "
         "vLLM's ngram speculation in place of the drafter (up to 8 drafts copied from where "
@@ -163,6 +171,15 @@ class ServiceOptions(BaseModel):
             raise ValueError("greedy_argmax was removed: at temperature 0 a verify reply always "
                              "carries the argmax tokens, at T > 0 the logits")
         return data
+
+    @model_validator(mode="after")
+    def _plain_until_below_from(self):
+        if self.vllm_plain_until is not None and (
+                self.vllm_plain_from is None or self.vllm_plain_until >= self.vllm_plain_from):
+            raise ValueError("vllm_plain_until needs vllm_plain_from, and a smaller value "
+                             f"(got plain_until {self.vllm_plain_until}, plain_from "
+                             f"{self.vllm_plain_from})")
+        return self
 
     @field_validator("transport", "loop", mode="before")
     @classmethod
@@ -389,6 +406,7 @@ def build_app(args: Optional[dict] = None):
                    "spec_schedule": cfg.service.vllm_spec_schedule,
                    "stream_interval": cfg.service.vllm_stream_interval,
                    "plain_from": cfg.service.vllm_plain_from,
+                   "plain_until": cfg.service.vllm_plain_until,
                    "plain_engine": cfg.service.vllm_plain_engine,
                    "ngram_from": cfg.service.vllm_ngram_from,
                    "engine_nice": cfg.service.vllm_engine_nice,

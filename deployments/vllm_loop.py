@@ -169,6 +169,7 @@ class LoopStats:
     plain: int = 0        # segments decoded on the plain engine (mode ar, over plain_from, gated)
     gated: int = 0        # of those, sampled segments sent there by the DraftGate
     ngram: int = 0        # segments decoded on the ngram engine (over ngram_from)
+    moves: int = 0        # segments moved between the DEER and the plain engine (plain_until)
     steps: int = 0        # outputs streamed back
     tokens: int = 0       # tokens streamed back
     spec_steps: int = 0   # vLLM's verify steps of finished requests (exact, per request)
@@ -255,7 +256,7 @@ class VLLMLoop:
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
                  stream_interval: int = 1, plain_from: Optional[int] = None,
                  plain_engine: bool = False, ngram_from: Optional[int] = None,
-                 engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
+                 plain_until: Optional[int] = None, engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -286,6 +287,12 @@ class VLLMLoop:
         threads = None if engine_threads is None else int(engine_threads)
         self.engine = self._start(self.engine_args, threads)
         self.plain_from = None if plain_from is None else int(plain_from)
+        self.plain_until = None if plain_until is None else int(plain_until)
+        if self.plain_until is not None and (self.plain_from is None
+                                             or not 0 <= self.plain_until < self.plain_from):
+            raise ValueError(f"plain_until ({plain_until}) needs plain_from, and 0 <= "
+                             f"plain_until < plain_from ({plain_from})")
+        self._plain_load = False  # plain_until: the replica decodes plainly now (by its load)
         self.plain: Any = None
         self.gate: Optional[DraftGate] = None
         if plain_engine or self.plain_from is not None:
@@ -335,13 +342,15 @@ class VLLMLoop:
         tok = self._tokenizer
         return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 
-    def sampling_params(self, spec) -> Any:
+    def sampling_params(self, spec, done: int = 0) -> Any:
+        """vLLM's SamplingParams of the segment, `done` of its tokens already decoded."""
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
         s = spec.sampling
         return VSP(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
-                   seed=s.seed, max_tokens=int(s.max_new_tokens), ignore_eos=bool(s.ignore_eos),
+                   seed=s.seed, max_tokens=int(s.max_new_tokens) - int(done),
+                   ignore_eos=bool(s.ignore_eos),
                    detokenize=False, output_kind=RequestOutputKind.DELTA)
 
     async def decode(self, spec) -> AsyncGenerator[list, None]:
@@ -364,14 +373,20 @@ class VLLMLoop:
         # the gate: sampled, unseeded segments (a seeded one must not depend on other requests)
         gate = self.gate if s.temperature > 0 and s.seed is None else None
         plain = gated = ngram = False
+        # may follow the replica's load between the DEER and the plain engine (`plain_until`):
+        # not ar (always plain), not seeded sampling (its draws must not depend on the load)
+        movable = (self.plain_until is not None and spec.mode != "ar"
+                   and (s.temperature == 0 or s.seed is None))
         if self.plain is not None and (spec.mode == "ar" or (
-                self.plain_from is not None and st.running >= self.plain_from)):
+                movable and self._plain_by_load(st.running + 1)) or (
+                self.plain_until is None and self.plain_from is not None
+                and st.running >= self.plain_from)):
             plain = True
         elif self.ngram_from is not None and st.running >= self.ngram_from:
-            ngram = True
+            ngram, movable = True, False
         elif self.plain is not None and gate is not None:
             plain = gated = gate.start(float(s.temperature)) == OFF
-        learn = gate if not (plain or ngram) else None  # its drafts' acceptance teaches the gate
+            movable = movable and not gated
         engine = self.plain if plain else self.ngram if ngram else self.engine
         st.plain += plain
         st.gated += gated
@@ -381,47 +396,83 @@ class VLLMLoop:
         st.peak_running = max(st.peak_running, st.running)
         t0 = time.perf_counter()
         accepts: list[int] = []
-        outputs, reason, spec_metrics, done = 0, None, None, False
-        gen = engine.generate(TokensPrompt(prompt_token_ids=ids), self.sampling_params(spec), rid)
+        outputs, legs, reason, spec_metrics, done = 0, 0, None, None, False
+        gen = None
         try:
-            async for ro in gen:
-                c = ro.outputs[0]
-                raw = [int(t) for t in c.token_ids]
-                # the first output is the prefill's; with stream_interval > 1 an output merges
-                # several engine steps, and the exact count comes with the result
-                accepted = len(raw) - 1 if outputs and raw and self.stream_interval == 1 else None
-                outputs += 1
-                new, reason = cut.commit(raw)
-                if c.finish_reason is not None and reason is None:
-                    reason = "stop" if c.finish_reason == "stop" else "length"
-                if c.spec_decode_metrics is not None:
-                    spec_metrics = c.spec_decode_metrics.to_dict()
-                if accepted is not None:
-                    accepts.append(accepted)
-                st.steps += 1
-                st.tokens += len(new)
-                step = StepOutput(new, accepted, reason)
-                if reason is None:
-                    yield [("step", step)]
-                    continue
-                done = True
-                result = self._result(cut.out, reason, accepts, outputs, spec_metrics, t0)
-                result.extra["vllm_engine"] = self.engine_name(engine)
-                if learn is not None and spec_metrics is not None:
-                    for a in spec_metrics.get("per_step_accepted") or ():
-                        learn.observe(float(s.temperature), int(a))
-                yield [("step", step), ("done", result)]
-                return
-            raise RuntimeError(f"vLLM ended request {rid} without a finish reason")
+            while True:  # one leg per engine the segment decodes on (moves: `plain_until`)
+                prompt = ids + cut.out
+                gen = engine.generate(TokensPrompt(prompt_token_ids=prompt),
+                                      self.sampling_params(spec, len(cut.out)), f"{rid}-{legs}")
+                legs += 1
+                leg_outputs, moved = 0, False
+                async for ro in gen:
+                    c = ro.outputs[0]
+                    raw = [int(t) for t in c.token_ids]
+                    # the first output of a leg is its prefill's; with stream_interval > 1 an
+                    # output merges several engine steps, and the exact count comes at the end
+                    accepted = (len(raw) - 1 if leg_outputs and raw and self.stream_interval == 1
+                                else None)
+                    outputs += 1
+                    leg_outputs += 1
+                    new, reason = cut.commit(raw)
+                    if c.finish_reason is not None and reason is None:
+                        reason = "stop" if c.finish_reason == "stop" else "length"
+                    if c.spec_decode_metrics is not None:
+                        spec_metrics = c.spec_decode_metrics.to_dict()
+                    if accepted is not None:
+                        accepts.append(accepted)
+                    st.steps += 1
+                    st.tokens += len(new)
+                    step = StepOutput(new, accepted, reason)
+                    if reason is None:
+                        if movable and (engine is self.plain) != self._plain_by_load(
+                                st.running):
+                            moved = True  # on the other engine from here: this leg's output
+                            yield [("step", step)]  # is sent, its request aborted below
+                            break
+                        yield [("step", step)]
+                        continue
+                    done = True
+                    result = self._result(cut.out, reason, accepts, outputs, spec_metrics, t0)
+                    result.extra["vllm_engine"] = self.engine_name(engine)
+                    if legs > 1:
+                        result.extra["vllm_legs"] = legs
+                    learn = gate if engine is self.engine else None  # drafts teach the gate
+                    if learn is not None and spec_metrics is not None:
+                        for a in spec_metrics.get("per_step_accepted") or ():
+                            learn.observe(float(s.temperature), int(a))
+                    yield [("step", step), ("done", result)]
+                    return
+                if not moved:
+                    raise RuntimeError(f"vLLM ended request {rid} without a finish reason")
+                await gen.aclose()  # aborts the leg's request in vLLM: its slot is freed
+                gen, spec_metrics = None, None
+                engine = self.engine if engine is self.plain else self.plain
+                st.moves += 1
         finally:
             st.running -= 1
+            if self.plain_until is not None:
+                self._plain_by_load(st.running)
             # vLLM's generate aborts a request it has not finished when it is closed (our stop
             # string) or cancelled (the client went away): AsyncLLM.abort frees its slot
-            await gen.aclose()
+            if gen is not None:
+                await gen.aclose()
             if done:
                 st.finished += 1
             else:
                 st.aborted += 1
+
+    def _plain_by_load(self, open_now: int) -> bool:
+        """With `plain_until`: whether a movable segment belongs on the plain engine while
+        `open_now` segments (its own included) are open in the replica. The replica's state
+        flips to plain at `plain_from` open segments and back to DEER at `plain_until` or fewer
+        (hysteresis: between the two it stays as it was)."""
+        assert self.plain_from is not None and self.plain_until is not None
+        if open_now >= self.plain_from:
+            self._plain_load = True
+        elif open_now <= self.plain_until:
+            self._plain_load = False
+        return self._plain_load
 
     def _result(self, out: list[int], reason: str, accepts: list[int], outputs: int,
                 spec_metrics: Optional[dict], t0: float) -> GenerationResult:
@@ -447,6 +498,7 @@ class VLLMLoop:
                 "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
                                        for e in self.engines()),
                 "block_size": self.block_size, "plain_from": self.plain_from,
+                "plain_until": self.plain_until, "plain_by_load": self._plain_load,
                 "ngram_from": self.ngram_from,
                 "gate": self.gate.state() if self.gate is not None else None,
                 "pid": os.getpid(), "engine_pids": [c.pid for c in engine_processes()]}

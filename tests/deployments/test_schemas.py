@@ -137,3 +137,16 @@ def test_engine_verify_budget_takes_auto_a_count_or_null():
     for bad in (0, -3, "fast"):
         with pytest.raises(ValidationError):
             ServiceOptions.model_validate({"engine_verify_budget": bad})
+
+
+def test_vllm_plain_until_needs_a_larger_plain_from():
+    from pydantic import ValidationError
+
+    from deployments.app import ServiceOptions
+
+    ok = ServiceOptions.model_validate({"vllm_plain_from": 8, "vllm_plain_until": 4})
+    assert (ok.vllm_plain_from, ok.vllm_plain_until) == (8, 4)
+    for bad in ({"vllm_plain_until": 4}, {"vllm_plain_from": 4, "vllm_plain_until": 4},
+                {"vllm_plain_from": 4, "vllm_plain_until": -1}):
+        with pytest.raises(ValidationError, match="plain_until"):
+            ServiceOptions.model_validate(bad)

@@ -220,3 +220,89 @@ def test_the_gate_sends_sampled_segments_where_drafts_do_not_pay_to_the_plain_en
     assert drafted(greedy[1]) and greedy[0] == list(want)
     assert not drafted(ar[1]) and ar[0] == list(want)
     assert stats.gated == 7 and stats.plain == 8 and stats.running == 0
+
+
+def test_segments_move_between_the_engines_with_the_replicas_load():
+    """`plain_until` (`service.vllm_plain_until`) with `plain_from`: the replica decodes by its
+    load. A (greedy, long) starts alone on the DEER engine; two `mode: ar` segments X and Y
+    (plain engine) and a seeded sampled segment S (DEER engine) open beside it, 4 open >=
+    plain_from 3: at its next output A moves to the plain engine (its tokens so far become the
+    plain engine's prompt). X and Y are cancelled and S read to its end: 1 open <= plain_until
+    1, and at its next output A moves back to the DEER engine. S, seeded, never moves (2 open,
+    between the thresholds, keeps the replica plain: a loop that moved seeded segments would
+    move it). A's ids over its three legs are plain greedy decoding's (in-process HFTarget).
+    The reads are ordered so that A, 600 tokens long, is still decoding at each of its reads.
+    Power: a move that drops the last token before it, or repeats it, changes A's ids; a loop
+    that never moves ends A on the DEER engine in one leg (`vllm_legs` absent)."""
+    from transformers import AutoTokenizer
+
+    from deer_serve.assets import ASSETS_DIR
+    from deer_serve.engine import generate
+    from deer_serve.targets.hf import HFTarget
+    from deer_serve.types import SamplingParams
+    from deployments.session import DecodeSpec
+    from deployments.vllm_loop import VLLMLoop
+
+    long = 600
+    target, drafter = str(ASSETS_DIR / "target"), str(ASSETS_DIR / "drafter-dflash")
+    tok = AutoTokenizer.from_pretrained(target)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS[:2]]
+    want = generate(HFTarget.from_pretrained(target, device="cpu"), None, prompts[0],
+                    SamplingParams(max_new_tokens=long, ignore_eos=True), mode="ar").token_ids
+
+    def spec(prompt: int, n: int, mode: str = "deer", temperature: float = 0.0,
+             seed=None) -> DecodeSpec:
+        return DecodeSpec(token_ids=np.array(prompts[prompt], dtype=np.int32), emitted=0,
+                          sampling=SamplingParams(max_new_tokens=n, ignore_eos=True,
+                                                  temperature=temperature, seed=seed),
+                          mode=mode, block_size=8, seq_id=f"s{prompt}", adaptive_k=False,
+                          pipeline=False, lookup=False, drafter_timeout_s=60.0)
+
+    def take(batch: list, ids: list) -> object:
+        result = None
+        for kind, x in batch:
+            if kind == "step":
+                ids += x.new_token_ids
+            elif kind == "done":
+                result = x
+        return result
+
+    async def main():
+        loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
+                        plain_from=3, plain_until=1)
+        try:
+            a_ids: list[int] = []
+            a = loop.decode(spec(0, long))
+            assert take(await a.__anext__(), a_ids) is None  # A's prefill: 1 open, DEER
+            x, y = loop.decode(spec(1, 200, mode="ar")), loop.decode(spec(1, 200, mode="ar"))
+            await x.__anext__()
+            await y.__anext__()
+            s_ids: list[int] = []
+            s = loop.decode(spec(1, 40, temperature=1.0, seed=3))
+            assert take(await s.__anext__(), s_ids) is None
+            assert loop.stats.running == 4 and loop.stats.plain == 2 and loop.stats.moves == 0
+            assert take(await a.__anext__(), a_ids) is None  # 4 open: A moves to plain
+            assert take(await a.__anext__(), a_ids) is None  # its plain leg's first output
+            assert loop.stats.moves == 1 and loop.state()["plain_by_load"] is True
+            await x.aclose()
+            await y.aclose()
+            s_result = None
+            while s_result is None:
+                s_result = take(await s.__anext__(), s_ids)
+            await s.aclose()
+            assert loop.stats.running == 1 and loop.stats.aborted == 2
+            a_result = None
+            while a_result is None:  # 1 open: A moves back to the DEER engine
+                a_result = take(await a.__anext__(), a_ids)
+            await a.aclose()
+            return a_ids, a_result, s_ids, s_result, loop.stats
+        finally:
+            loop.shutdown()
+
+    a_ids, a_result, s_ids, s_result, stats = asyncio.run(main())
+    assert a_ids == list(want) == a_result.token_ids
+    assert a_result.extra["vllm_engine"] == "deer" and a_result.extra["vllm_legs"] == 3, \
+        a_result.extra
+    assert stats.moves == 2 and stats.finished == 2 and stats.running == 0
+    assert s_result.extra["vllm_engine"] == "deer" and "vllm_legs" not in s_result.extra
+    assert "vllm_spec" in s_result.extra and len(s_ids) == 40
