@@ -123,9 +123,14 @@ class ServiceOptions(BaseModel):
         "its load. Once `vllm_plain_from` segments are open it turns plain: every segment on "
         "the DEER engine moves to the plain engine at its next output (its tokens so far "
         "become the new request's prompt; greedy ids are unchanged) and new segments start "
-        "there; once this many or fewer are open it turns back, and they move to the DEER "
-        "engine. Seeded sampled segments never move (their draws must not depend on the load). "
+        "there; once this many or fewer have been open for `vllm_plain_hold_s` it turns back, "
+        "and they move to the DEER engine. Seeded sampled segments never move (their draws must not depend on the load). "
         "null = a segment keeps the engine it started on")
+    vllm_plain_hold_s: float = Field(
+        1.0, ge=0, description="loop 'vllm', with `vllm_plain_until`: seconds the replica must "
+        "have had `vllm_plain_until` or fewer open segments before it turns back to the DEER "
+        "engine (requests that end together while their successors are on the way do not turn "
+        "it back)")
     vllm_ngram_from: Optional[int] = Field(
         None, ge=1, description="loop 'vllm': a third engine in each replica, the target with "
         "vLLM's ngram speculation in place of the drafter (up to 8 drafts copied from where "
@@ -407,6 +412,7 @@ def build_app(args: Optional[dict] = None):
                    "stream_interval": cfg.service.vllm_stream_interval,
                    "plain_from": cfg.service.vllm_plain_from,
                    "plain_until": cfg.service.vllm_plain_until,
+                   "plain_hold_s": cfg.service.vllm_plain_hold_s,
                    "plain_engine": cfg.service.vllm_plain_engine,
                    "ngram_from": cfg.service.vllm_ngram_from,
                    "engine_nice": cfg.service.vllm_engine_nice,

@@ -246,6 +246,35 @@ def ngram_engine_args(args: dict) -> dict:
     return {**args, "speculative_config": dict(NGRAM_CONFIG)}
 
 
+class LoadSwitch:
+    """`plain_until`: whether the replica decodes plainly by its load. It turns plain at
+    `plain_from` open segments, and back to DEER once it has had `plain_until` or fewer open for
+    `hold_s` seconds: requests that end together while their successors are on the way (a
+    batch of equal-length requests does) do not turn it back. `clock`: seconds (tests)."""
+
+    def __init__(self, plain_from: int, plain_until: int, hold_s: float = 1.0,
+                 clock=time.monotonic):
+        self.plain_from, self.plain_until = int(plain_from), int(plain_until)
+        self.hold_s, self.clock = float(hold_s), clock
+        self.is_plain = False
+        self._low_since: Optional[float] = None  # since when plain_until or fewer are open
+
+    def plain(self, open_now: int) -> bool:
+        """Whether a movable segment belongs on the plain engine while `open_now` segments (its
+        own included) are open in the replica."""
+        if open_now >= self.plain_from:
+            self.is_plain, self._low_since = True, None
+        elif open_now <= self.plain_until:
+            now = self.clock()
+            if self._low_since is None:
+                self._low_since = now
+            if now - self._low_since >= self.hold_s:
+                self.is_plain = False
+        else:
+            self._low_since = None
+        return self.is_plain
+
+
 class VLLMLoop:
     """One AsyncLLM (target + native DFlash proposer) serving every request of this replica."""
 
@@ -256,7 +285,8 @@ class VLLMLoop:
                  spec_schedule: Optional[Sequence[Sequence[int]]] = None,
                  stream_interval: int = 1, plain_from: Optional[int] = None,
                  plain_engine: bool = False, ngram_from: Optional[int] = None,
-                 plain_until: Optional[int] = None, engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
+                 plain_until: Optional[int] = None, plain_hold_s: float = 1.0,
+                 engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -292,7 +322,9 @@ class VLLMLoop:
                                              or not 0 <= self.plain_until < self.plain_from):
             raise ValueError(f"plain_until ({plain_until}) needs plain_from, and 0 <= "
                              f"plain_until < plain_from ({plain_from})")
-        self._plain_load = False  # plain_until: the replica decodes plainly now (by its load)
+        self.switch: Optional[LoadSwitch] = None  # plain_until: decoding by the load
+        if self.plain_until is not None and self.plain_from is not None:
+            self.switch = LoadSwitch(self.plain_from, self.plain_until, plain_hold_s)
         self.plain: Any = None
         self.gate: Optional[DraftGate] = None
         if plain_engine or self.plain_from is not None:
@@ -375,10 +407,11 @@ class VLLMLoop:
         plain = gated = ngram = False
         # may follow the replica's load between the DEER and the plain engine (`plain_until`):
         # not ar (always plain), not seeded sampling (its draws must not depend on the load)
-        movable = (self.plain_until is not None and spec.mode != "ar"
+        switch = self.switch
+        movable = (switch is not None and spec.mode != "ar"
                    and (s.temperature == 0 or s.seed is None))
         if self.plain is not None and (spec.mode == "ar" or (
-                movable and self._plain_by_load(st.running + 1)) or (
+                switch is not None and movable and switch.plain(st.running + 1)) or (
                 self.plain_until is None and self.plain_from is not None
                 and st.running >= self.plain_from)):
             plain = True
@@ -425,7 +458,8 @@ class VLLMLoop:
                     st.tokens += len(new)
                     step = StepOutput(new, accepted, reason)
                     if reason is None:
-                        if movable and (engine is self.plain) != self._plain_by_load(
+                        if switch is not None and movable and (
+                                engine is self.plain) != switch.plain(
                                 st.running):
                             moved = True  # on the other engine from here: this leg's output
                             yield [("step", step)]  # is sent, its request aborted below
@@ -451,8 +485,8 @@ class VLLMLoop:
                 st.moves += 1
         finally:
             st.running -= 1
-            if self.plain_until is not None:
-                self._plain_by_load(st.running)
+            if switch is not None:
+                switch.plain(st.running)
             # vLLM's generate aborts a request it has not finished when it is closed (our stop
             # string) or cancelled (the client went away): AsyncLLM.abort frees its slot
             if gen is not None:
@@ -461,18 +495,6 @@ class VLLMLoop:
                 st.finished += 1
             else:
                 st.aborted += 1
-
-    def _plain_by_load(self, open_now: int) -> bool:
-        """With `plain_until`: whether a movable segment belongs on the plain engine while
-        `open_now` segments (its own included) are open in the replica. The replica's state
-        flips to plain at `plain_from` open segments and back to DEER at `plain_until` or fewer
-        (hysteresis: between the two it stays as it was)."""
-        assert self.plain_from is not None and self.plain_until is not None
-        if open_now >= self.plain_from:
-            self._plain_load = True
-        elif open_now <= self.plain_until:
-            self._plain_load = False
-        return self._plain_load
 
     def _result(self, out: list[int], reason: str, accepts: list[int], outputs: int,
                 spec_metrics: Optional[dict], t0: float) -> GenerationResult:
@@ -498,7 +520,8 @@ class VLLMLoop:
                 "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
                                        for e in self.engines()),
                 "block_size": self.block_size, "plain_from": self.plain_from,
-                "plain_until": self.plain_until, "plain_by_load": self._plain_load,
+                "plain_until": self.plain_until,
+                "plain_by_load": self.switch is not None and self.switch.is_plain,
                 "ngram_from": self.ngram_from,
                 "gate": self.gate.state() if self.gate is not None else None,
                 "pid": os.getpid(), "engine_pids": [c.pid for c in engine_processes()]}

@@ -228,7 +228,8 @@ def test_segments_move_between_the_engines_with_the_replicas_load():
     (plain engine) and a seeded sampled segment S (DEER engine) open beside it, 4 open >=
     plain_from 3: at its next output A moves to the plain engine (its tokens so far become the
     plain engine's prompt). X and Y are cancelled and S read to its end: 1 open <= plain_until
-    1, and at its next output A moves back to the DEER engine. S, seeded, never moves (2 open,
+    1, and at its next output A moves back to the DEER engine (`plain_hold_s` 0: at once; the
+    hold is `test_the_load_switch_turns_back_only_after_its_hold`'s). S, seeded, never moves (2 open,
     between the thresholds, keeps the replica plain: a loop that moved seeded segments would
     move it). A's ids over its three legs are plain greedy decoding's (in-process HFTarget).
     The reads are ordered so that A, 600 tokens long, is still decoding at each of its reads.
@@ -269,7 +270,7 @@ def test_segments_move_between_the_engines_with_the_replicas_load():
 
     async def main():
         loop = VLLMLoop(target, drafter, block_size=8, max_running=4, device="cpu",
-                        plain_from=3, plain_until=1)
+                        plain_from=3, plain_until=1, plain_hold_s=0.0)
         try:
             a_ids: list[int] = []
             a = loop.decode(spec(0, long))
@@ -306,3 +307,32 @@ def test_segments_move_between_the_engines_with_the_replicas_load():
     assert stats.moves == 2 and stats.finished == 2 and stats.running == 0
     assert s_result.extra["vllm_engine"] == "deer" and "vllm_legs" not in s_result.extra
     assert "vllm_spec" in s_result.extra and len(s_ids) == 40
+
+
+def test_the_load_switch_turns_back_only_after_its_hold():
+    """`LoadSwitch` (`plain_from` 8, `plain_until` 4, hold 1 s, a clock the test sets): plain at
+    8 open segments; a drop to 0 while successors are on the way (a batch of requests that end
+    at one step) keeps it plain when the count is back above 4 before the hold is out; between
+    the thresholds it stays as it was; 4 or fewer for the whole hold turn it back, and the hold
+    starts again after each rise. Power: a switch without the hold (or without hysteresis) turns
+    back at the drop."""
+    from deployments.vllm_loop import LoadSwitch
+
+    now = [0.0]
+    sw = LoadSwitch(8, 4, hold_s=1.0, clock=lambda: now[0])
+    assert [sw.plain(n) for n in (1, 5, 7)] == [False] * 3  # below plain_from: DEER
+    assert sw.plain(8) is True
+    seen = []
+    for n in (7, 3, 0, 1):  # the batch ends together, 0.1 s apart
+        now[0] += 0.1
+        seen.append(sw.plain(n))
+    now[0] += 0.5
+    seen.append(sw.plain(6))  # successors back, still inside the hold
+    assert seen == [True] * 5, seen
+    now[0] += 0.1
+    assert sw.plain(3) is True  # low again: the hold starts over
+    now[0] += 0.9
+    assert sw.plain(2) is True  # 0.9 s of the hold
+    now[0] += 0.2
+    assert sw.plain(2) is False  # 1.1 s at 4 or fewer: back to DEER
+    assert sw.plain(7) is False  # between the thresholds: stays DEER
