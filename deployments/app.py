@@ -124,8 +124,8 @@ class ServiceOptions(BaseModel):
         "the DEER engine moves to the plain engine at its next output (its tokens so far "
         "become the new request's prompt; greedy ids are unchanged) and new segments start "
         "there; once this many or fewer have been open for `vllm_plain_hold_s` it turns back, "
-        "and they move to the DEER engine. Seeded sampled segments never move (their draws must not depend on the load). "
-        "null = a segment keeps the engine it started on")
+        "and they move to the DEER engine. Seeded sampled segments never move (their draws "
+        "must not depend on the load). null = a segment keeps the engine it started on")
     vllm_plain_hold_s: float = Field(
         1.0, ge=0, description="loop 'vllm', with `vllm_plain_until`: seconds the replica must "
         "have had `vllm_plain_until` or fewer open segments before it turns back to the DEER "

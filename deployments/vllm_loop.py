@@ -254,6 +254,9 @@ class LoadSwitch:
 
     def __init__(self, plain_from: int, plain_until: int, hold_s: float = 1.0,
                  clock=time.monotonic):
+        if not 0 <= int(plain_until) < int(plain_from):
+            raise ValueError(f"plain_until ({plain_until}) must be >= 0 and below plain_from "
+                             f"({plain_from})")
         self.plain_from, self.plain_until = int(plain_from), int(plain_until)
         self.hold_s, self.clock = float(hold_s), clock
         self.is_plain = False
@@ -317,14 +320,11 @@ class VLLMLoop:
         threads = None if engine_threads is None else int(engine_threads)
         self.engine = self._start(self.engine_args, threads)
         self.plain_from = None if plain_from is None else int(plain_from)
-        self.plain_until = None if plain_until is None else int(plain_until)
-        if self.plain_until is not None and (self.plain_from is None
-                                             or not 0 <= self.plain_until < self.plain_from):
-            raise ValueError(f"plain_until ({plain_until}) needs plain_from, and 0 <= "
-                             f"plain_until < plain_from ({plain_from})")
         self.switch: Optional[LoadSwitch] = None  # plain_until: decoding by the load
-        if self.plain_until is not None and self.plain_from is not None:
-            self.switch = LoadSwitch(self.plain_from, self.plain_until, plain_hold_s)
+        if plain_until is not None:
+            if self.plain_from is None:
+                raise ValueError("plain_until needs plain_from")
+            self.switch = LoadSwitch(self.plain_from, plain_until, plain_hold_s)
         self.plain: Any = None
         self.gate: Optional[DraftGate] = None
         if plain_engine or self.plain_from is not None:
@@ -405,21 +405,21 @@ class VLLMLoop:
         # the gate: sampled, unseeded segments (a seeded one must not depend on other requests)
         gate = self.gate if s.temperature > 0 and s.seed is None else None
         plain = gated = ngram = False
-        # may follow the replica's load between the DEER and the plain engine (`plain_until`):
-        # not ar (always plain), not seeded sampling (its draws must not depend on the load)
-        switch = self.switch
-        movable = (switch is not None and spec.mode != "ar"
-                   and (s.temperature == 0 or s.seed is None))
+        # `switch`: the segment follows the replica's load between the DEER and the plain
+        # engine (`plain_until`); not ar (always plain), not seeded sampling (its draws must not
+        # depend on the load), and (below) not ngram or gated segments
+        switch = self.switch if spec.mode != "ar" and (
+            s.temperature == 0 or s.seed is None) else None
         if self.plain is not None and (spec.mode == "ar" or (
-                switch is not None and movable and switch.plain(st.running + 1)) or (
-                self.plain_until is None and self.plain_from is not None
+                switch is not None and switch.plain(st.running + 1)) or (
+                self.switch is None and self.plain_from is not None
                 and st.running >= self.plain_from)):
             plain = True
         elif self.ngram_from is not None and st.running >= self.ngram_from:
-            ngram, movable = True, False
+            ngram, switch = True, None
         elif self.plain is not None and gate is not None:
             plain = gated = gate.start(float(s.temperature)) == OFF
-            movable = movable and not gated
+            switch = None if gated else switch
         engine = self.plain if plain else self.ngram if ngram else self.engine
         st.plain += plain
         st.gated += gated
@@ -437,7 +437,7 @@ class VLLMLoop:
                 gen = engine.generate(TokensPrompt(prompt_token_ids=prompt),
                                       self.sampling_params(spec, len(cut.out)), f"{rid}-{legs}")
                 legs += 1
-                leg_outputs, moved = 0, False
+                leg_outputs = 0
                 async for ro in gen:
                     c = ro.outputs[0]
                     raw = [int(t) for t in c.token_ids]
@@ -458,13 +458,11 @@ class VLLMLoop:
                     st.tokens += len(new)
                     step = StepOutput(new, accepted, reason)
                     if reason is None:
-                        if switch is not None and movable and (
-                                engine is self.plain) != switch.plain(
-                                st.running):
-                            moved = True  # on the other engine from here: this leg's output
-                            yield [("step", step)]  # is sent, its request aborted below
-                            break
+                        move = switch is not None and (engine is self.plain) != switch.plain(
+                            st.running)
                         yield [("step", step)]
+                        if move:  # on the other engine from here: this leg's request is
+                            break  # aborted below
                         continue
                     done = True
                     result = self._result(cut.out, reason, accepts, outputs, spec_metrics, t0)
@@ -477,7 +475,7 @@ class VLLMLoop:
                             learn.observe(float(s.temperature), int(a))
                     yield [("step", step), ("done", result)]
                     return
-                if not moved:
+                else:
                     raise RuntimeError(f"vLLM ended request {rid} without a finish reason")
                 await gen.aclose()  # aborts the leg's request in vLLM: its slot is freed
                 gen, spec_metrics = None, None
@@ -485,8 +483,8 @@ class VLLMLoop:
                 st.moves += 1
         finally:
             st.running -= 1
-            if switch is not None:
-                switch.plain(st.running)
+            if self.switch is not None:  # the count fell: the hold starts
+                self.switch.plain(st.running)
             # vLLM's generate aborts a request it has not finished when it is closed (our stop
             # string) or cancelled (the client went away): AsyncLLM.abort frees its slot
             if gen is not None:
@@ -520,7 +518,7 @@ class VLLMLoop:
                 "vllm_unfinished": sum(int(e.get_num_unfinished_requests())
                                        for e in self.engines()),
                 "block_size": self.block_size, "plain_from": self.plain_from,
-                "plain_until": self.plain_until,
+                "plain_until": self.switch.plain_until if self.switch is not None else None,
                 "plain_by_load": self.switch is not None and self.switch.is_plain,
                 "ngram_from": self.ngram_from,
                 "gate": self.gate.state() if self.gate is not None else None,
