@@ -99,6 +99,14 @@ class ServiceOptions(BaseModel):
         "proposer: continuous batching of every request the replica holds; needs a DFlash-"
         "format drafter and vLLM; k = block_size for all requests; no Drafter deployment; "
         "deployments.vllm_loop)")
+    ingress: Literal["router", "verifier"] = Field(
+        "router", description="loop 'vllm': where HTTP and gRPC requests enter. 'router' = the "
+        "Router deployment, which makes one streaming Serve call per request to a Verifier "
+        "replica and resumes the request on another replica when that one dies; 'verifier' = "
+        "one deployment: each Verifier replica is its own ingress (the Router's parsing, "
+        "tokenizing and streaming run in the process that holds the vLLM engine, Serve's proxy "
+        "picks the replica), one hop fewer per request and per streamed item; a request whose "
+        "replica dies then ends with it (no resume). The `router` section is unused then")
     vllm_spec_schedule: Optional[list[tuple[int, int, int]]] = Field(
         None, description="loop 'vllm': draft tokens per step by the number of requests in the "
         "step, as vLLM's dynamic speculative decoding takes it: [[first, last, k], ...] from 1 "
@@ -152,6 +160,12 @@ class ServiceOptions(BaseModel):
         "null = the replica's own, which Ray sets to the replica's num_cpus. On a 2-core "
         "machine 2 threads cost a third of the throughput under load (the service's other "
         "processes share the cores); more cores are where it pays")
+    vllm_lookup: bool = Field(
+        True, description="loop 'vllm': prompt lookup spliced into the DFlash drafts in the "
+        "DEER engine, as deer-serve's own engine splices it (`lookup`): each block keeps the "
+        "drafter's confident head and continues with what followed the latest earlier "
+        "occurrence of its last 2-4 tokens (deer_serve.targets.vllm_dflash_lookup); lossless. "
+        "false = the drafter's block alone")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -184,6 +198,12 @@ class ServiceOptions(BaseModel):
             raise ValueError("vllm_plain_until needs vllm_plain_from, and a smaller value "
                              f"(got plain_until {self.vllm_plain_until}, plain_from "
                              f"{self.vllm_plain_from})")
+        return self
+
+    @model_validator(mode="after")
+    def _verifier_ingress_needs_vllm(self):
+        if self.ingress == "verifier" and self.loop != "vllm":
+            raise ValueError(f"ingress 'verifier' needs loop 'vllm' (got loop {self.loop!r})")
         return self
 
     @field_validator("transport", "loop", mode="before")
@@ -395,10 +415,8 @@ def build_app(args: Optional[dict] = None):
     drafter = None if vllm_loop else serve.deployment(
         measured(Drafter, "draft"), name="Drafter", **pool_options(cfg.drafter, cfg.service.transport),
         **pool_opts).bind(torch_threads=threads(cfg.drafter), **drafter_args)
-    verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
-                                **pool_options(cfg.verifier, cfg.service.transport),
-                                **pool_opts).bind(
-        cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
+    verifier_args = dict(
+        target_path=cfg.target_path, device=cfg.device, max_sequences=cfg.max_sequences,
         feature_layers=feature_layers, torch_threads=threads(cfg.verifier),
         batching=cfg.batching, max_batch_size=cfg.max_batch_size, backend=cfg.verifier_backend,
         tokenizer_path=cfg.tokenizer_path,
@@ -416,10 +434,20 @@ def build_app(args: Optional[dict] = None):
                    "plain_engine": cfg.service.vllm_plain_engine,
                    "ngram_from": cfg.service.vllm_ngram_from,
                    "engine_nice": cfg.service.vllm_engine_nice,
-                   "engine_threads": cfg.service.vllm_engine_threads} if vllm_loop else None)
+                   "engine_threads": cfg.service.vllm_engine_threads,
+                   "lookup": cfg.service.vllm_lookup} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())
+    if cfg.service.ingress == "verifier":  # one deployment: each Verifier replica its own ingress
+        from deployments.router import VerifierIngress
+
+        return serve.deployment(make_ingress(VerifierIngress), name="Verifier",
+                                **cfg.verifier.options()).bind(settings.model_dump(),
+                                                               verifier_args)
+    verifier = serve.deployment(measured(Verifier, "score"), name="Verifier",
+                                **pool_options(cfg.verifier, cfg.service.transport),
+                                **pool_opts).bind(**verifier_args)
     router = serve.deployment(make_ingress(), name="Router",
                               **cfg.router.options())
     # loop vllm: no Drafter deployment; the Router's drafter handle (health, info) is the Verifier

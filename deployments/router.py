@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -421,6 +422,74 @@ class Router(HttpIngress, GrpcIngress):
         return {"router": replica_info("router", self.settings.tokenizer_path, "cpu"),
                 "drafter": await self.drafter.info.remote(),
                 "verifier": await self.verifier.info.remote()}
+
+
+class InProcess:
+    """An object in the caller's process called as the Router calls a Serve handle (`service.
+    ingress: verifier`): `await h.meta.remote()`, and `h.options(stream=True).decode.remote(spec)`
+    as an async iterator with `cancel()`. No hop, no serialization: the objects are shared."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def options(self, **kw) -> "InProcess":
+        return self
+
+    def __getattr__(self, name: str) -> "_InProcessMethod":
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _InProcessMethod(getattr(self.obj, name))
+
+
+class _InProcessMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args, **kwargs):
+        if inspect.isasyncgenfunction(self.fn):
+            return _InProcessStream(self.fn(*args, **kwargs))
+
+        async def call():
+            return self.fn(*args, **kwargs)
+        return call()
+
+
+class _InProcessStream:
+    def __init__(self, agen):
+        self.agen = agen
+
+    def __aiter__(self):
+        return self.agen
+
+    def cancel(self) -> None:
+        """As a Serve stream's: the generator closes (a vLLM request is aborted there)."""
+        async def close():
+            try:
+                await self.agen.aclose()
+            except Exception:  # noqa: BLE001 - logged, as Serve would
+                log.exception("closing an in-process decode stream")
+        asyncio.ensure_future(close())
+
+
+class VerifierIngress(Router):
+    """`service.ingress: verifier` (loop vllm): the Router's work inside a Verifier replica.
+    HTTP and gRPC requests enter the replica that holds the vLLM engine; each request's segment
+    is the replica's own `Verifier.decode`, called in this event loop (`InProcess`), so a request
+    costs one Serve hop (the proxy's) instead of two, and its streamed items none. A request
+    whose replica dies ends with it: there is no other replica to resume on from here."""
+
+    def __init__(self, settings: Any, verifier_args: dict):
+        from deployments.verifier import Verifier
+
+        v = InProcess(Verifier(**verifier_args))
+        super().__init__(v, v, settings)
+
+    def call_handle(self, handle, request_id: str):
+        return handle
+
+    def engine_stats(self) -> dict:
+        """The replica's vLLM loop counters (as `Verifier.engine_stats`; tests, operators)."""
+        return self.verifier.obj.engine_stats()
 
 
 def make_ingress(cls=None):

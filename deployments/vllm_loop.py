@@ -113,13 +113,20 @@ class WorkerFixes:
 
         return int(numba.config.NUMBA_NUM_THREADS)
 
+    def deer_lookup_stats(self) -> dict:
+        """The lookup splice's counters in the engine process (`vllm_dflash_lookup.stats`)."""
+        from deer_serve.targets import vllm_dflash_lookup
+
+        return {"on": vllm_dflash_lookup.enabled(), **vllm_dflash_lookup.stats()}
+
 
 def _install_fixes() -> None:
     try:
-        from deer_serve.targets import vllm_dflash_skip, vllm_fixes
+        from deer_serve.targets import vllm_dflash_lookup, vllm_dflash_skip, vllm_fixes
 
         vllm_fixes.patch()
         vllm_dflash_skip.patch()  # k = 0 steps (the schedule's) skip the drafter's forward
+        vllm_dflash_lookup.patch()  # the lookup splice, where DEER_VLLM_LOOKUP=1
     except Exception:  # noqa: BLE001 - vLLM absent: nothing to fix
         pass
 
@@ -289,7 +296,8 @@ class VLLMLoop:
                  stream_interval: int = 1, plain_from: Optional[int] = None,
                  plain_engine: bool = False, ngram_from: Optional[int] = None,
                  plain_until: Optional[int] = None, plain_hold_s: float = 1.0,
-                 engine_nice: Optional[int] = None, engine_threads: Optional[int] = None):
+                 engine_nice: Optional[int] = None, engine_threads: Optional[int] = None,
+                 lookup: bool = False):
         check_drafter(drafter_path)
         import torch
 
@@ -318,7 +326,10 @@ class VLLMLoop:
         self.stats = LoopStats()
         self._tokenizer = None
         threads = None if engine_threads is None else int(engine_threads)
-        self.engine = self._start(self.engine_args, threads)
+        from deer_serve.targets.vllm_dflash_lookup import ENV as LOOKUP_ENV
+
+        self.lookup = bool(lookup)  # the DEER engine splices prompt lookup into its drafts
+        self.engine = self._start(self.engine_args, threads, {LOOKUP_ENV: "1" if lookup else "0"})
         self.plain_from = None if plain_from is None else int(plain_from)
         self.switch: Optional[LoadSwitch] = None  # plain_until: decoding by the load
         if plain_until is not None:
@@ -343,28 +354,31 @@ class VLLMLoop:
                             "needs CAP_SYS_NICE); left as started", engine_nice)
 
     @staticmethod
-    def _start(args: dict, threads: Optional[int] = None):
+    def _start(args: dict, threads: Optional[int] = None, env: Optional[dict] = None):
         """An AsyncLLM; `threads`: the torch / OpenMP threads of the engine process it starts
         (OMP_NUM_THREADS for a spawned one, torch's own setting for a forked one, which
-        inherits it); this process's own are left as they were."""
+        inherits it); `env`: more variables of the engine process. This process's own
+        settings are left as they were."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-
-        if threads is None:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         import torch
 
-        env, own = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
+        env = dict(env or {})
+        own = torch.get_num_threads()
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         finally:
             torch.set_num_threads(own)
-            if env is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = env
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def _detokenizer(self):
         if self._tokenizer is None:

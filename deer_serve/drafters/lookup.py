@@ -51,6 +51,27 @@ def lookup_continuation(seq: np.ndarray, k: int, ngram_max: int = 3, ngram_min: 
     return seq[best_i + 1:best_i + 1 + k]
 
 
+def splice_block(seq: np.ndarray, y: Sequence[int], conf: np.ndarray, min_conf: float = 0.35,
+                 ngram_max: int = 4, ngram_min: int = 2) -> tuple[list[int], int]:
+    """The splice (module docstring): seq = the context the block y follows, conf = y's
+    per-position confidences. Keeps y's confident head (cumulative product >= min_conf), then
+    appends lookup continuations while they match, then y's own tokens at their positions.
+    Returns (the block, how many of its tokens came from lookup)."""
+    y = list(y)
+    n = len(y)
+    j = int(np.count_nonzero(np.cumprod(np.asarray(conf, dtype=np.float64)) >= min_conf))
+    z: list[int] = y[:j]
+    spliced = 0
+    while len(z) < n:
+        cont = lookup_continuation(np.concatenate([seq, np.asarray(z, dtype=np.int64)]),
+                                   n - len(z), ngram_max, ngram_min)
+        if len(cont) == 0:
+            break
+        spliced += len(cont)
+        z += cont.tolist()
+    return z + y[len(z):], spliced
+
+
 class LookupDrafter:
     def __init__(self, inner: Optional[Drafter] = None, ngram_max: Optional[int] = None,
                  ngram_min: Optional[int] = None, vocab_size: Optional[int] = None,
@@ -121,23 +142,16 @@ class LookupDrafter:
             raise ValueError("the inner drafter gives no confidences (DraftResult.conf)")
         y = d.tokens.tolist()
         n = len(y)
-        conf = np.cumprod(d.conf.double().numpy())
-        j = int(np.count_nonzero(conf >= self.min_conf))  # cumprod falls: a prefix
-        z: list[int] = y[:j]
-        from_lookup: list[int] = []  # positions in z that came from a lookup
-        while len(z) < n:
-            cont = lookup_continuation(np.concatenate([seq, np.asarray(z, dtype=np.int64)]),
-                                       n - len(z), self.ngram_max, self.ngram_min)
-            if len(cont) == 0:
-                break
-            from_lookup += range(len(z), len(z) + len(cont))
-            z += cont.tolist()
-        z += y[len(z):]
+        z, spliced = splice_block(seq, y, d.conf.double().numpy(), self.min_conf,
+                                  self.ngram_max, self.ngram_min)
         self.drafted += n
-        if not from_lookup:
+        if not spliced:
             return d
+        # the lookup tokens follow the confident head: positions j .. j + spliced - 1
+        j = int(np.count_nonzero(np.cumprod(d.conf.double().numpy()) >= self.min_conf))
+        from_lookup = list(range(j, j + spliced))
         self.hits += 1
-        self.spliced += len(from_lookup)
+        self.spliced += spliced
         tokens = torch.tensor(z, dtype=d.tokens.dtype)
         probs = d.probs
         if probs is not None:

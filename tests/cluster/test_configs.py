@@ -135,10 +135,11 @@ def test_the_default_config_serves_the_embedded_pair_on_vllms_engine():
 def test_laptop_configs_run_on_2_cpus(path):
     """`make serve` (deer-serve serve) and the two-pool laptop config on a CPU-only laptop: no
     GPU, no custom resource, and the minimum replicas of the deployments the app builds fit 2
-    CPUs (loop vllm builds no Drafter)."""
+    CPUs (loop vllm builds no Drafter; ingress verifier no Router)."""
     args = deer_app(load(path))["args"]
-    fields = ["verifier", "router"]
-    if (args.get("service") or {}).get("loop", "router") != "vllm":
+    service = args.get("service") or {}
+    fields = ["verifier"] + ([] if service.get("ingress") == "verifier" else ["router"])
+    if service.get("loop", "router") != "vllm":
         fields.append("drafter")
     cpus = 0.0
     for field in fields:
@@ -272,7 +273,8 @@ def test_local_cluster_scripts_and_config_agree(configs):
 
 def test_deer_serve_serve_builds_the_default_config():
     """`deer-serve serve` with no flags reads cluster/serve_config.yaml and builds the app before
-    Ray starts: a Router and a Verifier whose vLLM loop runs the embedded DFlash drafter."""
+    Ray starts: ONE deployment, the Verifier as its own ingress (the Router's class around a
+    Verifier), whose vLLM loop runs the embedded DFlash drafter with the lookup splice."""
     from deer_serve import serve_cli
     from deer_serve.assets import ASSETS_DIR
 
@@ -285,10 +287,12 @@ def test_deer_serve_serve_builds_the_default_config():
     for arg in node.init_args:
         if hasattr(arg, "_bound_deployment"):
             deployments[arg._bound_deployment.name] = arg._bound_deployment
-    assert set(deployments) == {"Router", "Verifier"}
-    loop = deployments["Verifier"].init_kwargs["vllm_loop"]
+    assert set(deployments) == {"Verifier"}
+    settings, verifier_args = node.init_args
+    assert settings["ingress"] == "verifier" and settings["loop"] == "vllm"
+    loop = verifier_args["vllm_loop"]
     assert Path(loop["drafter_path"]) == ASSETS_DIR / "drafter-dflash"
-    assert loop["block_size"] == 8 and loop["engine_nice"] == 0
+    assert loop["block_size"] == 8 and loop["engine_nice"] == 0 and loop["lookup"] is True
 
 
 def test_deer_serve_serve_builds_the_two_pool_config(tiny_checkpoints):

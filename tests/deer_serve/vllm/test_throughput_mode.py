@@ -1,10 +1,11 @@
 """The default config (`cluster/serve_config.yaml`: `loop: vllm`) under Ray Serve's
 throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the environment of `deer-serve
 serve`, so of the Ray it starts: user code and the handle's router on each replica's main loop,
-gRPC between replicas, direct ingress). The Router reads each segment's stream in its event
-loop (`deployments.session.arun_session`), which this mode needs: a blocking handle iterator
-inside the replica's loop failed every request ("Sync methods should not be called from within
-an `asyncio` event loop"), so this test fails on the session's earlier worker-thread path.
+gRPC between replicas, direct ingress). The default config's replica is its own ingress
+(`service.ingress: verifier`): the Router's code reads each segment from the replica's own vLLM
+loop in its event loop (`deployments.session.arun_session`), which this mode needs: a blocking
+iterator inside the replica's loop failed every request ("Sync methods should not be called
+from within an `asyncio` event loop") on the session's earlier worker-thread path.
 
 `deer-serve serve` as a user runs it, in its own session; the mode is on (Serve's controller
 says so in the log); concurrent streamed requests through the `openai` client and a streamed

@@ -64,13 +64,15 @@ def pair():
     return str(target), str(drafter)
 
 
-def app_config(target: str, drafter: str, verifier: Optional[dict] = None) -> dict:
-    """The module's app: `loop: vllm`, the schedule above; `verifier`: more Verifier options."""
+def app_config(target: str, drafter: str, verifier: Optional[dict] = None,
+               service: Optional[dict] = None) -> dict:
+    """The module's app: `loop: vllm`, the schedule above; `verifier`, `service`: more
+    Verifier and service options."""
     small = {"ray_actor_options": {"num_cpus": 0.25}}
     return {"target_path": target, "drafter_path": drafter, "device": "cpu",
             "block_size": K, "limits": {"max_tokens": 2000},
             "service": {"loop": "vllm", "vllm_spec_schedule": SCHEDULE,
-                        "vllm_stream_interval": 4},
+                        "vllm_stream_interval": 4, **(service or {})},
             "verifier": {**small, **(verifier or {})}, "router": small}
 
 
@@ -99,7 +101,11 @@ def vllm_loop_app(pair):
                 ray.shutdown()
                 if i == 2:
                     raise
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        from ray.serve.config import gRPCOptions
+
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options=gRPCOptions(port=free_port(), grpc_servicer_functions=[
+                        "deer_serve.protos.deer_pb2_grpc.add_DeerServiceServicer_to_server"]))
     from ray.serve.context import _get_global_client
 
     port = _get_global_client().http_config.port
@@ -144,17 +150,17 @@ def reference(pair):
     return ar_reference(pair[0], MAX_TOKENS)
 
 
-def engine_stats() -> dict:
+def engine_stats(app: str = APP) -> dict:
     from ray import serve
 
-    h = serve.get_deployment_handle("Verifier", app_name=APP)
+    h = serve.get_deployment_handle("Verifier", app_name=app)
     return h.engine_stats.remote().result(timeout_s=60)
 
 
-def wait_for(pred) -> dict:
+def wait_for(pred, app: str = APP) -> dict:
     t_end = time.monotonic() + DEADLINE_S
     while True:
-        s = engine_stats()
+        s = engine_stats(app)
         if pred(s) or time.monotonic() > t_end:
             return s
         time.sleep(0.05)
@@ -266,6 +272,110 @@ def test_loop_vllm_refuses_a_drafter_not_in_dflash_format(pair):
     with pytest.raises(ValueError, match="DFlash-format drafter"):
         build_app({"target_path": target, "drafter_path": str(deer_drafter),
                    "service": {"loop": "vllm"}})
+
+
+# ---- `service.ingress: verifier`: one deployment, each Verifier replica its own ingress -------
+INGRESS_APP, INGRESS_PREFIX = "deer-vllm-ingress", "/vllm-ingress"
+
+
+@pytest.fixture
+def ingress_app(vllm_loop_app, pair):
+    """A second app beside the module's, for one test (its engine gone before the next): the
+    same loop with `service.ingress: verifier`."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.app import build_app
+
+    serve.run(build_app(app_config(*pair, service={"ingress": "verifier"})), name=INGRESS_APP,
+              route_prefix=INGRESS_PREFIX)
+    try:
+        details = _get_global_client().get_serve_details()
+        url = f"http://127.0.0.1:{details['http_options']['port']}{INGRESS_PREFIX}"
+        yield url, f"127.0.0.1:{details['grpc_options']['port']}"
+    finally:
+        serve.delete(INGRESS_APP)
+
+
+def test_the_verifier_as_its_own_ingress_serves_http_and_grpc_with_plain_ar_ids(
+        ingress_app, pair, reference):
+    """`service.ingress: verifier`: the app is ONE deployment (no Router); concurrent greedy
+    requests over HTTP (deer and ar, one streamed) and gRPC give plain AR's ids and text, and
+    a stream whose client goes away is aborted in the replica's vLLM engine."""
+    import grpc
+    import openai
+    from ray import serve
+
+    from deer_serve.protos import deer_pb2, deer_pb2_grpc
+
+    url, grpc_addr = ingress_app
+    model = Path(pair[0]).name
+    deployments = serve.status().applications[INGRESS_APP].deployments
+    assert set(deployments) == {"Verifier"}, set(deployments)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    before = engine_stats(INGRESS_APP)
+    jobs = [(p, "deer", False) for p in PROMPTS] + [(PROMPTS[1], "ar", False),
+                                                   (PROMPTS[2], "deer", True)]
+    out: dict = {}
+    go = threading.Barrier(len(jobs) + 1, timeout=300)
+
+    def one(i, prompt, mode, stream):
+        try:
+            go.wait()
+            kw = dict(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                      extra_body={"mode": mode})
+            if stream:
+                chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+                out[i] = ("".join(c.choices[0].text for c in chunks),
+                          [t for c in chunks for t in c.choices[0].model_extra["token_ids"]])
+            else:
+                r = client.completions.create(**kw)
+                out[i] = r.choices[0].text, r.choices[0].token_ids
+        except Exception as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    def over_grpc():
+        try:
+            go.wait()
+            with grpc.insecure_channel(grpc_addr) as ch:
+                r = deer_pb2_grpc.DeerServiceStub(ch).Generate(
+                    deer_pb2.GenerateRequest(prompt=PROMPTS[3], max_tokens=MAX_TOKENS),
+                    metadata=(("application", INGRESS_APP),), timeout=300)
+            out["grpc"] = r.text, list(r.token_ids)
+        except Exception as e:  # noqa: BLE001 - reported below
+            out["grpc"] = e
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    threads.append(threading.Thread(target=over_grpc))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (prompt, *_) in [*enumerate(jobs), ("grpc", (PROMPTS[3],))]:
+        assert not isinstance(out[i], Exception), (i, out[i])
+        assert out[i] == (reference[prompt].text, reference[prompt].token_ids), i
+    n = len(jobs) + 1
+    after = wait_for(lambda s: s["finished"] - before["finished"] >= n, INGRESS_APP)
+    assert after["finished"] - before["finished"] == n and after["peak_running"] >= 2, after
+    # a client that goes away: its request is aborted in vLLM
+    stream = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=2000,
+                                       temperature=0, stream=True)
+    for n_chunks, _chunk in enumerate(stream, 1):
+        if n_chunks == 3:
+            break
+    assert engine_stats(INGRESS_APP)["vllm_unfinished"] == 1
+    stream.close()
+    gone = wait_for(lambda s: s["aborted"] > after["aborted"] and s["vllm_unfinished"] == 0,
+                    INGRESS_APP)
+    assert gone["aborted"] == after["aborted"] + 1 and gone["running"] == 0, gone
+    assert gone["finished"] == after["finished"]
+
+
+def test_ingress_verifier_needs_loop_vllm():
+    from deployments.app import AppConfig
+
+    with pytest.raises(ValueError, match="ingress 'verifier' needs loop 'vllm'"):
+        AppConfig.model_validate({"service": {"loop": "router", "ingress": "verifier"}})
 
 
 # ---- last in the module: it kills the app's one Verifier replica ---------------------------------

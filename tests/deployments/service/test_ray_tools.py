@@ -2,8 +2,8 @@
 status`, `ray list actors` from a plain shell (no RAY_ADDRESS, no RAY_AUTH_MODE, no flags) and
 the dashboard on 127.0.0.1:8265 (docs/ray-tools.md).
 
-One server start (the default config: the embedded model pair on vLLM's engine, a Router and a
-Verifier, no Drafter deployment), HTTP on a free port, gRPC off;
+One server start (the default config: the embedded model pair on vLLM's engine, one Verifier
+deployment that is its own ingress: no Router, no Drafter), HTTP on a free port, gRPC off;
 the dashboard must be on Ray's default port because that is where the tools look, so the test
 is skipped when something else holds 8265.
 """
@@ -84,8 +84,9 @@ def test_ray_tools_see_the_service(server):
     r = tool("serve", "status")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deer:" in r.stdout and "RUNNING" in r.stdout, r.stdout
-    assert "Router" in r.stdout and "Verifier" in r.stdout, r.stdout
+    assert "Verifier" in r.stdout, r.stdout
     assert "Drafter" not in r.stdout, r.stdout  # loop vllm: the drafter runs inside vLLM
+    assert "Router" not in r.stdout, r.stdout   # ingress verifier: the replica is the ingress
 
     r = tool("ray", "status")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -95,7 +96,7 @@ def test_ray_tools_see_the_service(server):
     r = tool("ray", "list", "actors")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ServeController" in r.stdout, r.stdout
-    assert "Router" in r.stdout and "ALIVE" in r.stdout, r.stdout
+    assert "ServeReplica:deer:Verifier" in r.stdout and "ALIVE" in r.stdout, r.stdout
 
     assert get(DASHBOARD) == 200
 

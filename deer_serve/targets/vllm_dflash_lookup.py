@@ -1,0 +1,125 @@
+"""Prompt lookup spliced into vLLM's DFlash drafts, as deer-serve's own engine splices it.
+
+deer-serve's engine (`deer_serve.drafters.lookup.LookupDrafter`) keeps the confident head of each
+diffusion block and fills the rest with prompt lookup (what followed the latest earlier
+occurrence of the sequence's last 2-4 tokens), falling back to the drafter's own tokens where
+no lookup matches: HumanEval tau 2.93 -> 3.64 in-process (docs/RESULTS.md). vLLM 0.32's DFlash
+proposer proposes the argmax block alone. `patch()` adds the splice there, in the engine core
+process (installed with `vllm_fixes` by `deployments.vllm_loop.WorkerFixes`):
+
+* the proposer's greedy draft sampling also keeps each draft position's confidence (the
+  drafter's softmax probability of its argmax token; the tokens are the same argmax);
+* after the model runner's `propose_draft_token_ids`, each request's block is spliced with
+  `deer_serve.drafters.lookup.splice_block` over its tokens so far: the committed tokens
+  (`input_batch.token_ids_cpu[:num_tokens_no_spec]`, which the runner's bookkeeping extends only
+  after the DFlash proposer ran) and this step's accepted tokens (`sampled_token_ids` >= 0).
+
+Lossless as in deer-serve's engine: the head length depends only on the confidences (the
+context's), a lookup token is a deterministic function of the tokens before it, and vLLM's
+rejection sampler takes these drafts as deterministic proposals (no draft probabilities: the
+splice stands aside when the proposer sampled its drafts with probabilities, vLLM's optional
+`draft_sample_method: probabilistic`). Only where the environment variable `DEER_VLLM_LOOKUP`
+is `1` in the engine process (`VLLMLoop(lookup=True)` sets it before the engine starts); the
+patch is otherwise inert. Counters per engine process: `stats()` (spliced blocks and tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+ENV = "DEER_VLLM_LOOKUP"
+_ORIG_SAMPLE = "_deer_original_greedy_sample"
+_ORIG_PROPOSE = "_deer_original_propose_draft_token_ids"
+_STATS = {"blocks": 0, "spliced_blocks": 0, "drafts": 0, "spliced_tokens": 0}
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def stats() -> dict:
+    """This process's splice counters (blocks seen, blocks spliced, draft and spliced tokens)."""
+    return dict(_STATS)
+
+
+def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """vLLM's greedy draft sampling (the same argmax tokens), keeping each position's
+    confidence in `self._deer_conf` when the splice is on."""
+    self._deer_conf = None
+    if not enabled() or self.use_local_argmax_reduction or self.use_heterogeneous_vocab:
+        return getattr(type(self), _ORIG_SAMPLE)(self, hidden_states)
+    logits = self.model.compute_logits(hidden_states)
+    ids = logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    self._deer_conf = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ids
+
+
+def _valid_sampled(sampled: Any, i: int) -> list[int]:
+    row = sampled[i]
+    if torch.is_tensor(row):
+        row = row.tolist()
+    return [int(t) for t in row if t >= 0]
+
+
+def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+    from vllm.v1.spec_decode.dflash import DFlashProposer
+
+    drafter = getattr(self, "drafter", None)
+    if isinstance(drafter, DFlashProposer):
+        drafter._deer_conf = None
+    drafts = getattr(type(self), _ORIG_PROPOSE)(self, scheduler_output, sampled_token_ids,
+                                                *args, **kwargs)
+    if not isinstance(drafter, DFlashProposer) or not enabled():
+        return drafts
+    conf = drafter._deer_conf
+    drafter._deer_conf = None
+    if (conf is None or not torch.is_tensor(drafts) or drafts.dim() != 2 or drafts.shape[1] == 0
+            or drafter.take_last_draft_probs() is not None or conf.numel() != drafts.numel()):
+        return drafts
+    from deer_serve.drafters.lookup import splice_block
+
+    k = drafts.shape[1]
+    conf_rows = conf.view(-1, k).double().cpu().numpy()
+    rows = drafts.cpu().tolist()
+    batch = self.input_batch
+    changed = False
+    for i, y in enumerate(rows):
+        new = _valid_sampled(sampled_token_ids, i)
+        if not new:  # a discarded row (a partial prefill): its drafts are not used
+            continue
+        n = int(batch.num_tokens_no_spec[i])
+        seq = np.concatenate([batch.token_ids_cpu[i, :n].astype(np.int64),
+                              np.asarray(new, dtype=np.int64)])
+        z, spliced = splice_block(seq, y, conf_rows[i])
+        _STATS["blocks"] += 1
+        _STATS["drafts"] += k
+        if spliced:
+            _STATS["spliced_blocks"] += 1
+            _STATS["spliced_tokens"] += spliced
+            rows[i] = z
+            changed = True
+    if not changed:
+        return drafts
+    return torch.tensor(rows, dtype=drafts.dtype).to(drafts.device)
+
+
+def patch() -> bool:
+    """Install the splice in this process (inert unless `DEER_VLLM_LOOKUP=1`); True when
+    vLLM's DFlash proposer and model runner were patched."""
+    try:
+        from vllm.v1.spec_decode.dflash import DFlashProposer
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except Exception:  # vLLM absent, or a vLLM without DFlash
+        return False
+    if getattr(DFlashProposer, _ORIG_SAMPLE, None) is None:
+        setattr(DFlashProposer, _ORIG_SAMPLE, DFlashProposer._greedy_sample)
+        DFlashProposer._greedy_sample = _greedy_sample
+    if getattr(GPUModelRunner, _ORIG_PROPOSE, None) is None:
+        setattr(GPUModelRunner, _ORIG_PROPOSE, GPUModelRunner.propose_draft_token_ids)
+        GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids
+    return True
