@@ -328,7 +328,7 @@ class VLLMLoop:
         threads = None if engine_threads is None else int(engine_threads)
         from deer_serve.targets.vllm_dflash_lookup import ENV as LOOKUP_ENV
 
-        self.lookup = bool(lookup)  # the DEER engine splices prompt lookup into its drafts
+        # `lookup`: the DEER engine splices prompt lookup into its drafts
         self.engine = self._start(self.engine_args, threads, {LOOKUP_ENV: "1" if lookup else "0"})
         self.plain_from = None if plain_from is None else int(plain_from)
         self.switch: Optional[LoadSwitch] = None  # plain_until: decoding by the load

@@ -52,11 +52,12 @@ def lookup_continuation(seq: np.ndarray, k: int, ngram_max: int = 3, ngram_min: 
 
 
 def splice_block(seq: np.ndarray, y: Sequence[int], conf: np.ndarray, min_conf: float = 0.35,
-                 ngram_max: int = 4, ngram_min: int = 2) -> tuple[list[int], int]:
+                 ngram_max: int = 4, ngram_min: int = 2) -> tuple[list[int], int, int]:
     """The splice (module docstring): seq = the context the block y follows, conf = y's
     per-position confidences. Keeps y's confident head (cumulative product >= min_conf), then
     appends lookup continuations while they match, then y's own tokens at their positions.
-    Returns (the block, how many of its tokens came from lookup)."""
+    Returns (the block, its head's length j, how many of its tokens came from lookup: those at
+    positions j .. j + spliced - 1)."""
     y = list(y)
     n = len(y)
     j = int(np.count_nonzero(np.cumprod(np.asarray(conf, dtype=np.float64)) >= min_conf))
@@ -69,7 +70,7 @@ def splice_block(seq: np.ndarray, y: Sequence[int], conf: np.ndarray, min_conf: 
             break
         spliced += len(cont)
         z += cont.tolist()
-    return z + y[len(z):], spliced
+    return z + y[len(z):], j, spliced
 
 
 class LookupDrafter:
@@ -142,13 +143,11 @@ class LookupDrafter:
             raise ValueError("the inner drafter gives no confidences (DraftResult.conf)")
         y = d.tokens.tolist()
         n = len(y)
-        z, spliced = splice_block(seq, y, d.conf.double().numpy(), self.min_conf,
-                                  self.ngram_max, self.ngram_min)
+        z, j, spliced = splice_block(seq, y, d.conf.double().numpy(), self.min_conf,
+                                     self.ngram_max, self.ngram_min)
         self.drafted += n
         if not spliced:
             return d
-        # the lookup tokens follow the confident head: positions j .. j + spliced - 1
-        j = int(np.count_nonzero(np.cumprod(d.conf.double().numpy()) >= self.min_conf))
         from_lookup = list(range(j, j + spliced))
         self.hits += 1
         self.spliced += spliced

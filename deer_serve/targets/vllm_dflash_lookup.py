@@ -53,8 +53,8 @@ def stats() -> dict:
 
 def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """vLLM's greedy draft sampling (the same argmax tokens), keeping each position's
-    confidence in `self._deer_conf` when the splice is on."""
-    self._deer_conf = None
+    confidence in `self._deer_conf` when the splice is on (the model runner's wrapper below
+    clears it before each proposal and reads it after)."""
     if not enabled() or self.use_local_argmax_reduction or self.use_heterogeneous_vocab:
         return getattr(type(self), _ORIG_SAMPLE)(self, hidden_states)
     logits = self.model.compute_logits(hidden_states)
@@ -75,7 +75,6 @@ def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, *
     if not isinstance(drafter, DFlashProposer) or not enabled():
         return drafts
     conf = drafter._deer_conf
-    drafter._deer_conf = None
     if (conf is None or not torch.is_tensor(drafts) or drafts.dim() != 2 or drafts.shape[1] == 0
             or drafter.take_last_draft_probs() is not None or conf.numel() != drafts.numel()):
         return drafts
@@ -96,7 +95,7 @@ def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, *
         n = int(batch.num_tokens_no_spec[i])
         seq = np.concatenate([batch.token_ids_cpu[i, :n].astype(np.int64),
                               np.asarray(new, dtype=np.int64)])
-        z, spliced = splice_block(seq, y, conf_rows[i])
+        z, _, spliced = splice_block(seq, y, conf_rows[i])
         _STATS["blocks"] += 1
         _STATS["drafts"] += k
         if spliced:
