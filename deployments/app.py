@@ -166,6 +166,12 @@ class ServiceOptions(BaseModel):
         "drafter's confident head and continues with what followed the latest earlier "
         "occurrence of its last 2-4 tokens (deer_serve.targets.vllm_dflash_lookup); lossless. "
         "false = the drafter's block alone")
+    vllm_lookup_rows: int = Field(
+        0, ge=0, description="loop 'vllm', with `vllm_lookup`: while a step verifies at most "
+        "this many tokens in all (requests x (1 + drafts)), a block whose lookup continuation "
+        "runs on past the step's k grows with it, up to block_size drafts (so block_size must "
+        "exceed the schedule's k for room). Pays where a step's forward is latency-bound (one "
+        "or two requests), costs where it is compute-bound. 0 = blocks of the step's k")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -435,7 +441,8 @@ def build_app(args: Optional[dict] = None):
                    "ngram_from": cfg.service.vllm_ngram_from,
                    "engine_nice": cfg.service.vllm_engine_nice,
                    "engine_threads": cfg.service.vllm_engine_threads,
-                   "lookup": cfg.service.vllm_lookup} if vllm_loop else None)
+                   "lookup": cfg.service.vllm_lookup,
+                   "lookup_rows": cfg.service.vllm_lookup_rows} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

@@ -297,7 +297,7 @@ class VLLMLoop:
                  plain_engine: bool = False, ngram_from: Optional[int] = None,
                  plain_until: Optional[int] = None, plain_hold_s: float = 1.0,
                  engine_nice: Optional[int] = None, engine_threads: Optional[int] = None,
-                 lookup: bool = False):
+                 lookup: bool = False, lookup_rows: int = 0):
         check_drafter(drafter_path)
         import torch
 
@@ -326,10 +326,12 @@ class VLLMLoop:
         self.stats = LoopStats()
         self._tokenizer = None
         threads = None if engine_threads is None else int(engine_threads)
-        from deer_serve.targets.vllm_dflash_lookup import ENV as LOOKUP_ENV
+        from deer_serve.targets.vllm_dflash_lookup import ENV as LOOKUP_ENV, ROWS_ENV
 
-        # `lookup`: the DEER engine splices prompt lookup into its drafts
-        self.engine = self._start(self.engine_args, threads, {LOOKUP_ENV: "1" if lookup else "0"})
+        # `lookup`: the DEER engine splices prompt lookup into its drafts; `lookup_rows`: and
+        # grows them past the step's k while the step verifies at most that many tokens
+        self.engine = self._start(self.engine_args, threads, {
+            LOOKUP_ENV: "1" if lookup else "0", ROWS_ENV: str(int(lookup_rows) if lookup else 0)})
         self.plain_from = None if plain_from is None else int(plain_from)
         self.switch: Optional[LoadSwitch] = None  # plain_until: decoding by the load
         if plain_until is not None:

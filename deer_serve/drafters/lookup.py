@@ -52,20 +52,24 @@ def lookup_continuation(seq: np.ndarray, k: int, ngram_max: int = 3, ngram_min: 
 
 
 def splice_block(seq: np.ndarray, y: Sequence[int], conf: np.ndarray, min_conf: float = 0.35,
-                 ngram_max: int = 4, ngram_min: int = 2) -> tuple[list[int], int, int]:
+                 ngram_max: int = 4, ngram_min: int = 2,
+                 max_len: Optional[int] = None) -> tuple[list[int], int, int]:
     """The splice (module docstring): seq = the context the block y follows, conf = y's
     per-position confidences. Keeps y's confident head (cumulative product >= min_conf), then
     appends lookup continuations while they match, then y's own tokens at their positions.
-    Returns (the block, its head's length j, how many of its tokens came from lookup: those at
-    positions j .. j + spliced - 1)."""
+    With max_len above len(y), a lookup chain that runs unbroken past len(y) goes on up to
+    max_len tokens (the block grows; still a function of the context alone). Returns (the
+    block, its head's length j, how many of its tokens came from lookup: those at positions
+    j .. j + spliced - 1)."""
     y = list(y)
     n = len(y)
+    limit = max(n, int(max_len or n))
     j = int(np.count_nonzero(np.cumprod(np.asarray(conf, dtype=np.float64)) >= min_conf))
     z: list[int] = y[:j]
     spliced = 0
-    while len(z) < n:
+    while len(z) < limit:
         cont = lookup_continuation(np.concatenate([seq, np.asarray(z, dtype=np.int64)]),
-                                   n - len(z), ngram_max, ngram_min)
+                                   limit - len(z), ngram_max, ngram_min)
         if len(cont) == 0:
             break
         spliced += len(cont)

