@@ -7,6 +7,9 @@ the other (the order alternating by round), greedy, 128 tokens.
     OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python scripts/vllm_lookup_bench.py \
         --concurrency 1,4,16 --limit 96 --rounds 2
 
+`--grow R` compares the splice at block 8 with the splice whose blocks grow past the step's k
+(block 16, `lookup_rows` R: the default config's `vllm_lookup_rows`) instead.
+
 Prints per level and round: output tok/s, tau (vLLM's exact accepted drafts per verify step),
 whether every request's ids were the same on both, and the ratio; then each engine's splice
 counters.
@@ -31,6 +34,8 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=96)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--grow", type=int, default=0,
+                    help="lookup_rows R: the splice (block 8) against grown blocks (block 16)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from deer_serve.targets.vllm_backend import _set_env
@@ -56,6 +61,8 @@ def main(argv=None) -> None:
                           block_size=8, seq_id=f"p{i}", adaptive_k=False, pipeline=False,
                           lookup=False, drafter_timeout_s=60.0)
 
+    a_name, b_name = ("lookup", "grown") if args.grow else ("drafter", "lookup")
+
     async def level(loop, c: int):
         queue = list(range(len(prompts)))
         out: dict[int, list[int]] = {}
@@ -77,10 +84,15 @@ def main(argv=None) -> None:
         return sum(len(v) for v in out.values()) / dt, tau, out
 
     async def run():
-        kw = dict(block_size=8, max_running=16, device="cpu",
+        kw = dict(max_running=16, device="cpu",
                   spec_schedule=[[1, 4, 8], [5, 1024, 4]], stream_interval=8)
-        loops = {"drafter": VLLMLoop(target, drafter, **kw),
-                 "lookup": VLLMLoop(target, drafter, lookup=True, **kw)}
+        if args.grow:
+            loops = {"lookup": VLLMLoop(target, drafter, block_size=8, lookup=True, **kw),
+                     "grown": VLLMLoop(target, drafter, block_size=16, lookup=True,
+                                       lookup_rows=args.grow, **kw)}
+        else:
+            loops = {"drafter": VLLMLoop(target, drafter, block_size=8, **kw),
+                     "lookup": VLLMLoop(target, drafter, block_size=8, lookup=True, **kw)}
         try:
             for lp in loops.values():
                 await level(lp, 4)  # warm-up
@@ -92,10 +104,10 @@ def main(argv=None) -> None:
                         res[name] = await level(loops[name], c)
                         print(f"round {r + 1} c={c:2d} {name:8s} {res[name][0]:7.1f} tok/s "
                               f"tau {res[name][1]:.2f}", flush=True)
-                    a, b = res["drafter"][2], res["lookup"][2]
+                    a, b = res[a_name][2], res[b_name][2]
                     same = sum(a[i] == b[i] for i in a)
-                    print(f"   identical ids {same}/{len(a)}; lookup / drafter "
-                          f"{res['lookup'][0] / res['drafter'][0]:.3f}", flush=True)
+                    print(f"   identical ids {same}/{len(a)}; {b_name} / {a_name} "
+                          f"{res[b_name][0] / res[a_name][0]:.3f}", flush=True)
             for name, lp in loops.items():
                 print(name, await lp.engine.collective_rpc("deer_lookup_stats"), flush=True)
         finally:
