@@ -62,7 +62,8 @@ def rows_budget() -> int:
 
 
 def stats() -> dict:
-    """This process's splice counters (blocks seen, blocks spliced, draft and spliced tokens)."""
+    """This process's splice counters (blocks seen, blocks spliced, draft and spliced tokens,
+    drafts grown past k)."""
     return dict(_STATS)
 
 
