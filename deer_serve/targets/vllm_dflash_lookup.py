@@ -44,10 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from deer_serve.drafters.lookup import splice_block
+
 ENV = "DEER_VLLM_LOOKUP"
 _ORIG_SAMPLE = "_deer_original_greedy_sample"
 _ORIG_PROPOSE = "_deer_original_propose_draft_token_ids"
 ROWS_ENV = "DEER_VLLM_LOOKUP_ROWS"
+_PROPOSER: Any = ()  # vLLM's DFlashProposer, once patch() ran (isinstance(x, ()) is False)
 _STATS = {"blocks": 0, "spliced_blocks": 0, "drafts": 0, "spliced_tokens": 0, "grown_tokens": 0}
 
 
@@ -81,21 +84,18 @@ def _greedy_sample(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
-    from vllm.v1.spec_decode.dflash import DFlashProposer
-
     drafter = getattr(self, "drafter", None)
-    if isinstance(drafter, DFlashProposer):
+    dflash = isinstance(drafter, _PROPOSER)
+    if dflash:
         drafter._deer_conf = None
     drafts = getattr(type(self), _ORIG_PROPOSE)(self, scheduler_output, sampled_token_ids,
                                                 *args, **kwargs)
-    if not isinstance(drafter, DFlashProposer) or not enabled():
+    if not dflash or not enabled():
         return drafts
     conf = drafter._deer_conf
     if (conf is None or not torch.is_tensor(drafts) or drafts.dim() != 2 or drafts.shape[1] == 0
             or drafter.take_last_draft_probs() is not None or conf.numel() != drafts.numel()):
         return drafts
-    from deer_serve.drafters.lookup import splice_block
-
     k = drafts.shape[1]
     conf_rows = conf.view(-1, k).double().cpu().numpy()
     rows = drafts.cpu().tolist()
@@ -144,10 +144,10 @@ def patch() -> bool:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     except Exception:  # vLLM absent, or a vLLM without DFlash
         return False
-    if getattr(DFlashProposer, _ORIG_SAMPLE, None) is None:
-        setattr(DFlashProposer, _ORIG_SAMPLE, DFlashProposer._greedy_sample)
-        DFlashProposer._greedy_sample = _greedy_sample
-    if getattr(GPUModelRunner, _ORIG_PROPOSE, None) is None:
-        setattr(GPUModelRunner, _ORIG_PROPOSE, GPUModelRunner.propose_draft_token_ids)
-        GPUModelRunner.propose_draft_token_ids = _propose_draft_token_ids
+    from deer_serve.targets.vllm_fixes import replace_once
+
+    global _PROPOSER
+    _PROPOSER = DFlashProposer
+    replace_once(DFlashProposer, "_greedy_sample", _greedy_sample, _ORIG_SAMPLE)
+    replace_once(GPUModelRunner, "propose_draft_token_ids", _propose_draft_token_ids, _ORIG_PROPOSE)
     return True

@@ -55,9 +55,9 @@ def patch() -> bool:
         from vllm.v1.spec_decode.dflash import DFlashProposer
     except Exception:  # vLLM absent, or a vLLM without DFlash
         return False
-    if getattr(DFlashProposer, _ORIGINAL, None) is None:
-        setattr(DFlashProposer, _ORIGINAL, DFlashProposer.propose)
-        DFlashProposer.propose = _propose
+    from deer_serve.targets.vllm_fixes import replace_once
+
+    replace_once(DFlashProposer, "propose", _propose, _ORIGINAL)
     return True
 
 

