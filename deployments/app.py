@@ -172,6 +172,16 @@ class ServiceOptions(BaseModel):
         "runs on past the step's k grows with it, up to block_size drafts (so block_size must "
         "exceed the schedule's k for room). Pays where a step's forward is latency-bound (one "
         "or two requests), costs where it is compute-bound. 0 = blocks of the step's k")
+    vllm_compile: Optional[bool] = Field(
+        None, description="loop 'vllm': torch.compile the replica's vLLM engines (vLLM's own "
+        "default; on a CPU Dynamo traces each model once and Inductor compiles it, 20-40 s more "
+        "start-up per engine, cached on disk after the first). null = on a GPU only; a CPU "
+        "engine then runs eager and starts in seconds. The shipped config sets true")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="loop 'vllm': more of vLLM's engine arguments "
+        "(`AsyncEngineArgs` fields, e.g. `distributed_executor_backend: mp`, "
+        "`max_num_batched_tokens: 4096`), over the ones the loop sets; every engine of the "
+        "replica takes them")
     vllm_stream_interval: int = Field(
         1, ge=1, description="loop 'vllm': vLLM's stream_interval, tokens a request's output "
         "gathers before it is sent on (1 = every engine step; larger = fewer streamed items "
@@ -400,9 +410,10 @@ def build_app(args: Optional[dict] = None):
     feature_layers = check_models(cfg)
     vllm_loop = cfg.service.loop == "vllm"
     if vllm_loop:  # the drafter runs inside vLLM: a DFlash-format drafter, no Drafter deployment
-        from deployments.vllm_loop import check_drafter
+        from deployments.vllm_loop import check_drafter, check_engine_args
 
         check_drafter(cfg.drafter_path)
+        check_engine_args(cfg.service.vllm_engine_args)
     def threads(d: DeploymentConfig) -> int:  # default: the CPUs Ray reserved
         return d.torch_threads or max(1, int(d.ray_actor_options.num_cpus))
 
@@ -442,7 +453,9 @@ def build_app(args: Optional[dict] = None):
                    "engine_nice": cfg.service.vllm_engine_nice,
                    "engine_threads": cfg.service.vllm_engine_threads,
                    "lookup": cfg.service.vllm_lookup,
-                   "lookup_rows": cfg.service.vllm_lookup_rows} if vllm_loop else None)
+                   "lookup_rows": cfg.service.vllm_lookup_rows,
+                   "compile": cfg.service.vllm_compile,
+                   "engine_kwargs": cfg.service.vllm_engine_args} if vllm_loop else None)
     settings = RouterSettings(
         served_model_name=cfg.served_model_name, tokenizer_path=cfg.tokenizer_path,
         **cfg.model_dump(include=set(DecodeDefaults.model_fields)), **cfg.service.model_dump())

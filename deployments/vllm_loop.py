@@ -96,6 +96,18 @@ def check_drafter(drafter_path: Optional[str]) -> None:
                          "--arch dflash`); use loop 'engine' or 'colocated' for it")
 
 
+def check_engine_args(extra: dict) -> None:
+    """`service.vllm_engine_args`: ValueError naming any key that is not one of vLLM's engine
+    arguments (`AsyncEngineArgs` fields)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
+    if unknown:
+        raise ValueError(f"vllm_engine_args: not vLLM engine arguments: {unknown}")
+
+
 class WorkerFixes:
     """vLLM worker extension (`worker_extension_cls`): vLLM imports this module in its engine
     core process before loading the model, which installs `vllm_fixes` and `vllm_dflash_skip`
@@ -212,10 +224,13 @@ def engine_args(target_path: str, drafter_path: str, *, block_size: int, max_run
                 cpu: bool, tokenizer_path: Optional[str] = None,
                 max_model_len: Optional[int] = None,
                 spec_schedule: Optional[Sequence[Sequence[int]]] = None,
-                stream_interval: int = 1, text_config: Optional[dict] = None) -> dict:
+                stream_interval: int = 1, text_config: Optional[dict] = None,
+                compile: Optional[bool] = None) -> dict:
     """vLLM's engine arguments of the loop: the target with the DFlash drafter in vLLM's native
     proposer, k = block_size (or by batch size: `spec_schedule`); `text_config` = the target's
-    (text) config.json when the caller has read it already."""
+    (text) config.json when the caller has read it already. `compile`: torch.compile the models
+    (vLLM's default: on a CPU Dynamo traces once and Inductor compiles, about 20-40 s of
+    start-up); None = on a GPU only (a CPU engine then starts in seconds, eager)."""
     if text_config is None:
         cfg = json.loads((Path(target_path) / "config.json").read_text())
         text_config = cfg.get("text_config") or cfg
@@ -230,7 +245,7 @@ def engine_args(target_path: str, drafter_path: str, *, block_size: int, max_run
         model=str(target_path), tokenizer=str(tokenizer_path or target_path), seed=0,
         max_model_len=max_len, max_num_seqs=int(max_running), enable_prefix_caching=True,
         gpu_memory_utilization=0.2 if cpu else 0.85, dtype="float32" if cpu else "auto",
-        enforce_eager=cpu,  # CPU: no torch.compile (minutes of start-up on a few cores)
+        enforce_eager=(cpu if compile is None else not compile),
         speculative_config=spec,
         per_request_spec_decode_metrics="detailed", stream_interval=int(stream_interval),
         worker_extension_cls=f"{__name__}.WorkerFixes",
@@ -297,7 +312,7 @@ class VLLMLoop:
                  plain_engine: bool = False, ngram_from: Optional[int] = None,
                  plain_until: Optional[int] = None, plain_hold_s: float = 1.0,
                  engine_nice: Optional[int] = None, engine_threads: Optional[int] = None,
-                 lookup: bool = False, lookup_rows: int = 0):
+                 lookup: bool = False, lookup_rows: int = 0, compile: Optional[bool] = None):
         check_drafter(drafter_path)
         import torch
 
@@ -321,8 +336,10 @@ class VLLMLoop:
             self.target_path, self.drafter_path, block_size=self.block_size,
             max_running=max_running, cpu=cpu, tokenizer_path=self.tokenizer_path,
             max_model_len=max_model_len, spec_schedule=spec_schedule,
-            stream_interval=self.stream_interval, text_config=text)
-        self.engine_args.update(engine_kwargs or {})
+            stream_interval=self.stream_interval, text_config=text, compile=compile)
+        if engine_kwargs:
+            check_engine_args(engine_kwargs)
+            self.engine_args.update(engine_kwargs)
         self.stats = LoopStats()
         self._tokenizer = None
         threads = None if engine_threads is None else int(engine_threads)

@@ -10,7 +10,8 @@ k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 `num_speculative_tokens` max(K) and the dynamic schedule [[1, 1024, k]] (vLLM's dynamic
 speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
 and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
-at k 0 (the drafter's full forward, its drafts thrown away). Every (seqs, k) is its own engine
+at k 0 (the drafter's full forward, its drafts thrown away); a "+c" suffix (`4+c`, `none+c`)
+runs that cell torch.compiled (vLLM's default; `service.vllm_compile`), eager otherwise. Every (seqs, k) is its own engine
 in its own subprocess (one torch thread), the cells in turn, --rounds times over; each cell: one
 warm-up batch of 4 prompts, then --repeats passes over the --limit HumanEval prompts, the median
 pass reported (the median over rounds), and each prompt's token ids' digest (greedy: every cell
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) -> dict:
     """One engine, in this process."""
+    compiled = k.endswith("+c")
+    k = k.removesuffix("+c")
     sys.path.insert(0, str(REPO))
     from deer_serve.targets.vllm_backend import _set_env
 
@@ -60,6 +63,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
                      else [[1, 1024, int(k.removesuffix("vllm"))]])
     if k == "none":
         kw = plain_engine_args(kw)
+    kw["enforce_eager"] = not compiled
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=tokens)
     prompts = [TokensPrompt(prompt_token_ids=tok.encode(p.text, add_special_tokens=False))
@@ -71,7 +75,7 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-    return {"seqs": seqs, "k": k, "tok_s": statistics.median(rates), "passes": rates,
+    return {"seqs": seqs, "k": k + ("+c" if compiled else ""), "tok_s": statistics.median(rates), "passes": rates,
             "ids_sha1": [ids_sha1(o.outputs[0].token_ids) for o in outs]}
 
 
@@ -95,7 +99,8 @@ def main() -> None:
         return
     seqs = [int(x) for x in a.seqs.split(",")]
     ks = a.k.split(",")
-    kmax = max([int(k.removesuffix("vllm")) for k in ks if k != "none"] or [1])
+    kmax = max([int(k.removesuffix("+c").removesuffix("vllm")) for k in ks
+                if k.removesuffix("+c") != "none"] or [1])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1",

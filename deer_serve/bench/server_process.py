@@ -111,8 +111,9 @@ def vllm_command(spec: ServerSpec, target: str, port: int, *, cpu: bool) -> list
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target,
            "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
            "--served-model-name", Path(target).name, "--no-enable-prefix-caching"]
-    if cpu:  # as deer_serve.targets.vllm_backend: float32 (deer-serve's dtype), no compile
-        cmd += ["--dtype", "float32", "--enforce-eager"]
+    if cpu:  # float32 as deer-serve's engines; torch.compile as vLLM's default (and the shipped
+        # config's `vllm_compile`): `vllm:enforce_eager=true` runs it eager
+        cmd += ["--dtype", "float32"]
     if spec.kind == "vllm-ngram":
         cmd += ["--speculative-config", json.dumps(NGRAM_CONFIG)]
     for key, value in spec.options.items():

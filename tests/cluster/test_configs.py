@@ -118,6 +118,7 @@ def test_the_default_config_serves_the_embedded_pair_on_vllms_engine():
     app_cfg = AppConfig.model_validate(deer_app(cfg)["args"])
     assert app_cfg.service.loop == "vllm" and app_cfg.block_size == 16
     assert app_cfg.service.vllm_lookup and app_cfg.service.vllm_lookup_rows == 24
+    assert app_cfg.service.vllm_compile is True and app_cfg.service.vllm_engine_args == {}
     resolved = app_cfg.resolved()
     assert Path(resolved.drafter_path) == ASSETS_DIR / "drafter-dflash"
     assert Path(resolved.target_path) == ASSETS_DIR / "target"
@@ -294,7 +295,34 @@ def test_deer_serve_serve_builds_the_default_config():
     loop = verifier_args["vllm_loop"]
     assert Path(loop["drafter_path"]) == ASSETS_DIR / "drafter-dflash"
     assert loop["block_size"] == 16 and loop["engine_nice"] == 0 and loop["lookup"] is True
-    assert loop["lookup_rows"] == 24
+    assert loop["lookup_rows"] == 24 and loop["compile"] is True and loop["engine_kwargs"] == {}
+
+
+def test_vllm_engine_args_reach_the_engine_and_unknown_ones_are_refused_before_ray(tmp_path):
+    """`service.vllm_engine_args` goes to each vLLM engine of the replica over the loop's own
+    arguments; a key that is not one of vLLM's engine arguments is refused when the app is
+    built, before Ray starts, with the key named."""
+    from deer_serve import serve_cli
+
+    def prepare(extra: dict):
+        cfg = load(DEFAULT_CONFIG)
+        deer_app(cfg)["args"]["service"]["vllm_engine_args"] = extra
+        path = tmp_path / "serve_config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        (_, _, app), = serve_cli.prepare(serve_cli.parse_args(["--config", str(path)]))[3]
+        return app._bound_deployment.init_args[1]["vllm_loop"]
+
+    loop = prepare({"max_num_batched_tokens": 4096, "enforce_eager": True})
+    assert loop["engine_kwargs"] == {"max_num_batched_tokens": 4096, "enforce_eager": True}
+    from deployments.vllm_loop import engine_args
+
+    args = engine_args("t", "d", block_size=8, max_running=4, cpu=True, compile=True,
+                       text_config={"max_position_embeddings": 2048})
+    assert args["enforce_eager"] is False  # compile on: vLLM's own default
+    assert engine_args("t", "d", block_size=8, max_running=4, cpu=True,
+                       text_config={})["enforce_eager"] is True  # a CPU engine, no choice: eager
+    with pytest.raises(serve_cli.UsageError, match="max_num_batched_tokenz"):
+        prepare({"max_num_batched_tokenz": 4096})
 
 
 def test_deer_serve_serve_builds_the_two_pool_config(tiny_checkpoints):

@@ -65,6 +65,10 @@ def test_vllm_command():
     assert cmd[cmd.index("--served-model-name") + 1] == "target"
     assert "--speculative-config" not in P.vllm_command(P.parse_server("vllm"), "/m/t", 1,
                                                         cpu=False)
+    # vLLM's own default, compiled, as deer-serve's shipped config (`vllm_compile`); eager on ask
+    assert "--enforce-eager" not in cmd
+    assert "--enforce-eager" in P.vllm_command(P.parse_server("vllm:enforce_eager=true"), "/m/t",
+                                               1, cpu=True)
 
 
 # ---- aggregation on recorded numbers ------------------------------------------------------------
