@@ -337,9 +337,7 @@ class VLLMLoop:
             max_running=max_running, cpu=cpu, tokenizer_path=self.tokenizer_path,
             max_model_len=max_model_len, spec_schedule=spec_schedule,
             stream_interval=self.stream_interval, text_config=text, compile=compile)
-        if engine_kwargs:
-            check_engine_args(engine_kwargs)
-            self.engine_args.update(engine_kwargs)
+        self.engine_args.update(engine_kwargs or {})  # checked by build_app (or vLLM itself)
         self.stats = LoopStats()
         self._tokenizer = None
         threads = None if engine_threads is None else int(engine_threads)

@@ -11,8 +11,8 @@ k "none" = no speculative decoding (vLLM's plain engine); k = 0..K = DFlash with
 speculative decoding fixed at k); at k 0 the loop's proposer writes the drafter's context K/V
 and skips its forward (deer_serve.targets.vllm_dflash_skip), k "0vllm" = vLLM's own proposer
 at k 0 (the drafter's full forward, its drafts thrown away); a "+c" suffix (`4+c`, `none+c`)
-runs that cell torch.compiled (vLLM's default; `service.vllm_compile`), eager otherwise. Every (seqs, k) is its own engine
-in its own subprocess (one torch thread), the cells in turn, --rounds times over; each cell: one
+runs that cell torch.compiled (vLLM's default; `service.vllm_compile`), eager otherwise. Every
+(seqs, k) is its own engine in its own subprocess (one torch thread), the cells in turn, --rounds times over; each cell: one
 warm-up batch of 4 prompts, then --repeats passes over the --limit HumanEval prompts, the median
 pass reported (the median over rounds), and each prompt's token ids' digest (greedy: every cell
 should give the same ids). Writes OUT_DIR/schedule.json and schedule.md.
@@ -60,10 +60,9 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
     # the loop's own engine arguments, k fixed by the schedule (or no drafter at all)
     kw = engine_args(target, drafter, block_size=kmax, max_running=seqs, cpu=True,
                      spec_schedule=None if k == "none"
-                     else [[1, 1024, int(k.removesuffix("vllm"))]])
+                     else [[1, 1024, int(k.removesuffix("vllm"))]], compile=compiled)
     if k == "none":
         kw = plain_engine_args(kw)
-    kw["enforce_eager"] = not compiled
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0.0, max_tokens=tokens)
     prompts = [TokensPrompt(prompt_token_ids=tok.encode(p.text, add_special_tokens=False))
@@ -75,8 +74,8 @@ def cell(seqs: int, k: str, kmax: int, limit: int, tokens: int, repeats: int) ->
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-    return {"seqs": seqs, "k": k + ("+c" if compiled else ""), "tok_s": statistics.median(rates), "passes": rates,
-            "ids_sha1": [ids_sha1(o.outputs[0].token_ids) for o in outs]}
+    return {"seqs": seqs, "k": k + ("+c" if compiled else ""), "tok_s": statistics.median(rates),
+            "passes": rates, "ids_sha1": [ids_sha1(o.outputs[0].token_ids) for o in outs]}
 
 
 def main() -> None:
